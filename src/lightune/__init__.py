@@ -1,0 +1,32 @@
+"""lightune: LoRA / QLoRA fine-tuning of pretrained transformer text classifiers.
+
+Heavy parts (torch, transformers) load on first use, so `lightune --help` and config checks stay fast.
+"""
+
+from .config import TrainConfig, load_config
+from .errors import ConfigError, DataError, LightuneError, ModelError
+
+__version__ = "0.1.0"
+_LAZY = {"Classifier": "inference", "predict": "inference", "RunResult": "training", "run_training": "training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lightune' has no attribute {name!r}")
+
+
+def train(config: TrainConfig | None = None, progress: bool = True, **overrides):
+    """Train with a TrainConfig and/or keyword overrides of its fields; returns the finished RunResult."""
+    from dataclasses import asdict
+
+    from .training import run_training
+
+    base = asdict(config) if config is not None else {}
+    return run_training(load_config(overrides={**base, **overrides}), progress=progress)
+
+
+__all__ = ["Classifier", "ConfigError", "DataError", "LightuneError", "ModelError", "RunResult", "TrainConfig",
+           "load_config", "predict", "run_training", "train"]

@@ -1,0 +1,186 @@
+"""Command line: `lightune train`, `lightune predict`; user errors end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from .config import BIASES, DEVICES, METHODS, PRECISIONS, TrainConfig, load_config
+from .errors import ConfigError, DataError, LightuneError
+
+CHOICES = {"method": METHODS, "bias": BIASES, "device": DEVICES, "precision": PRECISIONS}
+HELP = {
+    "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
+    "method": "lora, qlora (4-bit NF4 base), int8 (8-bit base), full fine-tuning, head (classifier only)",
+    "rank": "LoRA rank r",
+    "alpha": "LoRA alpha (default 2 * rank)",
+    "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
+    "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
+    "test_data": "evaluate on another source (default: the held-out test split of --data)",
+    "label_names": "comma-separated label names in class-index order",
+    "train_size": "train examples to sample (stratified); 'all' for every one",
+    "eval_size": "validation and test examples each; 'all' for every one",
+    "max_steps": "stop after this many optimizer steps (overrides epochs)",
+    "learning_rate": "default: 3e-3 for LoRA methods and head, 5e-5 full",
+    "group_by_length": "batch texts of similar length together (less padding)",
+    "compile": "torch.compile the model",
+    "run_name": "name of the run directory under --output-dir (default: time-method-data)",
+}
+ALIASES = {"learning_rate": ["--lr"], "label_names": ["--labels"]}
+
+
+def _parse_optional_int(text: str) -> int | None:
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {text!r}") from None
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field; unset flags keep the config file's or the default value."""
+    parsers = {"int": int, "float": float, "str": str, "int | None": _parse_optional_int, "float | None": float,
+               "str | None": str, "list[str] | None": _parse_list}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+            continue
+        parser.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, type=parsers[f.type], default=None,
+                            choices=CHOICES.get(f.name), help=HELP.get(f.name), metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightune", description="LoRA / QLoRA fine-tuning of text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a model and save a run directory",
+                           description="Fine-tune; with no arguments: LoRA on the packaged all-MiniLM-L6-v2 "
+                                       "with packaged IMDb reviews.")
+    train.add_argument("--config", help="TOML file with the settings (top level or a [train] table)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_arguments(train)
+    predict = sub.add_parser("predict", help="classify texts with a finished run")
+    predict.add_argument("run_dir", help="a run directory written by `lightune train`")
+    predict.add_argument("texts", nargs="*", help="texts to classify (default: read standard input)")
+    predict.add_argument("--file", help="read texts from a file: one per line, or .jsonl with a 'text' field")
+    predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per text")
+    predict.add_argument("--device", choices=DEVICES, default="auto")
+    return parser
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import run_training
+
+    cfg = load_config(args.config, _cli_overrides(args))
+    result = run_training(cfg, progress=not args.quiet)
+    test, base = result.metrics["test"], result.metrics["base"]
+    print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
+          f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def read_texts_file(path: str) -> list[str]:
+    """Texts from a file: JSONL objects with a 'text' field, or plain text one per line (blank lines skipped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"file not found: {path}")
+    lines = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if file.suffix.lower() != ".jsonl":
+        return lines
+    texts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {n} is not valid JSON") from None
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise DataError(f"{path}: line {n} has no 'text' field")
+        texts.append(obj["text"])
+    return texts
+
+
+def _print_predictions(predictions: list[dict], as_json: bool) -> None:
+    for p in predictions:
+        if as_json:
+            print(json.dumps(p, ensure_ascii=False))
+        else:
+            prob = p["probabilities"][p["label"]]
+            preview = p["text"] if len(p["text"]) <= 70 else p["text"][:67] + "..."
+            print(f"{p['label']}\t{prob:.3f}\t{preview}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import Classifier
+
+    classifier = Classifier(args.run_dir, device=args.device)
+    if args.interactive:
+        print(f"labels: {', '.join(classifier.label_names)}. Type a text and press Enter; an empty line quits.",
+              file=sys.stderr)
+        for line in iter(lambda: input("> "), ""):
+            _print_predictions(classifier.predict([line]), args.json)
+        return 0
+    if args.file:
+        texts = read_texts_file(args.file)
+    elif args.texts:
+        texts = args.texts
+    elif not sys.stdin.isatty():
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    else:
+        raise ConfigError("give texts as arguments, --file, standard input, or --interactive")
+    if not texts:
+        raise DataError("no texts to classify")
+    _print_predictions(classifier.predict(texts), args.json)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return cmd_train(args) if args.command == "train" else cmd_predict(args)
+    except LightuneError as exc:
+        print(f"lightune: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, EOFError):
+        print("lightune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line, with a way to get the traceback
+        if os.environ.get("LIGHTUNE_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"lightune: error: {type(exc).__name__}: {first} (set LIGHTUNE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

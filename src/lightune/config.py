@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass, validated, loadable from TOML and overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+METHODS = ("lora", "qlora", "int8", "full", "head")
+ADAPTER_METHODS = ("lora", "qlora", "int8")
+BIASES = ("none", "lora_only", "all")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+# Learning rates for each method when the user gives none; the adapter rate suits the short default job
+# (one epoch of 2,000 reviews); for long runs on large models 2e-4..5e-4 is the usual LoRA range.
+DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "int8": 3e-3, "full": 5e-5, "head": 3e-3}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as config.json in the run directory."""
+
+    # model and method
+    model: str = DEFAULT_MODEL
+    method: str = "lora"
+    rank: int = 8
+    alpha: int | None = None  # None: 2 * rank
+    dropout: float = 0.1
+    target_modules: list[str] | None = None  # None: the architecture's query/value projections
+    bias: str = "none"
+    # data
+    data: str = "imdb"
+    test_data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: list[str] | None = None
+    train_size: int | None = 2000
+    eval_size: int | None = 500
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 42
+    max_length: int = 256
+    # optimisation
+    seed: int = 42
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    group_by_length: bool = True
+    # hardware
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    num_workers: int = 0
+    # output
+    output_dir: str = "runs"
+    run_name: str | None = None
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ADAPTER_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["resolved"] = {"lora_alpha": self.lora_alpha, "learning_rate": self.lr}
+        return out
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_number(name: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
+                  low_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(f"{name} must be {'a number' if kind is float else 'an integer'}; got {value!r}")
+    if low is not None and (value < low if low_inclusive else value <= low):
+        raise ConfigError(f"{name} must be {'>=' if low_inclusive else '>'} {low}; got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be <= {high}; got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError with a readable message on the first bad value; return cfg unchanged."""
+    _check_choice("method", cfg.method, METHODS)
+    _check_choice("bias", cfg.bias, BIASES)
+    _check_choice("device", cfg.device, DEVICES)
+    _check_choice("precision", cfg.precision, PRECISIONS)
+    for name in ("model", "data", "text_column", "label_column", "output_dir"):
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name} must be a non-empty string; got {value!r}")
+    _check_number("rank", cfg.rank, int, 1)
+    if cfg.alpha is not None:
+        _check_number("alpha", cfg.alpha, float, 0, low_inclusive=False)
+    _check_number("dropout", cfg.dropout, float, 0, 1)
+    if cfg.dropout >= 1:
+        raise ConfigError(f"dropout must be < 1; got {cfg.dropout!r}")
+    for name in ("train_size", "eval_size", "max_steps"):
+        if getattr(cfg, name) is not None:
+            _check_number(name, getattr(cfg, name), int, 1)
+    _check_number("validation_fraction", cfg.validation_fraction, float, 0, 0.5, low_inclusive=False)
+    _check_number("test_fraction", cfg.test_fraction, float, 0, 0.5, low_inclusive=False)
+    _check_number("split_seed", cfg.split_seed, int, 0)
+    _check_number("seed", cfg.seed, int, 0)
+    _check_number("max_length", cfg.max_length, int, 8, 8192)
+    _check_number("epochs", cfg.epochs, float, 0, low_inclusive=False)
+    _check_number("batch_size", cfg.batch_size, int, 1)
+    _check_number("eval_batch_size", cfg.eval_batch_size, int, 1)
+    if cfg.learning_rate is not None:
+        _check_number("learning_rate", cfg.learning_rate, float, 0, 1, low_inclusive=False)
+    _check_number("weight_decay", cfg.weight_decay, float, 0)
+    _check_number("warmup_ratio", cfg.warmup_ratio, float, 0, 1)
+    _check_number("max_grad_norm", cfg.max_grad_norm, float, 0)
+    _check_number("num_workers", cfg.num_workers, int, 0)
+    if cfg.target_modules is not None and (
+        not cfg.target_modules or not all(isinstance(m, str) and m for m in cfg.target_modules)
+    ):
+        raise ConfigError(f"target_modules must be a non-empty list of module names; got {cfg.target_modules!r}")
+    if cfg.label_names is not None and (
+        len(cfg.label_names) < 2 or len(set(cfg.label_names)) != len(cfg.label_names)
+    ):
+        raise ConfigError(f"label_names must list at least two distinct names; got {cfg.label_names!r}")
+    if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
+        raise ConfigError(f"run_name must be a plain directory name; got {cfg.run_name!r}")
+    return cfg
+
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Build a validated config from a flat mapping (TOML table or CLI overrides)."""
+    unknown = sorted(set(values) - FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    cfg = dataclasses.replace(base or TrainConfig(), **values)
+    return validate(cfg)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into a dict; ConfigError if it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a TOML file (its top level or its [train] table), then apply overrides; validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+        values.update(raw.get("train", raw))
+    values.update(overrides or {})
+    return from_dict(values)

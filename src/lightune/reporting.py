@@ -1,0 +1,167 @@
+"""Run directories and what goes in them: metrics.json, plots, report.md; written so that only finished runs look finished."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .errors import ConfigError  # noqa: E402
+
+COMPLETE_MARKER = "metrics.json"  # written last: a run directory without it is not a finished run
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg) -> str:
+    data = Path(cfg.data).stem if not cfg.data.startswith("hub:") else cfg.data[4:].replace("/", "-")
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{data}"
+
+
+def final_run_dir(cfg) -> Path:
+    """Where the finished run will live; ConfigError if a run is already there (runs are never overwritten)."""
+    root = Path(cfg.output_dir)
+    if cfg.run_name:
+        path = root / cfg.run_name
+        if path.exists():
+            raise ConfigError(f"run directory {path} already exists; choose another --run-name")
+        return path
+    path = root / default_run_name(cfg)
+    suffix = 2
+    while path.exists():
+        path = root / f"{default_run_name(cfg)}-{suffix}"
+        suffix += 1
+    return path
+
+
+@contextlib.contextmanager
+def staged_run_dir(final: Path):
+    """Yield a hidden work directory; rename it to `final` only if the block finishes.
+
+    On an error or Ctrl-C the work directory is renamed `<name>.incomplete` with error.txt inside,
+    so nothing that looks like a finished run is ever left behind, and earlier runs are untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield work
+    except BaseException as exc:
+        (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
+        failed = final.parent / f"{final.name}.incomplete"
+        if failed.exists():
+            shutil.rmtree(failed)
+        os.replace(work, failed)
+        raise
+    if final.exists():
+        shutil.rmtree(work)
+        raise ConfigError(f"run directory {final} appeared while training; results left unsaved")
+    os.replace(work, final)
+
+
+def is_complete_run(path: Path) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file() and (Path(path) / "config.json").is_file()
+
+
+def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
+    """Bar chart: accuracy and F1 of the base model vs the fine-tuned one on the test split."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names, width = ["accuracy", "f1"], 0.38
+    xs = range(len(names))
+    for offset, (label, metrics) in zip((-width / 2, width / 2), (("base", base), ("fine-tuned", tuned))):
+        values = [metrics[n] for n in names]
+        bars = ax.bar([x + offset for x in xs], values, width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.08)
+    ax.set_title("Test split: base vs fine-tuned")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Validation accuracy and train/validation loss per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_acc.plot(epochs, [h["validation"]["accuracy"] for h in history], marker="o", label="validation accuracy")
+    ax_acc.plot(epochs, [h["validation"]["f1"] for h in history], marker="s", label="validation F1")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend(loc="lower right")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", label="validation loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MB"
+
+
+def report_markdown(metrics: dict) -> str:
+    """A short human-readable report of one run."""
+    base, tuned, cfg = metrics["base"], metrics["test"], metrics["config"]
+    params, mem, data = metrics["parameters"], metrics["memory"], metrics["data"]
+    lines = [
+        f"# lightune run: {metrics['run_name']}",
+        "",
+        f"Model `{cfg['model']}`, method **{cfg['method']}**"
+        + (f" (r={cfg['rank']}, alpha={cfg['resolved']['lora_alpha']}, targets: {', '.join(metrics['target_modules'])})"
+           if metrics.get("target_modules") else "")
+        + f", device {metrics['device']}, precision {metrics['precision']}.",
+        f"Data: train on `{data['train_source']}`, test on `{data['test_source']}`; split `{data['split']}`; "
+        f"{data['sizes']['train']} train / {data['sizes']['validation']} validation / {data['sizes']['test']} test "
+        f"(test fingerprint `{data['fingerprints']['test']}`).",
+        "",
+        "| test split | accuracy | F1 (macro) | precision | recall | loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in (("base (untrained head/adapters)", base), ("fine-tuned", tuned)):
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['f1']:.4f} | {m['precision']:.4f} | "
+                     f"{m['recall']:.4f} | {m['loss']:.4f} |")
+    lines += [
+        "",
+        f"- Trainable parameters: {params['trainable']:,} of {params['total']:,} ({100 * params['share']:.3f}%)",
+        f"- Weight memory: {_mb(mem['weights_bytes'])}; peak memory ({mem['peak_kind']}): {_mb(mem['peak_bytes'])}",
+        f"- Training: {metrics['training']['steps']} steps, {metrics['training']['seconds']:.1f} s, "
+        f"{metrics['training']['samples_per_s']:.1f} samples/s; evaluation {tuned['samples_per_s']:.1f} samples/s",
+        f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
+        f"{tuned['confusion_matrix']}",
+        "",
+        "![base vs fine-tuned](plots/before_after.png)",
+        "![history](plots/history.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_run_outputs(run_dir: Path, metrics: dict) -> None:
+    """Plots, report.md and finally metrics.json (the completion marker)."""
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_before_after(metrics["base"], metrics["test"], plots / "before_after.png")
+    plot_history(metrics["history"], plots / "history.png")
+    (run_dir / "report.md").write_text(report_markdown(metrics))
+    write_json(run_dir / COMPLETE_MARKER, metrics)

@@ -1,0 +1,194 @@
+"""The training recipe: data -> model -> evaluate base -> train with accelerate -> evaluate -> save the run."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from . import data as data_mod
+from . import models
+from .config import TrainConfig, validate
+from .evaluation import evaluate
+from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
+
+
+@dataclass
+class RunResult:
+    """Where a finished run lives and what it measured."""
+
+    run_dir: Path
+    metrics: dict
+
+
+def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int) -> DataLoader:
+    """Shuffled batches padded on the fly; with group_by_length, texts of similar length share a batch."""
+    collate = DataCollatorWithPadding(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
+                      num_workers=num_workers)
+
+
+def make_eval_loader(ds, tokenizer, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of texts sorted by length (least padding); order does not matter for the metrics."""
+    return DataLoader(ds.sort("length"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer),
+                      num_workers=num_workers)
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory so far: GPU memory allocated on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
+
+
+def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str) -> tuple[float, int, int]:
+    """One pass (or fewer steps) over the loader; returns (mean loss, steps done, examples seen)."""
+    model.train()
+    loss_sum, steps, examples = 0.0, 0, 0
+    bar = tqdm(total=min(steps_left, len(loader)), desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    for batch in loader:
+        if steps >= steps_left:
+            break
+        batch.pop("length", None)
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        accelerator.backward(loss)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item()
+        steps += 1
+        examples += batch["labels"].shape[0] * accelerator.num_processes
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
+    bar.close()
+    return loss_sum / max(steps, 1), steps, examples
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused kernels on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
+    """Adapter methods: PEFT adapter + tokenizer in adapter/; full/head: the whole model in model/."""
+    folder = run_dir / ("adapter" if cfg.uses_adapter else "model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder.name
+
+
+def log(message: str, accelerator: Accelerator | None = None) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        tqdm.write(message)
+
+
+def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
+    """Train one configuration end to end and save a complete run directory."""
+    validate(cfg)
+    device = models.resolve_device(cfg.device)
+    precision = models.resolve_precision(cfg.precision, device)
+    final = final_run_dir(cfg)
+    models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
+    set_seed(cfg.seed)
+
+    splits = data_mod.build_splits(cfg)
+    tokenizer = models.load_tokenizer(cfg.model)
+    max_length = min(cfg.max_length, tokenizer.model_max_length or cfg.max_length)
+    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length)
+                 for name in ("train", "validation", "test")}
+
+    model = models.load_base_model(cfg.model, splits.label_names, cfg.method, device)
+    model = models.prepare_for_training(model, cfg)
+    params = models.count_parameters(model)
+    weights_bytes = models.weight_memory_bytes(model)
+
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
+    train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
+                                     cfg.num_workers)
+    val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, cfg.num_workers)
+    test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, cfg.num_workers)
+    steps = total_steps(cfg, len(train_loader))
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    quantized = cfg.method in ("qlora", "int8")
+    if quantized:  # bitsandbytes weights are already placed; accelerate must not move them
+        train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
+            train_loader, val_loader, test_loader, optimizer, scheduler)
+    else:
+        model, train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
+            model, train_loader, val_loader, test_loader, optimizer, scheduler)
+    forward_model = torch.compile(model) if cfg.compile else model
+    n_classes = len(splits.label_names)
+
+    with staged_run_dir(final) as work:
+        write_json(work / "config.json", cfg.to_dict())
+        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
+        log(f"base model (untrained adapters/head) on test: accuracy {base['accuracy']:.4f}, F1 {base['f1']:.4f}",
+            accelerator)
+        history, done, seen, train_seconds, epoch = [], 0, 0, 0.0, 0
+        while done < steps:
+            epoch += 1
+            start = time.perf_counter()
+            train_loader.set_epoch(epoch) if hasattr(train_loader, "set_epoch") else None
+            loss, n_steps, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator,
+                                                    cfg, steps - done, f"epoch {epoch}")
+            train_seconds += time.perf_counter() - start
+            done, seen = done + n_steps, seen + n_examples
+            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
+            history.append({"epoch": round(done / len(train_loader), 3), "step": done, "train_loss": loss,
+                            "validation": val})
+            log(f"epoch {epoch}: train loss {loss:.4f}, validation accuracy {val['accuracy']:.4f}, "
+                f"F1 {val['f1']:.4f}", accelerator)
+        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress)
+        log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
+            f"(base {base['accuracy']:.4f})", accelerator)
+        peak_bytes, peak_kind = peak_memory(device)
+        saved_as = save_model(accelerator.unwrap_model(model), tokenizer, work, cfg)
+        lora = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
+        metrics = {
+            "run_name": final.name,
+            "config": cfg.to_dict(),
+            "device": device.type,
+            "precision": precision,
+            "saved": saved_as,
+            "target_modules": sorted(lora.target_modules) if lora and not isinstance(lora.target_modules, str)
+            else ([lora.target_modules] if lora else None),
+            "data": splits.info,
+            "max_length": max_length,
+            "parameters": {"trainable": params.trainable, "total": params.total, "share": params.share},
+            "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
+            "training": {"steps": done, "examples": seen, "seconds": train_seconds,
+                         "samples_per_s": seen / train_seconds if train_seconds else 0.0},
+            "base": base,
+            "history": history,
+            "test": test,
+        }
+        if accelerator.is_main_process:
+            write_run_outputs(work, metrics)
+    log(f"run saved to {final}", accelerator)
+    return RunResult(final, metrics)

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny BERT built from a config (no download) and small synthetic sentiment files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore")
+# Tests never use the network: fail at once instead of retrying an unreachable hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "delightful", "excellent", "moving"]
+NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "poor", "mess", "waste"]
+NEUTRAL = ["the", "movie", "film", "plot", "actors", "was", "and", "a", "story", "scenes", "it", "this"]
+
+
+def synthetic_reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Short reviews whose sentiment words decide the label; easy for a tiny model to learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        cue = POSITIVE if label == "pos" else NEGATIVE
+        words = rng.choices(NEUTRAL, k=rng.randint(2, 6)) + rng.choices(cue, k=rng.randint(2, 4))
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT with a word-level vocabulary, saved like a hub model."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
+    vocab += [str(i) for i in range(1000)]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(path)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+                        hidden_dropout_prob=0.0)
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).bert.save_pretrained(path)
+    return path
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def reviews_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "reviews.csv", synthetic_reviews(400))
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, reviews_csv, tmp_path):
+    """Factory: a TrainConfig for a fast run of the tiny model on the synthetic reviews."""
+    from lightune.config import load_config
+
+    def make(**overrides):
+        values = dict(model=str(tiny_model_dir), data=str(reviews_csv), train_size=None, eval_size=None,
+                      max_length=32, epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(tmp_path / "runs"),
+                      run_name="tiny")
+        values.update(overrides)
+        return load_config(overrides=values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tiny_model_dir, tmp_path_factory):
+    """One finished LoRA run of the tiny model, shared by the inference tests."""
+    from lightune.config import load_config
+    from lightune.training import run_training
+
+    root = tmp_path_factory.mktemp("shared-run")
+    data = write_csv(root / "reviews.csv", synthetic_reviews(400))
+    cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
+                                     max_length=32, epochs=3, batch_size=16, learning_rate=1e-2,
+                                     output_dir=str(root / "runs"), run_name="lora"))
+    return run_training(cfg, progress=False)

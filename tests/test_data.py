@@ -1,0 +1,129 @@
+import json
+
+import pytest
+
+from conftest import synthetic_reviews, write_csv
+from lightune import data
+from lightune.config import from_dict
+from lightune.errors import DataError
+
+
+def test_clean_text_removes_html_breaks():
+    assert data.clean_text("Great.<br /><br />Loved it<BR>  really") == "Great. Loved it really"
+
+
+def test_packaged_imdb_split_is_fixed_disjoint_stratified_and_named():
+    cfg = from_dict({"data": "imdb", "train_size": 300, "eval_size": 100})
+    first, second = data.build_splits(cfg), data.build_splits(cfg)
+    assert first.info["fingerprints"] == second.info["fingerprints"]
+    assert first.info["split"] == "imdb:seed42:val0.1:test0.1"
+    assert first.label_names == ["negative", "positive"]
+    texts = [set(getattr(first, s)["text"]) for s in ("train", "validation", "test")]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert [len(t) for t in texts] == [300, 100, 100]
+    assert sum(first.train["label"]) == 150 and sum(first.test["label"]) == 50
+    assert not any("<br" in t for t in first.train["text"])
+
+
+def test_full_packaged_split_drops_duplicates_and_covers_all_imdb():
+    cfg = from_dict({"data": "imdb", "train_size": None, "eval_size": None})
+    splits = data.build_splits(cfg)
+    total = sum(splits.info["sizes"].values())
+    assert 24_800 < total < 25_000  # 25,000 reviews less the ~100 duplicated texts
+    all_texts = list(splits.train["text"]) + list(splits.validation["text"]) + list(splits.test["text"])
+    assert len(set(all_texts)) == len(all_texts)
+
+
+def test_train_on_imdb_test_on_rotten_tomatoes():
+    cfg = from_dict({"data": "imdb", "test_data": "rotten_tomatoes", "train_size": 50, "eval_size": 40})
+    splits = data.build_splits(cfg)
+    assert splits.info["test_source"] == "rotten_tomatoes"
+    assert len(splits.test) == 40
+    assert max(len(t) for t in splits.test["text"]) < 600  # Rotten Tomatoes snippets, not IMDb reviews
+    assert not set(splits.test["text"]) & set(splits.train["text"])
+
+
+def test_string_labels_and_label_names_from_file(tmp_path):
+    path = write_csv(tmp_path / "r.csv", synthetic_reviews(60))
+    splits = data.build_splits(from_dict({"data": str(path), "train_size": None, "eval_size": None}))
+    assert splits.label_names == ["neg", "pos"]
+    ordered = data.build_splits(from_dict({"data": str(path), "label_names": ["pos", "neg"]}))
+    assert ordered.label_names == ["pos", "neg"]
+    row = ordered.train[0]
+    assert ("pos" if row["label"] == 0 else "neg") in {"pos", "neg"}
+    first_pos = [r for r in ordered.train if any(w in r["text"] for w in ("great", "superb", "loved"))]
+    assert first_pos and all(r["label"] == 0 for r in first_pos if not any(
+        w in r["text"] for w in ("awful", "boring", "terrible", "hated", "dull", "poor", "mess", "waste")))
+
+
+def test_jsonl_and_parquet_with_custom_columns(tmp_path):
+    rows = synthetic_reviews(40)
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"review": t, "sentiment": lab}) for t, lab in rows))
+    cfg = from_dict({"data": str(jsonl), "text_column": "review", "label_column": "sentiment"})
+    assert sum(data.build_splits(cfg).info["sizes"].values()) == 40
+    import pandas as pd
+
+    parquet = tmp_path / "r.parquet"
+    pd.DataFrame(rows, columns=["review", "sentiment"]).to_parquet(parquet)
+    cfg = from_dict({"data": str(parquet), "text_column": "review", "label_column": "sentiment"})
+    assert data.build_splits(cfg).label_names == ["neg", "pos"]
+
+
+@pytest.mark.parametrize(
+    "rows, overrides, message",
+    [
+        (None, {"data": "missing.csv"}, "data not found: 'missing.csv'"),
+        ([("good film", "pos")] * 3, {"text_column": "review"}, "has no column 'review'"),
+        ([("", "pos"), ("bad", "neg")], {}, "row 1 has an empty text"),
+        ([("fine", "pos"), ("  ", "neg")], {}, "row 2 has an empty text"),
+        ([("good", "pos"), ("bad", "meh")], {"label_names": ["neg", "pos"]}, "row 2 has unknown label 'meh'"),
+        ([("good", "1"), ("bad", "7")], {"label_names": ["neg", "pos"]}, "unknown label"),
+    ],
+)
+def test_bad_files_give_readable_errors(tmp_path, rows, overrides, message):
+    values = {"data": str(write_csv(tmp_path / "d.csv", rows)) if rows is not None else "missing.csv"}
+    values.update({k: v for k, v in overrides.items() if k != "data"})
+    if "data" in overrides:
+        values["data"] = overrides["data"]
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict(values))
+    assert message in str(err.value)
+
+
+def test_non_string_text_is_rejected(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "nice", "label": 1}\n{"text": 42, "label": 0}\n')
+    with pytest.raises(DataError, match="row 2 has a non-string text"):
+        data.build_splits(from_dict({"data": str(path)}))
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "d.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataError, match="unsupported data file type"):
+        data.build_splits(from_dict({"data": str(path)}))
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load hub dataset 'sst2'"):
+        data.build_splits(from_dict({"data": "hub:sst2"}))
+
+
+def test_conflicting_duplicates_are_dropped(tmp_path):
+    rows = [("same text", "pos"), ("same text", "neg"), ("twice", "pos"), ("twice", "pos")]
+    rows += synthetic_reviews(30)
+    ds, names = data.prepare_source(str(write_csv(tmp_path / "d.csv", rows)), "text", "label", None)
+    assert "same text" not in ds["text"] and list(ds["text"]).count("twice") == 1
+
+
+def test_tokenize_adds_lengths_and_truncates(tiny_model_dir):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = Dataset.from_dict({"text": ["good film", " ".join(["the"] * 100)], "label": [1, 0]})
+    out = data.tokenize(ds, tok, max_length=16)
+    assert list(out["length"]) == [4, 16] and "labels" in out.column_names

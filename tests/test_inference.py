@@ -1,0 +1,71 @@
+import shutil
+
+import pytest
+import torch
+
+from conftest import synthetic_reviews
+from lightune import predict
+from lightune.errors import DataError, ModelError
+from lightune.inference import Classifier
+
+TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
+         "waste dull terrible movie"]
+
+
+def test_stock_peft_loads_the_adapter_with_identical_logits(trained_tiny_run):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    adapter = trained_tiny_run.run_dir / "adapter"
+    stock = AutoPeftModelForSequenceClassification.from_pretrained(adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        stock_logits = stock(**enc).logits
+    ours = Classifier(trained_tiny_run.run_dir, merge=False).logits(TEXTS)
+    torch.testing.assert_close(ours, stock_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_adapter_gives_the_same_logits(trained_tiny_run):
+    merged = Classifier(trained_tiny_run.run_dir, merge=True)
+    unmerged = Classifier(trained_tiny_run.run_dir, merge=False)
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+    torch.testing.assert_close(merged.logits(TEXTS), unmerged.logits(TEXTS), rtol=1e-4, atol=1e-4)
+
+
+def test_batching_order_does_not_change_results(trained_tiny_run):
+    texts = [t for t, _ in synthetic_reviews(37, seed=5)]
+    classifier = Classifier(trained_tiny_run.run_dir, batch_size=5)
+    batched = classifier.logits(texts)
+    one_by_one = torch.cat([classifier.logits([t]) for t in texts])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_returns_labels_and_probabilities(trained_tiny_run):
+    out = predict(TEXTS, trained_tiny_run.run_dir)
+    assert [p["text"] for p in out] == TEXTS
+    assert [p["label"] for p in out] == ["pos", "neg", "pos", "neg"]
+    for p in out:
+        assert set(p["probabilities"]) == {"neg", "pos"}
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert p["probabilities"][p["label"]] >= 0.5
+
+
+@pytest.mark.parametrize("texts, message", [("one string", "not a single string"), (["ok", ""], "text 2 is empty"),
+                                            (["ok", 3], "text 2 is not a string")])
+def test_predict_rejects_bad_texts(trained_tiny_run, texts, message):
+    with pytest.raises(DataError, match=message):
+        predict(texts, trained_tiny_run.run_dir)
+
+
+def test_missing_run_and_missing_adapter(trained_tiny_run, tmp_path):
+    with pytest.raises(ModelError, match="run directory not found"):
+        Classifier(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    shutil.rmtree(broken / "adapter")
+    with pytest.raises(ModelError, match="has no saved adapter/ directory"):
+        Classifier(broken)
+    (broken / "metrics.json").unlink()
+    with pytest.raises(ModelError, match="not a finished lightune run"):
+        Classifier(broken)

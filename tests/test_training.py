@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from lightune import reporting
+from lightune.errors import ConfigError
+from lightune.training import run_training
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_lora_run_learns_and_writes_a_complete_run(trained_tiny_run):
+    run, metrics = trained_tiny_run.run_dir, trained_tiny_run.metrics
+    assert run.name == "lora" and reporting.is_complete_run(run)
+    assert metrics["test"]["accuracy"] >= 0.85 > metrics["base"]["accuracy"]
+    assert metrics["test"]["f1"] > metrics["base"]["f1"]
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert on_disk["config"]["method"] == "lora" and on_disk["config"]["resolved"]["lora_alpha"] == 16
+    assert len(on_disk["history"]) == 3 and on_disk["history"][-1]["epoch"] == 3.0
+    assert set(on_disk["test"]) >= {"accuracy", "f1", "precision", "recall", "loss", "confusion_matrix",
+                                    "samples_per_s"}
+    assert sum(map(sum, on_disk["test"]["confusion_matrix"])) == on_disk["data"]["sizes"]["test"]
+    assert 0 < on_disk["parameters"]["share"] < 1
+    assert on_disk["memory"]["weights_bytes"] > 0 and on_disk["memory"]["peak_bytes"] > 0
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "tokenizer.json").is_file()
+    assert _is_png(run / "plots" / "before_after.png") and _is_png(run / "plots" / "history.png")
+    report = (run / "report.md").read_text()
+    assert "| fine-tuned |" in report and f"{metrics['test']['accuracy']:.4f}" in report
+
+
+def test_same_seed_gives_the_same_result(tiny_config, trained_tiny_run):
+    again = run_training(tiny_config(run_name="again", epochs=3), progress=False)
+    assert again.metrics["test"]["accuracy"] == pytest.approx(trained_tiny_run.metrics["test"]["accuracy"])
+    assert again.metrics["history"][-1]["train_loss"] == pytest.approx(
+        trained_tiny_run.metrics["history"][-1]["train_loss"], rel=1e-4)
+
+
+def test_max_steps_and_fractional_epochs(tiny_config):
+    result = run_training(tiny_config(max_steps=3), progress=False)
+    assert result.metrics["training"]["steps"] == 3 and len(result.metrics["history"]) == 1
+    half = run_training(tiny_config(run_name="half", epochs=0.5), progress=False)
+    assert half.metrics["training"]["steps"] == 10  # 320 train texts / 16 per batch = 20 steps per epoch
+
+
+@pytest.mark.parametrize("method", ["head", "full", "qlora"])
+def test_other_methods_train_and_save(tiny_config, method):
+    result = run_training(tiny_config(method=method, run_name=method, epochs=2, learning_rate=1e-3 if method == "full"
+                                      else 1e-2), progress=False)
+    saved = result.run_dir / ("adapter" if method == "qlora" else "model")
+    assert saved.is_dir() and result.metrics["saved"] == saved.name
+    assert result.metrics["test"]["accuracy"] > 0.6
+    if method == "head":
+        assert result.metrics["parameters"]["share"] < 0.2
+
+
+def test_existing_run_is_never_overwritten(tiny_config):
+    first = run_training(tiny_config(max_steps=1), progress=False)
+    before = (first.run_dir / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        run_training(tiny_config(max_steps=1), progress=False)
+    assert (first.run_dir / "metrics.json").read_bytes() == before
+
+
+def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch):
+    import lightune.training as training
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_epoch", explode)
+    cfg = tiny_config(run_name="boom")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)
+    root = cfg.output_dir
+    from pathlib import Path
+
+    assert not (Path(root) / "boom").exists()
+    failed = Path(root) / "boom.incomplete"
+    assert failed.is_dir() and (failed / "error.txt").is_file()
+    assert not reporting.is_complete_run(failed)
+    assert not list(Path(root).glob(".boom*"))
+
+
+def test_staged_dir_publishes_only_on_success(tmp_path):
+    final = tmp_path / "run"
+    with reporting.staged_run_dir(final) as work:
+        (work / "file.txt").write_text("x")
+        assert not final.exists()
+    assert (final / "file.txt").read_text() == "x"
