@@ -69,3 +69,15 @@ def test_missing_run_and_missing_adapter(trained_tiny_run, tmp_path):
     (broken / "metrics.json").unlink()
     with pytest.raises(ModelError, match="not a finished lightune run"):
         Classifier(broken)
+
+
+def test_fast_path_matches_the_plain_padded_path(trained_tiny_run):
+    """Merged adapter + token-budget batches == unmerged adapter on texts padded to max_length in one batch."""
+    texts = [t for t, _ in synthetic_reviews(23, seed=9)]
+    fast = Classifier(trained_tiny_run.run_dir, chunk_tokens=40)
+    plain = Classifier(trained_tiny_run.run_dir, merge=False)
+    enc = plain.tokenizer(texts, truncation=True, padding="max_length", max_length=plain.max_length,
+                          return_tensors="pt")
+    with torch.no_grad():
+        expected = plain.model(**enc).logits
+    torch.testing.assert_close(fast.logits(texts), expected, rtol=1e-4, atol=1e-4)

@@ -92,3 +92,46 @@ def test_staged_dir_publishes_only_on_success(tmp_path):
         (work / "file.txt").write_text("x")
         assert not final.exists()
     assert (final / "file.txt").read_text() == "x"
+
+
+def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
+    import torch
+    from accelerate import Accelerator
+
+    from lightune import models
+    from lightune.config import from_dict
+    from lightune.training import backward_in_chunks, split_batch
+
+    cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})
+    model = models.prepare_for_training(models.load_base_model(cfg.model, ["neg", "pos"]), cfg).eval()
+    torch.manual_seed(0)
+    lengths = [12, 12, 11, 9, 7, 7, 5, 3]
+    ids = torch.zeros(8, 12, dtype=torch.long)
+    mask = torch.zeros(8, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, 40, (n,))
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1] * 4)}
+
+    def grads(max_tokens):
+        model.zero_grad()
+        loss = backward_in_chunks(model, dict(batch), Accelerator(cpu=True), max_tokens)
+        return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    whole_loss, whole = grads(None)
+    chunk_loss, chunked = grads(30)  # 2 rows of width 12 per chunk; later chunks trimmed to their longest text
+    assert len(split_batch(batch, 30)) == 4 and split_batch(batch, 30)[3]["input_ids"].shape == (2, 5)
+    assert chunk_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_budget_batches_cover_every_index_once():
+    from lightune.data import token_budget_batches
+
+    lengths = [50, 3, 500, 20, 20, 7, 250, 1]
+    batches = token_budget_batches(lengths, max_tokens=512, max_batch=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 512)
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths)

@@ -51,7 +51,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 16
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # most texts per evaluation batch; batches are also capped by chunk_tokens
     learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -61,6 +61,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    # Most padded tokens run through the model at once. Training batches larger than this are split into
+    # chunks with gradient accumulation (same gradient); evaluation batches are formed up to it.
+    # None: 2048 on CPU (a smaller working set is faster there), no limit for training on GPU.
+    chunk_tokens: int | None = None
     num_workers: int = 0
     # output
     output_dir: str = "runs"
@@ -132,6 +136,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_number("warmup_ratio", cfg.warmup_ratio, float, 0, 1)
     _check_number("max_grad_norm", cfg.max_grad_norm, float, 0)
     _check_number("num_workers", cfg.num_workers, int, 0)
+    if cfg.chunk_tokens is not None:
+        _check_number("chunk_tokens", cfg.chunk_tokens, int, 1)
     if cfg.target_modules is not None and (
         not cfg.target_modules or not all(isinstance(m, str) and m for m in cfg.target_modules)
     ):

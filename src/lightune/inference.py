@@ -11,9 +11,10 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import models
-from .data import clean_text
+from .data import clean_text, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
+from .training import CPU_CHUNK_TOKENS, GPU_EVAL_CHUNK_TOKENS
 
 
 def check_texts(texts) -> list[str]:
@@ -46,7 +47,8 @@ def read_run(run_dir: str | Path) -> tuple[Path, dict]:
 class Classifier:
     """A fine-tuned classifier ready for batched prediction."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto", merge: bool = True, batch_size: int = 64):
+    def __init__(self, run_dir: str | Path, device: str = "auto", merge: bool = True, batch_size: int = 64,
+                 chunk_tokens: int | None = None):
         run_dir, metrics = read_run(run_dir)
         self.run_dir = run_dir
         self.config = metrics["config"]
@@ -54,6 +56,7 @@ class Classifier:
         self.max_length: int = metrics["max_length"]
         self.batch_size = batch_size
         self.device = models.resolve_device(device)
+        self.chunk_tokens = chunk_tokens or (CPU_CHUNK_TOKENS if self.device.type == "cpu" else GPU_EVAL_CHUNK_TOKENS)
         saved = run_dir / metrics["saved"]
         self.tokenizer = AutoTokenizer.from_pretrained(saved)
         self.model = self._load_model(saved, merge).eval()
@@ -77,15 +80,15 @@ class Classifier:
 
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
-        """Logits in input order; texts are sorted by length into batches to minimise padding."""
+        """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
         texts = [clean_text(t) for t in check_texts(texts)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
         out = torch.empty(len(texts), len(self.label_names))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="pt").to(self.device)
-            out[idx] = self.model(**enc).logits.float().cpu()
+        for idx in token_budget_batches(lengths, self.chunk_tokens, self.batch_size):
+            features = [{key: encoded[key][i] for key in encoded.keys()} for i in idx]
+            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
+            out[idx] = self.model(**batch).logits.float().cpu()
         return out
 
     def predict(self, texts: list[str]) -> list[dict]:

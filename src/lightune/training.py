@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -43,10 +44,58 @@ def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, see
                       num_workers=num_workers)
 
 
-def make_eval_loader(ds, tokenizer, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of texts sorted by length (least padding); order does not matter for the metrics."""
-    return DataLoader(ds.sort("length"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer),
+def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0) -> DataLoader:
+    """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
+    for the metrics)."""
+    batches = data_mod.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
+    return DataLoader(ds, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tokenizer),
                       num_workers=num_workers)
+
+
+CPU_CHUNK_TOKENS = 2048
+GPU_EVAL_CHUNK_TOKENS = 65536
+
+
+def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
+    """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
+    if cfg.chunk_tokens is not None:
+        return cfg.chunk_tokens, cfg.chunk_tokens
+    if device.type == "cpu":
+        return CPU_CHUNK_TOKENS, CPU_CHUNK_TOKENS
+    return None, GPU_EVAL_CHUNK_TOKENS
+
+
+def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
+    """Row chunks of a padded batch, each at most max_tokens padded tokens and trimmed to its own longest text."""
+    n, width = batch["input_ids"].shape
+    rows = n if max_tokens is None else max(1, max_tokens // width)
+    chunks = []
+    for start in range(0, n, rows):
+        chunk = {k: v[start:start + rows] for k, v in batch.items()}
+        if "attention_mask" in chunk and rows < n:
+            used = int(chunk["attention_mask"].sum(dim=1).max())
+            chunk = {k: (v[:, :used] if v.dim() == 2 and v.shape[1] == width else v) for k, v in chunk.items()}
+        chunks.append(chunk)
+    return chunks
+
+
+def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None) -> float:
+    """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss.
+
+    Each chunk's mean loss is weighted by its share of the rows, so the summed gradient equals the
+    whole batch's; gradients are synchronised across processes on the last chunk only.
+    """
+    chunks = split_batch(batch, max_tokens)
+    n_rows = batch["input_ids"].shape[0]
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss = model(**chunk).loss * (chunk["input_ids"].shape[0] / n_rows)
+            accelerator.backward(loss)
+        total += loss.item()
+    return total
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -61,7 +110,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str) -> tuple[float, int, int]:
+def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str,
+                chunk_tokens: int | None = None) -> tuple[float, int, int]:
     """One pass (or fewer steps) over the loader; returns (mean loss, steps done, examples seen)."""
     model.train()
     loss_sum, steps, examples = 0.0, 0, 0
@@ -70,15 +120,13 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_lef
         if steps >= steps_left:
             break
         batch.pop("length", None)
-        with accelerator.autocast():
-            loss = model(**batch).loss
-        accelerator.backward(loss)
+        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.item()
+        loss_sum += loss
         steps += 1
         examples += batch["labels"].shape[0] * accelerator.num_processes
         bar.update(1)
@@ -130,8 +178,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
     train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
                                      cfg.num_workers)
-    val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, cfg.num_workers)
-    test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, cfg.num_workers)
+    train_chunk, eval_chunk = chunk_budgets(cfg, device)
+    val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
+    test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     steps = total_steps(cfg, len(train_loader))
     optimizer = build_optimizer(model, cfg, device)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
@@ -156,7 +205,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             start = time.perf_counter()
             train_loader.set_epoch(epoch) if hasattr(train_loader, "set_epoch") else None
             loss, n_steps, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator,
-                                                    cfg, steps - done, f"epoch {epoch}")
+                                                    cfg, steps - done, f"epoch {epoch}", train_chunk)
             train_seconds += time.perf_counter() - start
             done, seen = done + n_steps, seen + n_examples
             val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
