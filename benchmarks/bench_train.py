@@ -75,7 +75,7 @@ def run_common(args, out: dict) -> None:
         model = models.prepare_for_training(models.load_base_model(cfg.model, splits.label_names), cfg)
         training_args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=64,
-            num_train_epochs=1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+            num_train_epochs=1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
             lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm, logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to=[], seed=cfg.seed, use_cpu=device.type == "cpu", disable_tqdm=True,
         )
@@ -110,7 +110,12 @@ def _child(recipe: str, args, queue) -> None:
 
     datasets.disable_progress_bars()
     out: dict = {}
-    (run_common if recipe == "common" else run_lightune)(args, out)
+    try:
+        (run_common if recipe == "common" else run_lightune)(args, out)
+    except BaseException as exc:  # hand the failure to the parent instead of leaving it waiting
+        import traceback
+
+        out = {"error": "".join(traceback.format_exception(exc))}
     queue.put(out)
 
 
@@ -121,15 +126,19 @@ def run_in_child(recipe: str, args) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
+    if "error" in result:
+        raise SystemExit(f"the {recipe} recipe failed:\n{result['error']}")
     return result
 
 
 def weight_memory(model_name: str) -> dict:
     """Weight memory of the backbone loaded in fp32, 4-bit NF4 and 8-bit (bitsandbytes)."""
     import torch
+    import transformers
 
     from lightune import models
 
+    transformers.utils.logging.disable_progress_bar()
     out = {}
     for method, label in (("lora", "fp32"), ("qlora", "nf4"), ("int8", "int8")):
         try:

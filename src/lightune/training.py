@@ -6,6 +6,7 @@ import contextlib
 import math
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,18 @@ def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
     return folder.name
 
 
+def output_dir_for(final: Path, accelerator: Accelerator):
+    """The staged run directory on the main process; a throw-away one on the other processes."""
+    if accelerator.is_main_process:
+        return staged_run_dir(final)
+    return contextlib.contextmanager(_scratch_dir)()
+
+
+def _scratch_dir():
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 def log(message: str, accelerator: Accelerator | None = None) -> None:
     if accelerator is None or accelerator.is_main_process:
         tqdm.write(message)
@@ -159,6 +172,8 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     validate(cfg)
     device = models.resolve_device(cfg.device)
     precision = models.resolve_precision(cfg.precision, device)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    device = accelerator.device  # this process's GPU under `accelerate launch`
     final = final_run_dir(cfg)
     models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
     set_seed(cfg.seed)
@@ -174,7 +189,6 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     params = models.count_parameters(model)
     weights_bytes = models.weight_memory_bytes(model)
 
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
     train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
                                      cfg.num_workers)
@@ -184,17 +198,12 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     steps = total_steps(cfg, len(train_loader))
     optimizer = build_optimizer(model, cfg, device)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
-    quantized = cfg.method in ("qlora", "int8")
-    if quantized:  # bitsandbytes weights are already placed; accelerate must not move them
-        train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
-            train_loader, val_loader, test_loader, optimizer, scheduler)
-    else:
-        model, train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
-            model, train_loader, val_loader, test_loader, optimizer, scheduler)
+    model, train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
+        model, train_loader, val_loader, test_loader, optimizer, scheduler)
     forward_model = torch.compile(model) if cfg.compile else model
     n_classes = len(splits.label_names)
 
-    with staged_run_dir(final) as work:
+    with output_dir_for(final, accelerator) as work:
         write_json(work / "config.json", cfg.to_dict())
         base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
         log(f"base model (untrained adapters/head) on test: accuracy {base['accuracy']:.4f}, F1 {base['f1']:.4f}",
@@ -237,7 +246,6 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             "history": history,
             "test": test,
         }
-        if accelerator.is_main_process:
-            write_run_outputs(work, metrics)
+        write_run_outputs(work, metrics)
     log(f"run saved to {final}", accelerator)
     return RunResult(final, metrics)
