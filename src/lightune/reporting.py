@@ -98,17 +98,29 @@ def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """Validation accuracy and train/validation loss per epoch."""
+def plot_history(metrics: dict, path: Path) -> None:
+    """Left: validation accuracy/F1 per epoch against the base model's test accuracy.
+    Right: training loss per step (with a running mean) and validation loss per epoch."""
+    history, training = metrics["history"], metrics["training"]
+    per_epoch = training["steps_per_epoch"]
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_acc.plot(epochs, [h["validation"]["accuracy"] for h in history], marker="o", label="validation accuracy")
     ax_acc.plot(epochs, [h["validation"]["f1"] for h in history], marker="s", label="validation F1")
+    ax_acc.axhline(metrics["base"]["accuracy"], color="grey", linestyle="--", label="base model (test)")
     ax_acc.set_xlabel("epoch")
+    ax_acc.set_xlim(0, max(epochs) * 1.05)
     ax_acc.set_ylim(0, 1)
     ax_acc.legend(loc="lower right")
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", label="validation loss")
+    losses = training["step_losses"]
+    steps = [(i + 1) / per_epoch for i in range(len(losses))]
+    window = max(1, len(losses) // 10)
+    running = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+               for i in range(len(losses))]
+    ax_loss.plot(steps, losses, color="tab:blue", alpha=0.3, label="train loss (step)")
+    ax_loss.plot(steps, running, color="tab:blue", label=f"train loss (mean of {window})")
+    ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", color="tab:orange",
+                 linestyle="none" if len(history) == 1 else "-", label="validation loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.legend()
     fig.tight_layout()
@@ -162,6 +174,6 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     plot_before_after(metrics["base"], metrics["test"], plots / "before_after.png")
-    plot_history(metrics["history"], plots / "history.png")
+    plot_history(metrics, plots / "history.png")
     (run_dir / "report.md").write_text(report_markdown(metrics))
     write_json(run_dir / COMPLETE_MARKER, metrics)

@@ -112,13 +112,13 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str,
-                chunk_tokens: int | None = None) -> tuple[float, int, int]:
-    """One pass (or fewer steps) over the loader; returns (mean loss, steps done, examples seen)."""
+                chunk_tokens: int | None = None) -> tuple[list[float], int]:
+    """One pass (or fewer steps) over the loader; returns (loss of each step, examples seen)."""
     model.train()
-    loss_sum, steps, examples = 0.0, 0, 0
+    losses, examples = [], 0
     bar = tqdm(total=min(steps_left, len(loader)), desc=desc, leave=False, disable=not accelerator.is_local_main_process)
     for batch in loader:
-        if steps >= steps_left:
+        if len(losses) >= steps_left:
             break
         batch.pop("length", None)
         loss = backward_in_chunks(model, batch, accelerator, chunk_tokens)
@@ -127,13 +127,12 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_lef
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss
-        steps += 1
+        losses.append(loss)
         examples += batch["labels"].shape[0] * accelerator.num_processes
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
     bar.close()
-    return loss_sum / max(steps, 1), steps, examples
+    return losses, examples
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -208,15 +207,17 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
         base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
         log(f"base model (untrained adapters/head) on test: accuracy {base['accuracy']:.4f}, F1 {base['f1']:.4f}",
             accelerator)
-        history, done, seen, train_seconds, epoch = [], 0, 0, 0.0, 0
-        while done < steps:
+        history, step_losses, seen, train_seconds, epoch = [], [], 0, 0.0, 0
+        while len(step_losses) < steps:
             epoch += 1
             start = time.perf_counter()
-            train_loader.set_epoch(epoch) if hasattr(train_loader, "set_epoch") else None
-            loss, n_steps, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator,
-                                                    cfg, steps - done, f"epoch {epoch}", train_chunk)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            losses, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator, cfg,
+                                             steps - len(step_losses), f"epoch {epoch}", train_chunk)
             train_seconds += time.perf_counter() - start
-            done, seen = done + n_steps, seen + n_examples
+            step_losses, seen = step_losses + losses, seen + n_examples
+            done, loss = len(step_losses), sum(losses) / max(len(losses), 1)
             val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
             history.append({"epoch": round(done / len(train_loader), 3), "step": done, "train_loss": loss,
                             "validation": val})
@@ -241,7 +242,8 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             "parameters": {"trainable": params.trainable, "total": params.total, "share": params.share},
             "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
             "training": {"steps": done, "examples": seen, "seconds": train_seconds,
-                         "samples_per_s": seen / train_seconds if train_seconds else 0.0},
+                         "samples_per_s": seen / train_seconds if train_seconds else 0.0,
+                         "step_losses": step_losses, "steps_per_epoch": len(train_loader)},
             "base": base,
             "history": history,
             "test": test,
