@@ -194,11 +194,14 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
     val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
-    steps = total_steps(cfg, len(train_loader))
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
-    model, train_loader, val_loader, test_loader, optimizer, scheduler = accelerator.prepare(
-        model, train_loader, val_loader, test_loader, optimizer, scheduler)
+    model, train_loader, val_loader, test_loader, optimizer = accelerator.prepare(
+        model, train_loader, val_loader, test_loader, optimizer)
+    steps = total_steps(cfg, len(train_loader))  # optimizer steps of this process (its shard of the data)
+    # a prepared scheduler steps once per process at each optimizer step
+    scale = accelerator.num_processes
+    scheduler = accelerator.prepare(
+        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
     forward_model = torch.compile(model) if cfg.compile else model
     n_classes = len(splits.label_names)
 
