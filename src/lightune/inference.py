@@ -75,28 +75,40 @@ class Classifier:
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
         return model.merge_and_unload() if merge and method == "lora" else model
 
-    @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into batches to minimise padding."""
-        texts = [clean_text(t) for t in check_texts(texts)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = torch.empty(len(texts), len(self.label_names))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="pt").to(self.device)
-            out[idx] = self.model(**enc).logits.float().cpu()
-        return out
+        return batched_logits(self.model, self.tokenizer, texts, self.max_length, len(self.label_names),
+                              self.batch_size, self.device)
 
     def predict(self, texts: list[str]) -> list[dict]:
         """[{text, label, probabilities: {label name: probability}}] for each text, in input order."""
         texts = check_texts(texts)
-        probs = torch.softmax(self.logits(texts), dim=-1).tolist() if texts else []
-        return [
-            {"text": text, "label": self.label_names[max(range(len(p)), key=p.__getitem__)],
-             "probabilities": dict(zip(self.label_names, p))}
-            for text, p in zip(texts, probs)
-        ]
+        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names)
+
+
+@torch.no_grad()
+def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labels: int, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Logits of a classifier in input order; texts are sorted by length into batches to minimise padding."""
+    texts = [clean_text(t) for t in check_texts(texts)]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), num_labels)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt").to(device)
+        out[idx] = model(**enc).logits.float().cpu()
+    return out
+
+
+def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str]) -> list[dict]:
+    """[{text, label, probabilities: {label name: probability}}] from logits in input order."""
+    probs = torch.softmax(logits, dim=-1).tolist() if texts else []
+    return [
+        {"text": text, "label": label_names[max(range(len(p)), key=p.__getitem__)],
+         "probabilities": dict(zip(label_names, p))}
+        for text, p in zip(texts, probs)
+    ]
 
 
 def metrics_saved_full(saved: Path) -> bool:
