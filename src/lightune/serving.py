@@ -95,7 +95,7 @@ class AdapterRegistry:
             tokenizer = AutoTokenizer.from_pretrained(saved)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the tokenizer of {run_dir}: {str(exc).splitlines()[0]}") from None
-        return ServedAdapter(name=name, run_dir=run_dir, model=config["model"], method=method,
+        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=method,
                              label_names=label_names, max_length=int(metrics["max_length"]), tokenizer=tokenizer,
                              saved=saved)
 
@@ -296,8 +296,10 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastA
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
-            ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
-            detail = f"malformed JSON: {ctx.get('error', 'cannot parse the body')}"
+            error = next(e for e in errors if e.get("type") == "json_invalid")
+            position = next((p for p in error.get("loc", ())[1:] if isinstance(p, int)), None)
+            detail = f"malformed JSON: {(error.get('ctx') or {}).get('error', 'cannot parse the body')}"
+            detail += f" at position {position}" if position is not None else ""
             return JSONResponse({"detail": detail}, status_code=400)
         return JSONResponse({"detail": _readable(errors)}, status_code=422)
 
