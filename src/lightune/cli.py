@@ -1,4 +1,4 @@
-"""Command line: `lightune train`, `lightune predict`; user errors end in one line and a non-zero exit."""
+"""Command line: `lightune train`, `predict`, `serve`; user errors end in one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    serve = sub.add_parser("serve", help="serve runs over HTTP: JSON API and a web page, many adapters on one base",
+                           description="Serve one or more finished LoRA runs of the same base model: one base "
+                                       "model in memory, one adapter per run, chosen per request.")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished lora/qlora/int8 run directories")
+    serve.add_argument("--name", action="append", dest="names", metavar="NAME",
+                       help="adapter name, once per RUN_DIR in order (default: each run directory's name)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--device", choices=DEVICES, default="auto")
+    serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    serve.add_argument("--max-texts", type=int, default=64, help="most texts per request (default 64)")
+    serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text (default 5000)")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                       help="largest request body in bytes (default 1000000)")
     return parser
 
 
@@ -149,6 +163,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32):
+    """An AdapterRegistry with one adapter per run directory; ConfigError/ModelError for bad arguments."""
+    from .serving import AdapterRegistry, adapter_name_for
+
+    if names and len(names) != len(run_dirs):
+        raise ConfigError(f"--name was given {len(names)} time(s) for {len(run_dirs)} run directories; "
+                          "give one name per run directory or none")
+    names = names or [adapter_name_for(d) for d in run_dirs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"adapter names must be unique, got {', '.join(names)}; use --name")
+    registry = AdapterRegistry(device=device, batch_size=batch_size)
+    for name, run_dir in zip(names, run_dirs):
+        registry.add(name, run_dir)
+    return registry
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .serving import Limits, create_app
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size)
+    app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes))
+    print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
+          f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -166,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return cmd_train(args) if args.command == "train" else cmd_predict(args)
+        return {"train": cmd_train, "predict": cmd_predict, "serve": cmd_serve}[args.command](args)
     except LightuneError as exc:
         print(f"lightune: error: {exc}", file=sys.stderr)
         return 2

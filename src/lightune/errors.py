@@ -15,3 +15,11 @@ class DataError(LightuneError):
 
 class ModelError(LightuneError):
     """A base model, adapter or run directory cannot be loaded."""
+
+
+class UnknownAdapterError(ModelError):
+    """A served adapter name that is not loaded."""
+
+
+class AdapterConflictError(ModelError):
+    """An adapter change that the server refuses: a name already in use, or removing the last adapter."""

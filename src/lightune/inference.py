@@ -56,7 +56,7 @@ class Classifier:
         self.max_length: int = metrics["max_length"]
         self.batch_size = batch_size
         self.device = models.resolve_device(device)
-        self.chunk_tokens = chunk_tokens or (CPU_CHUNK_TOKENS if self.device.type == "cpu" else GPU_EVAL_CHUNK_TOKENS)
+        self.chunk_tokens = chunk_tokens  # None: the device default (see batched_logits)
         saved = run_dir / metrics["saved"]
         self.tokenizer = AutoTokenizer.from_pretrained(saved)
         self.model = self._load_model(saved, merge).eval()
@@ -78,28 +78,42 @@ class Classifier:
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
         return model.merge_and_unload() if merge and method == "lora" else model
 
-    @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
-        texts = [clean_text(t) for t in check_texts(texts)]
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        out = torch.empty(len(texts), len(self.label_names))
-        for idx in token_budget_batches(lengths, self.chunk_tokens, self.batch_size):
-            features = [{key: encoded[key][i] for key in encoded.keys()} for i in idx]
-            batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
-            out[idx] = self.model(**batch).logits.float().cpu()
-        return out
+        return batched_logits(self.model, self.tokenizer, texts, self.max_length, len(self.label_names),
+                              self.batch_size, self.device, self.chunk_tokens)
 
     def predict(self, texts: list[str]) -> list[dict]:
         """[{text, label, probabilities: {label name: probability}}] for each text, in input order."""
         texts = check_texts(texts)
-        probs = torch.softmax(self.logits(texts), dim=-1).tolist() if texts else []
-        return [
-            {"text": text, "label": self.label_names[max(range(len(p)), key=p.__getitem__)],
-             "probabilities": dict(zip(self.label_names, p))}
-            for text, p in zip(texts, probs)
-        ]
+        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names)
+
+
+@torch.no_grad()
+def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labels: int, batch_size: int,
+                   device: torch.device, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Logits of a classifier in input order; texts are sorted by length into batches of at most batch_size
+    texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU)."""
+    texts = [clean_text(t) for t in check_texts(texts)]
+    chunk_tokens = chunk_tokens or (CPU_CHUNK_TOKENS if device.type == "cpu" else GPU_EVAL_CHUNK_TOKENS)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    out = torch.empty(len(texts), num_labels)
+    for idx in token_budget_batches(lengths, chunk_tokens, batch_size):
+        features = [{key: encoded[key][i] for key in encoded.keys()} for i in idx]
+        batch = tokenizer.pad(features, return_tensors="pt").to(device)
+        out[idx] = model(**batch).logits.float().cpu()
+    return out
+
+
+def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str]) -> list[dict]:
+    """[{text, label, probabilities: {label name: probability}}] from logits in input order."""
+    probs = torch.softmax(logits, dim=-1).tolist() if texts else []
+    return [
+        {"text": text, "label": label_names[max(range(len(p)), key=p.__getitem__)],
+         "probabilities": dict(zip(label_names, p))}
+        for text, p in zip(texts, probs)
+    ]
 
 
 def metrics_saved_full(saved: Path) -> bool:
