@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from .config import FIELD_NAMES, TrainConfig, from_dict, read_toml
 from .errors import ConfigError, LightuneError
-from .reporting import is_complete_run, plt, write_json
+from .reporting import is_complete_run, plt
 from .training import run_training
 
 COMPARE_KEYS = {"name", "output_dir", "isolate"}
@@ -373,7 +373,7 @@ def run_compare(plan: ComparePlan, progress: bool = True, log: Callable[[str], N
     isolate = plan.isolate if isolate is None else isolate
     check_existing(plan)
     plan.runs_dir.mkdir(parents=True, exist_ok=True)
-    write_json(plan.root / "comparison.json", plan.spec)
+    _write_text(plan.root / "comparison.json", json.dumps(plan.spec, indent=2, default=str) + "\n")
     start, rows, n = time.perf_counter(), [], len(plan.cells)
     for i, cell in enumerate(plan.cells, 1):
         run_dir = plan.runs_dir / cell.name
@@ -518,9 +518,16 @@ def results_markdown(plan: ComparePlan, cells, table, seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------------- plots
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for sharing
     fig.tight_layout()
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
@@ -611,6 +618,7 @@ def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 
@@ -631,7 +639,8 @@ def report_html(plan: ComparePlan, cells, table, seconds: float, plots: dict[str
         f'<figure><img alt="{esc(title)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode("ascii")}"><figcaption>{esc(title)}</figcaption></figure>'
         for title, path in plots.items())
-    setup = "".join(f"<p>{esc(line)}</p>" for line in _setup_lines(plan, cells))
+    code = re.compile(r"`([^`]*)`")
+    setup = "".join("<p>" + code.sub(r"<code>\1</code>", esc(line)) + "</p>" for line in _setup_lines(plan, cells))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lightune comparison: {esc(plan.name)}</title>
 <style>
