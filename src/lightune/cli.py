@@ -1,4 +1,4 @@
-"""Command line: `lightune train`, `predict`, `serve`; user errors end in one line and a non-zero exit."""
+"""Command line: `lightune train`, `predict`, `compare`, `serve`; user errors end in one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    compare = sub.add_parser("compare", help="train a grid of configurations and compare them",
+                             description="Train every cell of a grid (same data, split and steps), skipping cells "
+                                         "finished earlier, then write results.csv, results.md, plots and "
+                                         "report.html.")
+    compare.add_argument("config", help="comparison file (TOML, or YAML) with [base], [grid] and optional [compare]")
+    compare.add_argument("--output-dir", help="write to OUTPUT_DIR/<name>/ (default: [compare] output_dir or runs)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("--in-process", action="store_true",
+                         help="train the cells in this process instead of a fresh process each (faster start; "
+                              "peak memory on CPU then accumulates across cells)")
     serve = sub.add_parser("serve", help="serve runs over HTTP: JSON API and a web page, many adapters on one base",
                            description="Serve one or more finished LoRA runs of the same base model: one base "
                                        "model in memory, one adapter per run, chosen per request.")
@@ -107,6 +117,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import load_plan, run_compare, summary_text
+
+    plan = load_plan(args.config, output_dir=args.output_dir)
+    print(f"comparing {len(plan.cells)} cells in {plan.root}", file=sys.stderr)
+    try:
+        result = run_compare(plan, progress=not args.quiet, isolate=False if args.in_process else None)
+    except KeyboardInterrupt:
+        print(f"lightune: comparison interrupted; finished cells are kept in {plan.runs_dir}, run the same command "
+              f"again to resume", file=sys.stderr)
+        raise
+    print(summary_text(result))
+    print(f"{len(plan.cells)} cells ({result.failed} failed) in {result.seconds:.0f} s; "
+          f"report: {result.files['report.html']}")
+    return 1 if result.failed else 0
 
 
 def read_texts_file(path: str) -> list[str]:
@@ -214,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return {"train": cmd_train, "predict": cmd_predict, "serve": cmd_serve}[args.command](args)
+        commands = {"train": cmd_train, "predict": cmd_predict, "compare": cmd_compare, "serve": cmd_serve}
+        return commands[args.command](args)
     except LightuneError as exc:
         print(f"lightune: error: {exc}", file=sys.stderr)
         return 2
