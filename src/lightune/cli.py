@@ -109,9 +109,10 @@ def _cli_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _cli_overrides(args))  # bad values fail here, before the heavy imports
+    _silence_library_output()
     from .training import run_training
 
-    cfg = load_config(args.config, _cli_overrides(args))
     result = run_training(cfg, progress=not args.quiet)
     test, base = result.metrics["test"], result.metrics["base"]
     print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
@@ -228,6 +229,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
+
+
+def _silence_library_output() -> None:
+    """Hide datasets' and transformers' own progress bars and chatter (imports them: call after cheap checks)."""
     import datasets
 
     import transformers
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if args.command != "train":
+            _silence_library_output()
         commands = {"train": cmd_train, "predict": cmd_predict, "compare": cmd_compare, "serve": cmd_serve}
         return commands[args.command](args)
     except LightuneError as exc:
