@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 # Learning rates for each method when the user gives none; the adapter rate suits the short default job
-# (one epoch of 2,000 reviews); for long runs on large models 2e-4..5e-4 is the usual LoRA range.
+# (one epoch of 2,500 reviews); for long runs on large models 2e-4..5e-4 is the usual LoRA range.
 DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "int8": 3e-3, "full": 5e-5, "head": 3e-3}
 
 
@@ -40,7 +40,7 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     label_names: list[str] | None = None
-    train_size: int | None = 2000
+    train_size: int | None = 2500
     eval_size: int | None = 500
     validation_fraction: float = 0.1
     test_fraction: float = 0.1

@@ -284,6 +284,14 @@ def index_html() -> str:
     return resources.files("lightune").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+def _detail_response(status: int):
+    """An exception handler answering {"detail": <the error's message>} with the given HTTP status."""
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handler
+
+
 def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app: / (web page), /predict, /adapters, /health, and the OpenAPI schema at /openapi.json."""
     limits = limits or Limits()
@@ -303,21 +311,10 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastA
             return JSONResponse({"detail": detail}, status_code=400)
         return JSONResponse({"detail": _readable(errors)}, status_code=422)
 
-    @app.exception_handler(UnknownAdapterError)
-    async def unknown_adapter(request: Request, exc: UnknownAdapterError):
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(AdapterConflictError)
-    async def conflict(request: Request, exc: AdapterConflictError):
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(DataError)
-    async def bad_data(request: Request, exc: DataError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(LightuneError)
-    async def bad_request(request: Request, exc: LightuneError):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    # the most specific class wins (starlette looks handlers up along the exception's MRO)
+    for error_class, status in ((UnknownAdapterError, 404), (AdapterConflictError, 409), (DataError, 422),
+                                (LightuneError, 400)):
+        app.add_exception_handler(error_class, _detail_response(status))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # the server stays up; the client gets one line
