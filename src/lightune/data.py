@@ -259,6 +259,15 @@ def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
     return out.rename_column("label", "labels")
 
 
+CPU_CHUNK_TOKENS = 2048  # on small CPUs a smaller working set is faster
+GPU_EVAL_CHUNK_TOKENS = 65536
+
+
+def eval_chunk_tokens(device_type: str, configured: int | None = None) -> int:
+    """Padded tokens per evaluation/prediction batch: the configured budget, else the device's default."""
+    return configured or (CPU_CHUNK_TOKENS if device_type == "cpu" else GPU_EVAL_CHUNK_TOKENS)
+
+
 def token_budget_batches(lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
     """Indices sorted by length and cut into batches whose padded size (longest x count) fits max_tokens.
 

@@ -11,10 +11,9 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import models
-from .data import clean_text, token_budget_batches
+from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
-from .training import CPU_CHUNK_TOKENS, GPU_EVAL_CHUNK_TOKENS
 
 
 def check_texts(texts) -> list[str]:
@@ -95,7 +94,7 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labe
     """Logits of a classifier in input order; texts are sorted by length into batches of at most batch_size
     texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU)."""
     texts = [clean_text(t) for t in check_texts(texts)]
-    chunk_tokens = chunk_tokens or (CPU_CHUNK_TOKENS if device.type == "cpu" else GPU_EVAL_CHUNK_TOKENS)
+    chunk_tokens = eval_chunk_tokens(device.type, chunk_tokens)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     out = torch.empty(len(texts), num_labels)

@@ -53,17 +53,10 @@ def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers
                       num_workers=num_workers)
 
 
-CPU_CHUNK_TOKENS = 2048
-GPU_EVAL_CHUNK_TOKENS = 65536
-
-
 def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
     """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
-    if cfg.chunk_tokens is not None:
-        return cfg.chunk_tokens, cfg.chunk_tokens
-    if device.type == "cpu":
-        return CPU_CHUNK_TOKENS, CPU_CHUNK_TOKENS
-    return None, GPU_EVAL_CHUNK_TOKENS
+    train = cfg.chunk_tokens or (data_mod.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
+    return train, data_mod.eval_chunk_tokens(device.type, cfg.chunk_tokens)
 
 
 def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
@@ -151,11 +144,10 @@ def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
 
 def output_dir_for(final: Path, accelerator: Accelerator):
     """The staged run directory on the main process; a throw-away one on the other processes."""
-    if accelerator.is_main_process:
-        return staged_run_dir(final)
-    return contextlib.contextmanager(_scratch_dir)()
+    return staged_run_dir(final) if accelerator.is_main_process else _scratch_dir()
 
 
+@contextlib.contextmanager
 def _scratch_dir():
     with tempfile.TemporaryDirectory() as tmp:
         yield Path(tmp)
