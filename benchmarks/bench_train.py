@@ -4,17 +4,23 @@ The common recipe (the seed projects' and most tutorials'): HF Trainer, every te
 fp32, no length grouping. lightune: its own training loop (accelerate) with dynamic padding, length-grouped
 batches, and bf16 autocast + fused AdamW on GPUs that support them.
 
-Each recipe runs in its own child process (so peak memory is its own), one after the other:
+Each recipe runs in its own child process (so peak memory is its own), one after the other. Both start from
+the same seeded initialisation (LoRA matrices and head) and use the same optimizer, parameter groups and
+schedule; they differ in batch order and dropout masks. With --seeds, each seed runs both recipes and the
+accuracy difference is reported as mean +- standard deviation over the seeds:
 
     python benchmarks/bench_train.py                       # IMDb reviews
     python benchmarks/bench_train.py --data rotten_tomatoes  # short sentences, like SST-2
+    python benchmarks/bench_train.py --data rotten_tomatoes --max-length 128 --seeds 1 2 3 4 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
+import statistics
 import os
 import sys
 import tempfile
@@ -33,17 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (default: 42, lightune's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
-def lightune_config(args, output_dir: str):
+def lightune_config(args, seed: int, output_dir: str):
     from lightune.config import load_config
 
     return load_config(overrides=dict(model=args.model, data=args.data, train_size=args.train_size,
                                       eval_size=args.eval_size, max_length=args.max_length,
-                                      batch_size=args.batch_size, learning_rate=args.lr, rank=args.rank,
+                                      batch_size=args.batch_size, learning_rate=args.lr, rank=args.rank, seed=seed,
                                       epochs=1, device=args.device, output_dir=output_dir, run_name="bench"))
 
 
@@ -53,16 +60,17 @@ def peak_bytes(device) -> int:
     return peak_memory(device)[0]
 
 
-def run_common(args, out: dict) -> None:
+def run_common(args, seed: int, out: dict) -> None:
     """HF Trainer, padding to max_length, fp32, random batches: the recipe most notebooks use."""
     import numpy as np
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from lightune import data, models
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = lightune_config(args, tmp)
+        cfg = lightune_config(args, seed, tmp)
         device = models.resolve_device(cfg.device)
+        set_seed(cfg.seed)  # as lightune does before building the model: the same initial LoRA matrices and head
         splits = data.build_splits(cfg)
         tokenizer = models.load_tokenizer(cfg.model)
 
@@ -73,9 +81,10 @@ def run_common(args, out: dict) -> None:
 
         train, test = encode(splits.train), encode(splits.test)
         model = models.prepare_for_training(models.load_base_model(cfg.model, splits.label_names), cfg)
+        warmup_steps = int(cfg.warmup_ratio * math.ceil(len(train) / cfg.batch_size))  # lightune's rounding
         training_args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=64,
-            num_train_epochs=1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+            num_train_epochs=1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=warmup_steps,
             lr_scheduler_type="linear", max_grad_norm=cfg.max_grad_norm, logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to=[], seed=cfg.seed, use_cpu=device.type == "cpu", disable_tqdm=True,
         )
@@ -85,23 +94,23 @@ def run_common(args, out: dict) -> None:
         seconds = time.perf_counter() - start
         prediction = trainer.predict(test)
         accuracy = float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())
-        out.update(recipe="common", examples=len(train), seconds=seconds, samples_per_s=len(train) / seconds,
+        out.update(recipe="common", seed=seed, examples=len(train), seconds=seconds, samples_per_s=len(train) / seconds,
                    accuracy=accuracy, peak_bytes=peak_bytes(device), device=device.type)
 
 
-def run_lightune(args, out: dict) -> None:
+def run_lightune(args, seed: int, out: dict) -> None:
     from lightune import models
     from lightune.training import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = lightune_config(args, tmp)
+        cfg = lightune_config(args, seed, tmp)
         m = run_training(cfg, progress=False).metrics
-        out.update(recipe="lightune", examples=m["training"]["examples"], seconds=m["training"]["seconds"],
+        out.update(recipe="lightune", seed=seed, examples=m["training"]["examples"], seconds=m["training"]["seconds"],
                    samples_per_s=m["training"]["samples_per_s"], accuracy=m["test"]["accuracy"],
                    peak_bytes=m["memory"]["peak_bytes"], device=models.resolve_device(cfg.device).type)
 
 
-def _child(recipe: str, args, queue) -> None:
+def _child(recipe: str, args, seed: int, queue) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -111,7 +120,7 @@ def _child(recipe: str, args, queue) -> None:
     datasets.disable_progress_bars()
     out: dict = {}
     try:
-        (run_common if recipe == "common" else run_lightune)(args, out)
+        (run_common if recipe == "common" else run_lightune)(args, seed, out)
     except BaseException as exc:  # hand the failure to the parent instead of leaving it waiting
         import traceback
 
@@ -119,10 +128,10 @@ def _child(recipe: str, args, queue) -> None:
     queue.put(out)
 
 
-def run_in_child(recipe: str, args) -> dict:
+def run_in_child(recipe: str, args, seed: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(recipe, args, queue))
+    proc = ctx.Process(target=_child, args=(recipe, args, seed, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -149,30 +158,50 @@ def weight_memory(model_name: str) -> dict:
     return out
 
 
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+
+def print_results(args, runs: list[dict]) -> float:
+    """The per-seed table and the summary; returns the speed-up (ratio of mean samples/s)."""
+    mb = 2 ** 20
+    by_recipe = {r: [run[r] for run in runs] for r in RECIPES}
+    print(f"\nmodel {args.model}, data {args.data}: {args.train_size} train / {args.eval_size} test examples, "
+          f"max_length {args.max_length}, batch {args.batch_size}, LoRA r={args.rank}, device {runs[0]['lightune']['device']}")
+    print(f"{'recipe':<10} {'seed':>5} {'train samples/s':>16} {'train s':>9} {'test accuracy':>14} {'peak memory MB':>15}")
+    for run in runs:
+        for r in (run["common"], run["lightune"]):
+            print(f"{r['recipe']:<10} {r['seed']:>5} {r['samples_per_s']:>16.2f} {r['seconds']:>9.1f} "
+                  f"{r['accuracy']:>14.4f} {r['peak_bytes'] / mb:>15.0f}")
+    speed = {r: statistics.mean(x["samples_per_s"] for x in by_recipe[r]) for r in RECIPES}
+    ratio = speed["lightune"] / speed["common"]
+    diffs = [100 * (run["lightune"]["accuracy"] - run["common"]["accuracy"]) for run in runs]
+    print(f"speed-up (lightune / common, mean samples/s): {ratio:.2f}x")
+    print(f"test accuracy over {len(runs)} seed(s): common {mean_sd([x['accuracy'] for x in by_recipe['common']])}, "
+          f"lightune {mean_sd([x['accuracy'] for x in by_recipe['lightune']])}")
+    sd = f" +- {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+    se = f" (standard error {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f})" if len(diffs) > 1 else ""
+    print(f"accuracy difference (lightune - common): {statistics.mean(diffs):+.2f}{sd} points{se}")
+    return ratio
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = {}
-    for recipe in RECIPES:
-        print(f"running {recipe} ...", file=sys.stderr, flush=True)
-        results[recipe] = run_in_child(recipe, args)
-    common, fast = results["common"], results["lightune"]
-    mb = 2 ** 20
-    print(f"\nmodel {args.model}, data {args.data}: {args.train_size} train / {args.eval_size} test examples, "
-          f"max_length {args.max_length}, batch {args.batch_size}, LoRA r={args.rank}, device {fast['device']}")
-    print(f"{'recipe':<10} {'train samples/s':>16} {'train s':>9} {'test accuracy':>14} {'peak memory MB':>15}")
-    for r in (common, fast):
-        print(f"{r['recipe']:<10} {r['samples_per_s']:>16.2f} {r['seconds']:>9.1f} {r['accuracy']:>14.4f} "
-              f"{r['peak_bytes'] / mb:>15.0f}")
-    ratio = fast["samples_per_s"] / common["samples_per_s"]
-    print(f"speed-up (lightune / common): {ratio:.2f}x; accuracy difference: "
-          f"{100 * (fast['accuracy'] - common['accuracy']):+.2f} points")
+    runs = []
+    for seed in args.seeds:
+        run = {}
+        for recipe in RECIPES:
+            print(f"seed {seed}: running {recipe} ...", file=sys.stderr, flush=True)
+            run[recipe] = run_in_child(recipe, args, seed)
+        runs.append(run)
+    ratio = print_results(args, runs)
     memory = weight_memory(args.model)
+    mb = 2 ** 20
     print("weight memory: " + ", ".join(f"{k} {v / mb:.1f} MB" if isinstance(v, int) else f"{k} {v}"
                                         for k, v in memory.items()))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results, "speedup": ratio, "weight_memory": memory}, fh,
-                      indent=2)
+            json.dump({"args": vars(args), "runs": runs, "speedup": ratio, "weight_memory": memory}, fh, indent=2)
     return 0
 
 

@@ -135,3 +135,24 @@ def test_token_budget_batches_cover_every_index_once():
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 512)
     assert [lengths[i] for b in batches for i in b] == sorted(lengths)
+
+
+def test_optimizer_decays_the_same_parameters_as_the_trainer(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from lightune import models
+    from lightune.config import from_dict
+    from lightune.training import build_optimizer
+
+    cfg = from_dict({"model": str(tiny_model_dir), "weight_decay": 0.05})
+    model = models.prepare_for_training(models.load_base_model(cfg.model, ["neg", "pos"]), cfg)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    not_decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | not_decayed == trainable and not decayed & not_decayed
+    assert any("lora_A" in n for n in decayed) and any(n.endswith("bias") for n in not_decayed)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    assert decayed == set(trainer.get_decay_parameter_names(model)) & trainable

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
 from . import models
@@ -128,10 +128,18 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_lef
     return losses, examples
 
 
+# the parameter names that get no weight decay, as in transformers' Trainer
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
 def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (fused kernels on CUDA)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    """AdamW over the trainable parameters, no weight decay on biases and norms (Trainer's grouping); fused
+    kernels on CUDA."""
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
