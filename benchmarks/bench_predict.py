@@ -4,13 +4,19 @@ common:   the seed projects' predict(): one text at a time, unmerged PEFT model,
 lightune: Classifier.predict(): adapter merged into the base weights, texts sorted by length into
           token-budget batches (2,048 padded tokens per batch on CPU)
 
+Besides texts/s it prints the useful compute rate (the FLOPs of the unpadded texts per second) next to the
+rate of one large fp32 matrix product of the model's own shapes measured in the same process: the share of
+that ceiling each recipe reaches bounds the speed-up any fp32 path can give. --alternatives also times
+torch.compile, dynamic int8 quantization and ONNX Runtime (if installed) on the merged model.
+
     python benchmarks/bench_predict.py                          # trains a small adapter first
-    python benchmarks/bench_predict.py --run-dir runs/<run> --data rotten_tomatoes
+    python benchmarks/bench_predict.py --run-dir runs/<run> --data rotten_tomatoes --alternatives
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="imdb", help="where the texts come from (its test split)")
     p.add_argument("--texts", type=int, default=1000)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--alternatives", action="store_true",
+                   help="also time torch.compile, dynamic int8 and ONNX Runtime on the merged model")
     return p.parse_args(argv)
 
 
@@ -35,13 +43,42 @@ def quick_run(output_dir: str) -> str:
     return str(run_training(cfg, progress=False).run_dir)
 
 
-def benchmark_texts(source: str, n: int) -> list[str]:
+def benchmark_texts(source: str, n: int) -> tuple[list[str], list[int]]:
+    """The first n texts of a fixed, seeded test split and their gold label ids."""
     from lightune.config import from_dict
     from lightune.data import build_splits
 
-    # test_fraction 0.1 of IMDb is ~2,490 reviews; take the first n of a fixed, seeded split
+    # test_fraction 0.1 of IMDb is ~2,490 reviews
     splits = build_splits(from_dict({"data": source, "train_size": 10, "eval_size": n}))
-    return list(splits.test["text"])[:n]
+    return list(splits.test["text"])[:n], list(splits.test["label"])[:n]
+
+
+def useful_flops(model, lengths: list[int]) -> float:
+    """Forward FLOPs of the texts without padding: 2 per weight of the encoder's linear layers per token, plus
+    the attention products (4 * length^2 * hidden per layer)."""
+    import torch
+
+    config = model.config
+    encoder_weights = sum(m.weight.numel() for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and ".layer." in name)
+    return sum(2 * n * encoder_weights + 4 * config.num_hidden_layers * n * n * config.hidden_size for n in lengths)
+
+
+def matmul_flops_per_s(config, device, seconds: float = 2.0) -> float:
+    """FLOP/s of a (2048 x hidden) @ (hidden x intermediate) fp32 product, the model's feed-forward shape."""
+    import torch
+
+    a = torch.randn(2048, config.hidden_size, device=device)
+    b = torch.randn(config.hidden_size, config.intermediate_size, device=device)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - start)
 
 
 def per_text(classifier, texts: list[str]):
@@ -66,9 +103,74 @@ def batched(classifier, texts: list[str]):
     return time.perf_counter() - start, torch.softmax(logits, -1)
 
 
+def with_model(classifier, model, texts: list[str]):
+    """Lightune's batching with another forward module (after one warm-up batch, e.g. for compilation)."""
+    original = classifier.model
+    classifier.model = model
+    try:
+        classifier.logits(texts[:8])
+        return batched(classifier, texts)
+    finally:
+        classifier.model = original
+
+
+def onnx_runtime(classifier, texts: list[str], folder: str):
+    """Lightune's batching through ONNX Runtime (the merged model exported with torch.onnx)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from lightune.data import eval_chunk_tokens, token_budget_batches
+
+    tok, model = classifier.tokenizer, classifier.model
+    sample = tok(["a short text", "a slightly longer text to pad"], padding=True, return_tensors="pt")
+    names = list(sample.keys())
+    path = os.path.join(folder, "model.onnx")
+    torch.onnx.export(model, (), path, kwargs=dict(sample), input_names=names, output_names=["logits"],
+                      dynamic_axes={**{k: {0: "batch", 1: "tokens"} for k in names}, "logits": {0: "batch"}},
+                      dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(batch_texts):
+        enc = tok(batch_texts, truncation=True, max_length=classifier.max_length)
+        out = np.empty((len(batch_texts), len(classifier.label_names)), dtype=np.float32)
+        budget = eval_chunk_tokens("cpu", classifier.chunk_tokens)
+        for idx in token_budget_batches([len(ids) for ids in enc["input_ids"]], budget, classifier.batch_size):
+            batch = tok.pad([{k: enc[k][i] for k in names} for i in idx], return_tensors="np")
+            out[idx] = session.run(None, {k: batch[k].astype(np.int64) for k in names})[0]
+        return torch.softmax(torch.from_numpy(out), -1)
+
+    run(texts[:8])
+    start = time.perf_counter()
+    probs = run(texts)
+    return time.perf_counter() - start, probs
+
+
+def alternatives(classifier, texts: list[str], folder: str) -> dict:
+    """(seconds, probabilities) of the optional paths; a path this machine cannot run reports why."""
+    import torch
+
+    paths = {
+        "torch.compile": lambda: with_model(classifier, torch.compile(classifier.model), texts),
+        "dynamic int8": lambda: with_model(classifier, torch.ao.quantization.quantize_dynamic(
+            classifier.model, {torch.nn.Linear}, dtype=torch.qint8), texts),
+        "onnxruntime": lambda: onnx_runtime(classifier, texts, folder),
+    }
+    results = {}
+    for name, run in paths.items():
+        try:
+            results[name] = run()
+        except Exception as exc:  # report, do not hide, a path this machine cannot run
+            results[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return results
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import datasets
+    import torch
 
     from lightune.data import clean_text
     from lightune.inference import Classifier
@@ -77,18 +179,39 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or quick_run(tmp)
-        texts = [clean_text(t) for t in benchmark_texts(args.data, args.texts)]
+        texts, gold = benchmark_texts(args.data, args.texts)
+        texts, gold = [clean_text(t) for t in texts], torch.tensor(gold)
         common = Classifier(run_dir, device=args.device, merge=False)
         fast = Classifier(run_dir, device=args.device, merge=True)
-        common_s, common_p = per_text(common, texts)
-        fast_s, fast_p = batched(fast, texts)
-    agree = float((common_p.argmax(-1) == fast_p.argmax(-1)).float().mean())
-    print(f"\n{len(texts)} {args.data} texts, device {fast.device.type}, max_length {fast.max_length}")
-    print(f"{'recipe':<10} {'texts/s':>9} {'seconds':>9}")
-    print(f"{'common':<10} {len(texts) / common_s:>9.1f} {common_s:>9.1f}   per text, unmerged adapter")
-    print(f"{'lightune':<10} {len(texts) / fast_s:>9.1f} {fast_s:>9.1f}   merged, token-budget batches")
-    print(f"speed-up (lightune / common): {common_s / fast_s:.2f}x; same label for {100 * agree:.1f}% of texts; "
-          f"max probability difference {float((common_p - fast_p).abs().max()):.2e}")
+        lengths = [len(ids) for ids in fast.tokenizer(texts, truncation=True, max_length=fast.max_length)["input_ids"]]
+        flops = useful_flops(fast.model, lengths)
+        ceiling = matmul_flops_per_s(fast.model.config, fast.device)
+        rows = {"common": (*per_text(common, texts), "per text, unmerged adapter"),
+                "lightune": (*batched(fast, texts), "merged, token-budget batches")}
+        if args.alternatives:
+            for name, result in alternatives(fast, texts, tmp).items():
+                rows[name] = (*result, "merged, token-budget batches") if isinstance(result, tuple) else result
+
+    common_s, common_p, _ = rows["common"]
+    print(f"\n{len(texts)} {args.data} texts ({sum(lengths) / len(lengths):.0f} tokens on average), "
+          f"device {fast.device.type}, max_length {fast.max_length}")
+    print(f"matrix-product ceiling (fp32, {fast.model.config.hidden_size} x {fast.model.config.intermediate_size}): "
+          f"{ceiling / 1e9:.1f} GFLOP/s")
+    print(f"{'recipe':<14} {'texts/s':>8} {'seconds':>8} {'GFLOP/s':>8} {'of ceiling':>10} {'accuracy':>9} "
+          f"{'same label':>10}")
+    for name, row in rows.items():
+        if isinstance(row, str):
+            print(f"{name:<14} {row}")
+            continue
+        seconds, probs, how = row
+        accuracy = float((probs.argmax(-1) == gold).float().mean())
+        same = float((probs.argmax(-1) == common_p.argmax(-1)).float().mean())
+        print(f"{name:<14} {len(texts) / seconds:>8.1f} {seconds:>8.1f} {flops / seconds / 1e9:>8.1f} "
+              f"{flops / seconds / ceiling:>10.0%} {accuracy:>9.4f} {same:>10.1%}   {how}")
+    fast_s, fast_p, _ = rows["lightune"]
+    print(f"speed-up (lightune / common): {common_s / fast_s:.2f}x; max probability difference "
+          f"{float((common_p - fast_p).abs().max()):.2e}; a path at the ceiling would be "
+          f"{ceiling / (flops / common_s):.2f}x the common recipe")
     return 0
 
 

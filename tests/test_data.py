@@ -127,3 +127,11 @@ def test_tokenize_adds_lengths_and_truncates(tiny_model_dir):
     ds = Dataset.from_dict({"text": ["good film", " ".join(["the"] * 100)], "label": [1, 0]})
     out = data.tokenize(ds, tok, max_length=16)
     assert list(out["length"]) == [4, 16] and "labels" in out.column_names
+
+
+@pytest.mark.parametrize("missing", [0, 1, 2])
+def test_eval_size_just_below_the_split_size(missing):
+    full = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": None}))
+    n = len(full.test) - missing
+    splits = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": n}))
+    assert len(splits.test) == n and set(splits.test["text"]) <= set(full.test["text"])

@@ -192,7 +192,7 @@ def _stratified_take(ds: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(ds):
         return ds
     n_classes = len(set(ds["label"]))
-    if n < n_classes:
+    if n < n_classes or len(ds) - n < n_classes:  # too few rows on one side to stratify: a seeded shuffle
         return ds.shuffle(seed=seed).select(range(n))
     return ds.train_test_split(train_size=n, stratify_by_column="label", seed=seed)["train"]
 
