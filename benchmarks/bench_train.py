@@ -193,6 +193,9 @@ def main(argv=None) -> int:
         for recipe in RECIPES:
             print(f"seed {seed}: running {recipe} ...", file=sys.stderr, flush=True)
             run[recipe] = run_in_child(recipe, args, seed)
+            r = run[recipe]
+            print(f"seed {seed}: {recipe} {r['samples_per_s']:.2f} samples/s, test accuracy {r['accuracy']:.4f}",
+                  file=sys.stderr, flush=True)
         runs.append(run)
     ratio = print_results(args, runs)
     memory = weight_memory(args.model)
