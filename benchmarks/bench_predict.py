@@ -7,7 +7,8 @@ lightune: Classifier.predict(): adapter merged into the base weights, texts sort
 Besides texts/s it prints the useful compute rate (the FLOPs of the unpadded texts per second) next to the
 best rate of one large fp32 matrix product of the model's own shapes, measured in the same process: a recipe
 near that rate has little left to gain from any fp32 path (only fewer FLOPs or lower precision help there).
---alternatives also times torch.compile, dynamic int8 quantization and ONNX Runtime (if installed) on the merged model.
+--alternatives also times torch.compile, dynamic int8 quantization and ONNX Runtime (if installed) on the
+merged model.
 
     python benchmarks/bench_predict.py                          # trains a small adapter first
     python benchmarks/bench_predict.py --run-dir runs/<run> --data rotten_tomatoes --alternatives
