@@ -23,6 +23,8 @@ def test_method_default_learning_rates_differ():
         ({"rank": 0}, "rank must be >= 1"),
         ({"rank": 2.5}, "rank must be an integer"),
         ({"dropout": 1.0}, "dropout must be < 1"),
+        ({"attention_dropout": 1.0}, "attention_dropout must be < 1"),
+        ({"attention_dropout": -0.1}, "attention_dropout"),
         ({"learning_rate": -1.0}, "learning_rate must be > 0"),
         ({"bias": "some"}, "bias must be one of none, lora_only, all"),
         ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),

@@ -104,3 +104,16 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
         models.resolve_device("cuda")
     assert models.resolve_device("auto").type == "cpu"
     assert models.resolve_precision("auto", torch.device("cpu")) == "no"
+
+
+@pytest.mark.parametrize("attention_dropout, expected", [(0.0, 0.0), (0.05, 0.05), (None, 0.1)])
+def test_attention_dropout_is_set_on_attention_modules_only(tiny_model_dir, attention_dropout, expected):
+    cfg = from_dict({"model": str(tiny_model_dir), "attention_dropout": attention_dropout})
+    base = models.load_base_model(cfg.model, LABELS)
+    assert base.config.attention_probs_dropout_prob == 0.1 and base.config.hidden_dropout_prob == 0.0
+    model = models.prepare_for_training(base, cfg)
+    attention = [m.dropout.p for n, m in model.named_modules() if n.endswith("attention.self")]
+    assert attention == [expected, expected]  # the tiny BERT has two layers
+    others = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)
+              and not n.endswith("attention.self.dropout") and "lora_dropout" not in n]
+    assert others and all(p == 0.0 for p in others)  # hidden dropout stays the model's own

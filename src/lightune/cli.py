@@ -19,6 +19,8 @@ HELP = {
     "method": "lora, qlora (4-bit NF4 base), int8 (8-bit base), full fine-tuning, head (classifier only)",
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (default 2 * rank)",
+    "attention_dropout": "dropout on attention probabilities while training (default 0: the fused attention "
+                         "kernel runs; the model's own is 0.1 for BERT)",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",

@@ -32,6 +32,9 @@ class TrainConfig:
     rank: int = 8
     alpha: int | None = None  # None: 2 * rank
     dropout: float = 0.1
+    # Dropout on the attention probabilities while training. 0 lets PyTorch's fused attention kernel run (on CPU
+    # it does not take dropout; about 1.9x faster training there); None keeps the model's own (0.1 for BERT).
+    attention_dropout: float | None = 0.0
     target_modules: list[str] | None = None  # None: the architecture's query/value projections
     bias: str = "none"
     # data
@@ -119,6 +122,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_number("dropout", cfg.dropout, float, 0, 1)
     if cfg.dropout >= 1:
         raise ConfigError(f"dropout must be < 1; got {cfg.dropout!r}")
+    if cfg.attention_dropout is not None:
+        _check_number("attention_dropout", cfg.attention_dropout, float, 0, 1)
+        if cfg.attention_dropout >= 1:
+            raise ConfigError(f"attention_dropout must be < 1; got {cfg.attention_dropout!r}")
     for name in ("train_size", "eval_size", "max_steps"):
         if getattr(cfg, name) is not None:
             _check_number(name, getattr(cfg, name), int, 1)

@@ -186,8 +186,23 @@ def lora_config(cfg, model) -> LoraConfig:
     )
 
 
+def set_attention_dropout(model, p: float | None) -> int:
+    """Set the dropout on attention probabilities of every attention module (None: leave the model's own);
+    returns how many modules were changed."""
+    if p is None:
+        return 0
+    changed = 0
+    for module in model.modules():
+        dropout = getattr(module, "dropout", None)
+        if "Attention" in type(module).__name__ and isinstance(dropout, torch.nn.Dropout):
+            dropout.p = p
+            changed += 1
+    return changed
+
+
 def prepare_for_training(model, cfg):
-    """Attach adapters (lora/qlora/int8), or choose which weights train (full/head)."""
+    """Attach adapters (lora/qlora/int8), or choose which weights train (full/head); set attention dropout."""
+    set_attention_dropout(model, cfg.attention_dropout)
     if cfg.method in ("qlora", "int8"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.uses_adapter:
