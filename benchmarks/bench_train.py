@@ -1,13 +1,14 @@
 """Training speed: the common recipe vs lightune, same model, data, examples and LoRA settings, one invocation.
 
 The common recipe (the seed projects' and most tutorials'): HF Trainer, every text padded to max_length (512),
-fp32, no length grouping. lightune: its own training loop (accelerate) with dynamic padding, length-grouped
-batches, and bf16 autocast + fused AdamW on GPUs that support them.
+fp32, no length grouping, the model's attention dropout. lightune: its own training loop (accelerate) with
+dynamic padding, length-grouped batches run in token-budget chunks, no attention-probability dropout (so the
+fused SDPA kernel runs), and bf16 autocast + fused AdamW on GPUs that support them.
 
 Each recipe runs in its own child process (so peak memory is its own), one after the other. Both start from
 the same seeded initialisation (LoRA matrices and head) and use the same optimizer, parameter groups and
-schedule; they differ in batch order and dropout masks. With --seeds, each seed runs both recipes and the
-accuracy difference is reported as mean +- standard deviation over the seeds:
+schedule; they differ in batch order, dropout masks and attention dropout. With --seeds, each seed runs both
+recipes and the accuracy difference is reported as mean +- standard deviation over the seeds:
 
     python benchmarks/bench_train.py                       # IMDb reviews
     python benchmarks/bench_train.py --data rotten_tomatoes  # short sentences, like SST-2
