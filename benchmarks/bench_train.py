@@ -46,13 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def lightune_config(args, seed: int, output_dir: str):
+def lightune_config(args, seed: int, output_dir: str, recipe: str = "lightune"):
+    """The run's settings; the common recipe keeps the model's own attention dropout."""
     from lightune.config import load_config
 
-    return load_config(overrides=dict(model=args.model, data=args.data, train_size=args.train_size,
-                                      eval_size=args.eval_size, max_length=args.max_length,
-                                      batch_size=args.batch_size, learning_rate=args.lr, rank=args.rank, seed=seed,
-                                      epochs=1, device=args.device, output_dir=output_dir, run_name="bench"))
+    cfg = load_config(overrides=dict(model=args.model, data=args.data, train_size=args.train_size,
+                                     eval_size=args.eval_size, max_length=args.max_length,
+                                     batch_size=args.batch_size, learning_rate=args.lr, rank=args.rank, seed=seed,
+                                     epochs=1, device=args.device, output_dir=output_dir, run_name="bench"))
+    if recipe == "common":
+        cfg.attention_dropout = None
+    return cfg
 
 
 def peak_bytes(device) -> int:
@@ -69,7 +73,7 @@ def run_common(args, seed: int, out: dict) -> None:
     from lightune import data, models
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = lightune_config(args, seed, tmp)
+        cfg = lightune_config(args, seed, tmp, "common")
         device = models.resolve_device(cfg.device)
         set_seed(cfg.seed)  # as lightune does before building the model: the same initial LoRA matrices and head
         splits = data.build_splits(cfg)
