@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from types import SimpleNamespace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,16 +121,26 @@ def with_model(classifier, model, texts: list[str]):
         classifier.model = original
 
 
+class OnnxClassifier:
+    """An ONNX Runtime session called like a transformers classifier: model(**batch).logits."""
+
+    def __init__(self, session, input_names: list[str]):
+        self.session, self.input_names = session, input_names
+
+    def __call__(self, **batch):
+        import torch
+
+        feeds = {k: batch[k].cpu().numpy().astype("int64") for k in self.input_names}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
+
+
 def onnx_runtime(classifier, texts: list[str], folder: str):
     """Lightune's batching through ONNX Runtime (the merged model exported with torch.onnx)."""
-    import numpy as np
     import onnxruntime
     import torch
 
-    from lightune.data import eval_chunk_tokens, token_budget_batches
-
-    tok, model = classifier.tokenizer, classifier.model
-    sample = tok(["a short text", "a slightly longer text to pad"], padding=True, return_tensors="pt")
+    model = classifier.model
+    sample = classifier.tokenizer(["a short text", "a slightly longer text to pad"], padding=True, return_tensors="pt")
     # the exported graph takes its inputs in the order of forward()'s parameters
     names = [k for k in inspect.signature(model.forward).parameters if k in sample]
     sample = {k: sample[k] for k in names}
@@ -140,20 +151,7 @@ def onnx_runtime(classifier, texts: list[str], folder: str):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def run(batch_texts):
-        enc = tok(batch_texts, truncation=True, max_length=classifier.max_length)
-        out = np.empty((len(batch_texts), len(classifier.label_names)), dtype=np.float32)
-        budget = eval_chunk_tokens("cpu", classifier.chunk_tokens)
-        for idx in token_budget_batches([len(ids) for ids in enc["input_ids"]], budget, classifier.batch_size):
-            batch = tok.pad([{k: enc[k][i] for k in names} for i in idx], return_tensors="np")
-            out[idx] = session.run(None, {k: batch[k].astype(np.int64) for k in names})[0]
-        return torch.softmax(torch.from_numpy(out), -1)
-
-    run(texts[:8])
-    start = time.perf_counter()
-    probs = run(texts)
-    return time.perf_counter() - start, probs
+    return with_model(classifier, OnnxClassifier(session, names), texts)
 
 
 def alternatives(classifier, texts: list[str], folder: str) -> dict:

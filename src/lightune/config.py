@@ -119,13 +119,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_number("rank", cfg.rank, int, 1)
     if cfg.alpha is not None:
         _check_number("alpha", cfg.alpha, float, 0, low_inclusive=False)
-    _check_number("dropout", cfg.dropout, float, 0, 1)
-    if cfg.dropout >= 1:
-        raise ConfigError(f"dropout must be < 1; got {cfg.dropout!r}")
-    if cfg.attention_dropout is not None:
-        _check_number("attention_dropout", cfg.attention_dropout, float, 0, 1)
-        if cfg.attention_dropout >= 1:
-            raise ConfigError(f"attention_dropout must be < 1; got {cfg.attention_dropout!r}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(cfg, name)
+        if name == "attention_dropout" and value is None:  # the model's own
+            continue
+        _check_number(name, value, float, 0, 1)
+        if value >= 1:
+            raise ConfigError(f"{name} must be < 1; got {value!r}")
     for name in ("train_size", "eval_size", "max_steps"):
         if getattr(cfg, name) is not None:
             _check_number(name, getattr(cfg, name), int, 1)

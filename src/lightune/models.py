@@ -186,18 +186,14 @@ def lora_config(cfg, model) -> LoraConfig:
     )
 
 
-def set_attention_dropout(model, p: float | None) -> int:
-    """Set the dropout on attention probabilities of every attention module (None: leave the model's own);
-    returns how many modules were changed."""
+def set_attention_dropout(model, p: float | None) -> None:
+    """Set the dropout on attention probabilities of every attention module (None: leave the model's own)."""
     if p is None:
-        return 0
-    changed = 0
+        return
     for module in model.modules():
         dropout = getattr(module, "dropout", None)
         if "Attention" in type(module).__name__ and isinstance(dropout, torch.nn.Dropout):
             dropout.p = p
-            changed += 1
-    return changed
 
 
 def prepare_for_training(model, cfg):
