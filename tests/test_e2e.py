@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightune import predict
+from lightune import predict, quantization
+from lightune.inference import Classifier
 from lightune.config import load_config
 from lightune.training import run_training
 
@@ -60,3 +61,9 @@ def test_qlora_nf4_trains_the_real_model_on_cpu(tmp_path):
     assert m["memory"]["weights_bytes"] < 0.7 * 87.5e6
     out = predict(["a gorgeous, witty film"], result.run_dir)
     assert out[0]["label"] in {"negative", "positive"}
+    # on a CPU with AVX512-BF16, prediction runs bitsandbytes' packed layout: same probabilities as the standard one
+    classifier = Classifier(result.run_dir, device="cpu")
+    texts = ["a gorgeous, witty film", "a tedious mess", "fine"]
+    fast = torch.softmax(classifier.logits(texts), -1)
+    quantization.keep_standard_layout(classifier.model)
+    torch.testing.assert_close(fast, torch.softmax(classifier.logits(texts), -1), atol=2e-2, rtol=0)

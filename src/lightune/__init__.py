@@ -5,6 +5,9 @@ Heavy parts (torch, transformers) load on first use, so `lightune --help` and co
 
 from .config import TrainConfig, load_config
 from .errors import ConfigError, DataError, LightuneError, ModelError
+from .quantization import hide_hub_kernel_notice
+
+hide_hub_kernel_notice()  # before anything imports bitsandbytes (see quantization.py)
 
 __version__ = "0.1.0"
 _LAZY = {"Classifier": "inference", "predict": "inference", "RunResult": "training", "run_training": "training"}

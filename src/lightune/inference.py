@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import models
+from . import models, quantization
 from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
@@ -75,7 +75,10 @@ class Classifier:
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter from {saved}: {str(exc).splitlines()[0]}") from None
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
-        return model.merge_and_unload() if merge and method == "lora" else model
+        if merge and method == "lora":
+            return model.merge_and_unload()
+        quantization.allow_cpu_inference_layout(model)  # prediction only: bitsandbytes' fast CPU layout may be used
+        return model
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""

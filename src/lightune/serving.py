@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
-from . import models
+from . import models, quantization
 from .config import ADAPTER_METHODS
 from .errors import AdapterConflictError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .inference import batched_logits, check_texts, read_run, to_predictions
@@ -128,6 +128,7 @@ class AdapterRegistry:
                     if adapter.method == "lora":
                         base = base.to(self.device)
                     self.model = PeftModel.from_pretrained(base, saved, adapter_name=name).eval()
+                    quantization.allow_cpu_inference_layout(self.model)  # serving never trains
                     self.base_model = models.resolve_model_path(adapter.model)
                     self.quantization = QUANTIZATION[adapter.method]
                     self.num_labels = len(adapter.label_names)
