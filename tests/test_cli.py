@@ -101,3 +101,23 @@ def test_read_texts_file_plain_and_bad_jsonl(tmp_path):
 def test_main_returns_exit_code_without_subprocess(capsys):
     assert main(["train", "--epochs", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "lightune: error: epochs must be > 0; got -1.0"
+
+
+def test_unexpected_failure_ends_the_progress_bar_and_names_the_incomplete_run(tiny_model_dir, reviews_csv, tmp_path,
+                                                                               monkeypatch, capsys):
+    import lightune.training as training
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(training, "backward_in_chunks", fail)  # inside the epoch's progress bar
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--max-length", "32",
+                 "--output-dir", str(tmp_path), "--run-name", "boom"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "epoch 1" in err  # the bar was drawn ...
+    last_line = err.rstrip("\n").splitlines()[-1].split("\r")[-1]  # ... and cleared before the error line
+    failed = tmp_path / "boom.incomplete"
+    assert last_line == (f"lightune: error: RuntimeError: boom (unfinished run kept in {failed}, "
+                         "traceback in its error.txt)")
+    assert "RuntimeError: boom" in (failed / "error.txt").read_text()

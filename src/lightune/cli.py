@@ -244,6 +244,21 @@ def _silence_library_output() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars a failure left open, so the error line starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
+def _report_failure(message: str, exc: BaseException, hint: str = "") -> None:
+    """One line on standard error; it names the `.incomplete` run directory a failed training left behind."""
+    _end_progress_bars()
+    run = getattr(exc, "incomplete_run", None)
+    hint = f"unfinished run kept in {run}, traceback in its error.txt" if run else hint
+    print(f"lightune: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -253,17 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "predict": cmd_predict, "compare": cmd_compare, "serve": cmd_serve}
         return commands[args.command](args)
     except LightuneError as exc:
-        print(f"lightune: error: {exc}", file=sys.stderr)
+        _report_failure(f"error: {exc}", exc)
         return 2
-    except (KeyboardInterrupt, EOFError):
-        print("lightune: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, EOFError) as exc:
+        _report_failure("interrupted", exc)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, with a way to get the traceback
         if os.environ.get("LIGHTUNE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"lightune: error: {type(exc).__name__}: {first} (set LIGHTUNE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        _report_failure(f"error: {type(exc).__name__}: {first}", exc, "set LIGHTUNE_DEBUG=1 for the traceback")
         return 1
 
 

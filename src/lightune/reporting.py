@@ -69,6 +69,7 @@ def staged_run_dir(final: Path):
         if failed.exists():
             shutil.rmtree(failed)
         os.replace(work, failed)
+        exc.incomplete_run = failed  # the CLI's error line names it
         raise
     if final.exists():
         shutil.rmtree(work)
