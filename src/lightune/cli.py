@@ -10,10 +10,11 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import BIASES, DEVICES, METHODS, PRECISIONS, TrainConfig, load_config
+from .config import BIASES, DEVICES, HEAD_INITS, METHODS, POOLINGS, PRECISIONS, TrainConfig, load_config
 from .errors import ConfigError, DataError, LightuneError
 
-CHOICES = {"method": METHODS, "bias": BIASES, "device": DEVICES, "precision": PRECISIONS}
+CHOICES = {"method": METHODS, "bias": BIASES, "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
+           "head_init": HEAD_INITS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "method": "lora, qlora (4-bit NF4 base), int8 (8-bit base), full fine-tuning, head (classifier only)",
@@ -21,6 +22,10 @@ HELP = {
     "alpha": "LoRA alpha (default 2 * rank)",
     "attention_dropout": "dropout on attention probabilities while training (default 0: the fused attention "
                          "kernel runs; the model's own is 0.1 for BERT)",
+    "pooling": "what the classifier reads: auto (the model's own sentence-transformers pooling, else the "
+               "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
+    "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
+                 "training features, then fine-tune) or random",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",

@@ -15,6 +15,8 @@ ADAPTER_METHODS = ("lora", "qlora", "int8")
 BIASES = ("none", "lora_only", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
+HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 # Learning rates for each method when the user gives none; the adapter rate suits the short default job
@@ -37,6 +39,10 @@ class TrainConfig:
     attention_dropout: float | None = 0.0
     target_modules: list[str] | None = None  # None: the architecture's query/value projections
     bias: str = "none"
+    # head: auto reads the model's own sentence-transformers pooling (mean for all-MiniLM-L6-v2), else [CLS];
+    # probe starts the classifier from a logistic regression on the frozen pooled training features
+    pooling: str = "auto"
+    head_init: str = "probe"
     # data
     data: str = "imdb"
     test_data: str | None = None
@@ -112,6 +118,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("bias", cfg.bias, BIASES)
     _check_choice("device", cfg.device, DEVICES)
     _check_choice("precision", cfg.precision, PRECISIONS)
+    _check_choice("pooling", cfg.pooling, POOLINGS)
+    _check_choice("head_init", cfg.head_init, HEAD_INITS)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         value = getattr(cfg, name)
         if not isinstance(value, str) or not value.strip():

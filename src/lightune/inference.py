@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import models, quantization
+from . import heads, models, quantization
 from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
@@ -50,6 +50,7 @@ class Classifier:
                  chunk_tokens: int | None = None):
         run_dir, metrics = read_run(run_dir)
         self.run_dir = run_dir
+        self.metrics = metrics
         self.config = metrics["config"]
         self.label_names: list[str] = metrics["data"]["label_names"]
         self.max_length: int = metrics["max_length"]
@@ -62,12 +63,15 @@ class Classifier:
 
     def _load_model(self, saved: Path, merge: bool):
         method = self.config["method"]
+        pooling = self.metrics.get("pooling", "cls")  # runs from before pooling was recorded read [CLS]
         if metrics_saved_full(saved):
             model = AutoModelForSequenceClassification.from_pretrained(saved)
+            heads.apply_pooling(model, pooling)
             return model.to(self.device)
         if not (saved / "adapter_config.json").is_file():
             raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
         base = models.load_base_model(self.config["model"], self.label_names, method, self.device)
+        heads.apply_pooling(base, pooling)
         if method == "lora":
             base = base.to(self.device)
         try:

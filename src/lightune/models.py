@@ -169,7 +169,8 @@ def head_module_names(model) -> list[str]:
     The head is the classifier plus the layers that feed it only: BERT's pooler, DistilBERT's pre_classifier.
     """
     names = [n for n, _ in model.named_children() if n in HEAD_MODULES] or ["classifier"]
-    if getattr(model.base_model, "pooler", None) is not None:
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None and any(True for _ in pooler.parameters()):  # not a parameter-free mean pooler
         names.append("pooler")
     return names
 

@@ -20,7 +20,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import models
+from . import heads, models
 from .config import TrainConfig, validate
 from .evaluation import evaluate
 from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
@@ -90,6 +90,14 @@ def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens:
             accelerator.backward(loss)
         total += loss.item()
     return total
+
+
+def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool) -> None:
+    """Fit a logistic regression on the frozen pooled training features and start the classifier from it."""
+    if getattr(model, "hf_quantizer", None) is None:
+        model.to(device)  # quantized models were loaded onto their device
+    features, labels = heads.head_features(model, loader, progress)
+    heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes))
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -184,6 +192,12 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
                  for name in ("train", "validation", "test")}
 
     model = models.load_base_model(cfg.model, splits.label_names, cfg.method, device)
+    pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
+    heads.apply_pooling(model, pooling)
+    train_chunk, eval_chunk = chunk_budgets(cfg, device)
+    if cfg.head_init == "probe":
+        probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
+        start_head_from_probe(model, probe_loader, len(splits.label_names), device, progress)
     model = models.prepare_for_training(model, cfg)
     params = models.count_parameters(model)
     weights_bytes = models.weight_memory_bytes(model)
@@ -191,7 +205,6 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
     train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
                                      cfg.num_workers)
-    train_chunk, eval_chunk = chunk_budgets(cfg, device)
     val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     optimizer = build_optimizer(model, cfg, device)
@@ -208,8 +221,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     with output_dir_for(final, accelerator) as work:
         write_json(work / "config.json", cfg.to_dict())
         base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
-        log(f"base model (untrained adapters/head) on test: accuracy {base['accuracy']:.4f}, F1 {base['f1']:.4f}",
-            accelerator)
+        start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
+        log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
+            f"F1 {base['f1']:.4f}", accelerator)
         history, step_losses, seen, train_seconds, epoch = [], [], 0, 0.0, 0
         while len(step_losses) < steps:
             epoch += 1
@@ -242,6 +256,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             else ([lora.target_modules] if lora else None),
             "data": splits.info,
             "max_length": max_length,
+            "pooling": pooling,
             "parameters": {"trainable": params.trainable, "total": params.total, "share": params.share},
             "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
             "training": {"steps": done, "examples": seen, "seconds": train_seconds,
