@@ -96,6 +96,45 @@ def test_staged_dir_publishes_only_on_success(tmp_path):
     assert (final / "file.txt").read_text() == "x"
 
 
+def test_a_failed_run_never_removes_an_existing_directory(tmp_path):
+    final = tmp_path / "victim"
+    earlier = tmp_path / "victim.incomplete"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"kept": true}')
+    for attempt in (2, 3):
+        with pytest.raises(RuntimeError), reporting.staged_run_dir(final) as work:
+            (work / "config.json").write_text("{}")
+            raise RuntimeError(f"attempt {attempt}")
+        kept = tmp_path / f"victim.incomplete-{attempt}"
+        assert f"RuntimeError: attempt {attempt}" in (kept / "error.txt").read_text()
+    assert (earlier / "metrics.json").read_text() == '{"kept": true}' and not final.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.incomplete", "victim.incomplete-2",
+                                                           "victim.incomplete-3"]
+
+
+def test_failure_names_the_kept_directory_on_the_exception(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as err, reporting.staged_run_dir(tmp_path / "run"):
+        raise KeyboardInterrupt
+    assert err.value.incomplete_run_dir == tmp_path / "run.incomplete"
+
+
+def test_a_run_that_appears_while_training_is_kept_not_replaced(tmp_path):
+    final = tmp_path / "run"
+    with pytest.raises(ConfigError, match="appeared while training; this run is kept in .*run.incomplete"):
+        with reporting.staged_run_dir(final) as work:
+            (work / "metrics.json").write_text("new")
+            final.mkdir()  # another process finished a run of the same name meanwhile
+            (final / "metrics.json").write_text("other")
+    assert (final / "metrics.json").read_text() == "other"
+    assert (tmp_path / "run.incomplete" / "metrics.json").read_text() == "new"
+
+
+def test_metrics_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        reporting.write_json(tmp_path / "metrics.json", {"loss": float("nan")})
+    assert not list(tmp_path.iterdir())  # neither the file nor a temporary one
+
+
 def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
     import torch
     from accelerate import Accelerator
