@@ -73,7 +73,7 @@ def tiny_config(tiny_model_dir, reviews_csv, tmp_path):
     def make(**overrides):
         values = dict(model=str(tiny_model_dir), data=str(reviews_csv), train_size=None, eval_size=None,
                       max_length=32, epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(tmp_path / "runs"),
-                      run_name="tiny")
+                      run_name="tiny", head_init="random")  # tests measure learning from an untrained head
         values.update(overrides)
         return load_config(overrides=values)
 
@@ -90,7 +90,7 @@ def trained_tiny_run(tiny_model_dir, tmp_path_factory):
     data = write_csv(root / "reviews.csv", synthetic_reviews(400))
     cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
                                      max_length=32, epochs=3, batch_size=16, learning_rate=1e-2,
-                                     output_dir=str(root / "runs"), run_name="lora"))
+                                     output_dir=str(root / "runs"), run_name="lora", head_init="random"))
     # the model's own attention dropout (0.1): the non-default path; tiny_config runs cover the default (0)
     cfg.attention_dropout = None
     return run_training(cfg, progress=False)

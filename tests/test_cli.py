@@ -1,8 +1,10 @@
 """The command line as a user meets it: one-line errors with non-zero exits, train then predict."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,6 +67,7 @@ def test_train_then_predict_from_args_stdin_and_files(tiny_model_dir, reviews_cs
                      str(out), "--run-name", "cli", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and (out / "cli" / "report.md").is_file()
+    assert "epoch 1" not in result.stderr and "it/s" not in result.stderr  # --quiet: no progress bar at all
     run = str(out / "cli")
 
     by_args = run_cli("predict", run, "great superb film", "awful boring waste", "--json")
@@ -121,3 +124,118 @@ def test_unexpected_failure_ends_the_progress_bar_and_names_the_incomplete_run(t
     assert last_line == (f"lightune: error: RuntimeError: boom (unfinished run kept in {failed}, "
                          "traceback in its error.txt)")
     assert "RuntimeError: boom" in (failed / "error.txt").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--weight-decay", "--max-grad-norm", "--dropout", "--lr", "--epochs",
+                                  "--validation-fraction", "--test-fraction", "--warmup-ratio"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_numbers_fail_in_validation(capsys, flag, value):
+    assert main(["train", flag, value]) == 2
+    name = {"--lr": "learning_rate"}.get(flag, flag[2:].replace("-", "_"))
+    assert capsys.readouterr().err == f"lightune: error: {name} must be a finite number; got {value}\n"
+
+
+def test_output_dir_problems_fail_before_loading(tmp_path, capsys):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    assert main(["train", "--output-dir", str(file)]) == 2
+    assert capsys.readouterr().err == f"lightune: error: output_dir {file}: {file} is not a directory\n"
+    assert main(["train", "--run-name", "victim.incomplete"]) == 2
+    assert "run_name must not end in .incomplete" in capsys.readouterr().err
+
+
+def test_unreadable_data_file_is_one_line(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\ncaf\u00e9,pos\n".encode("latin-1"))
+    result = run_cli("train", "--data", str(path), "--quiet")
+    assert result.returncode == 2
+    assert result.stderr == f"lightune: error: {path} is not UTF-8 text: byte 0xe9 at line 2 (byte offset 14)\n"
+
+
+def test_sigterm_during_training_keeps_the_run_as_incomplete(tiny_model_dir, reviews_csv, tmp_path):
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "lightune", "train", "--model", str(tiny_model_dir), "--data",
+                             str(reviews_csv), "--train-size", "all", "--eval-size", "all", "--max-length", "32",
+                             "--epochs", "1000", "--output-dir", str(out), "--run-name", "term", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".term.*.partial/config.json")):  # the run is staged: training is under way
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    kept = out / "term.incomplete"
+    assert stderr.splitlines()[-1] == (f"lightune: terminated (SIGTERM) (unfinished run kept in {kept}, "
+                                      "traceback in its error.txt)")
+    assert "Traceback" not in stderr
+    assert "Terminated: terminated by SIGTERM" in (kept / "error.txt").read_text()
+    assert (kept / "config.json").is_file() and not (kept / "metrics.json").exists()
+    assert not (out / "term").exists() and not list(out.glob(".term*"))
+
+
+def test_sigterm_handler_is_restored_after_training(monkeypatch, capsys):
+    import lightune.training
+
+    previous = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def fake_training(cfg, progress=True):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lightune.training, "run_training", fake_training)
+    assert main(["train"]) == 130
+    assert seen and seen[0] is not previous and signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_predict_escapes_terminal_controls_and_refuses_bad_input(trained_tiny_run, tmp_path, capsys):
+    run = str(trained_tiny_run.run_dir)
+    hostile = "great \x1b]0;pwned\x07film\x1b[2J\tend \u202eevil \x9b31m"
+    assert main(["predict", run, hostile]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\x9b" not in out
+    assert out.endswith("\tgreat \\x1b]0;pwned\\x07film\\x1b[2J\\tend \\u202eevil \\x9b31m\n")
+    assert main(["predict", run, hostile, "--json"]) == 0
+    line = capsys.readouterr().out
+    assert "\x9b" not in line and "\u202e" not in line and json.loads(line)["text"] == hostile
+
+    latin = tmp_path / "texts.txt"
+    latin.write_bytes("good film\nna\u00efve\n".encode("latin-1"))
+    assert main(["predict", run, "--file", str(latin)]) == 2
+    assert capsys.readouterr().err == f"lightune: error: {latin} is not UTF-8 text: byte 0xef at line 2 (byte offset 12)\n"
+    assert main(["predict", run, "a\udcffb"]) == 2  # how Python passes an undecodable byte in an argument
+    assert "argument 1 is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_predict_file_lines_split_only_at_line_feeds(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes("\ufeffone\u2028still one\x85too\r\n\ntwo\n".encode())
+    assert read_texts_file(str(path)) == ["one\u2028still one\x85too", "two"]
+
+
+def test_predict_with_a_damaged_run_exits_2(trained_tiny_run, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    (broken / "metrics.json").write_text("")
+    assert main(["predict", str(broken), "great film"]) == 2
+    assert capsys.readouterr().err.startswith(f"lightune: error: {broken / 'metrics.json'} is damaged: not valid JSON")
+
+
+def test_predict_refuses_nan_probabilities(trained_tiny_run, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
+    assert main(["predict", str(broken), "great film", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "gives NaN probabilities" in captured.err

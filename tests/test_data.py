@@ -91,6 +91,97 @@ def test_bad_files_give_readable_errors(tmp_path, rows, overrides, message):
     assert message in str(err.value)
 
 
+def _labelled(rows, label_of):
+    return [(text, label_of(label)) for text, label in rows]
+
+
+@pytest.mark.parametrize(
+    "rows, overrides, message",
+    [
+        (_labelled(synthetic_reviews(100), lambda lab: "pos"), {},
+         "every row has the label 'pos'; a classifier needs rows of at least two labels"),
+        (_labelled(synthetic_reviews(100), lambda lab: int(lab == "pos")), {"label_names": ["a", "b", "c"]},
+         "no row has the label(s) 'c' (labels: a, b, c); check --labels, or pass --allow-unusual-labels"),
+        (_labelled(synthetic_reviews(100), lambda lab: 0 if lab == "pos" else 2), {},
+         "no row has the label(s) '1' (labels: 0, 1, 2)"),
+        (synthetic_reviews(400) + [("one odd row", "neutral")], {},
+         "the label 'neutral' has only 1 of 401 rows (row 401); a stray value?"),
+        (_labelled(synthetic_reviews(400), lambda lab: int(lab == "pos")) + [("odd", 2), ("odd too", 2)], {},
+         "the label '2' has only 2 of 402 rows (rows 401, 402)"),
+        (synthetic_reviews(50) + [("odd row", "1")], {},
+         "labels mix numbers and names (row 1: 'pos', row 51: '1'); use one kind, or pass --allow-unusual-labels"),
+    ],
+    ids=["one-class", "unused-given-name", "unused-index", "stray-name", "stray-index", "numbers-and-names"],
+)
+def test_labels_that_make_no_sense_are_refused(tmp_path, rows, overrides, message):
+    path = write_csv(tmp_path / "d.csv", rows)
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(path), **overrides}))
+    assert str(err.value).startswith(f"{path}: {message}")
+    if "every row" in message:  # never allowed
+        with pytest.raises(DataError, match="every row has the label"):
+            data.build_splits(from_dict({"data": str(path), "allow_unusual_labels": True, **overrides}))
+    else:
+        allowed = data.build_splits(from_dict({"data": str(path), "allow_unusual_labels": True, **overrides}))
+        assert len(allowed.label_names) == 3
+
+
+def test_a_rare_but_real_label_and_a_test_set_with_one_label_pass(tmp_path):
+    rows = synthetic_reviews(200) + [(f"neutral review {i}", "neutral") for i in range(12)]
+    splits = data.build_splits(from_dict({"data": str(write_csv(tmp_path / "d.csv", rows))}))
+    assert splits.label_names == ["neg", "neutral", "pos"]
+    positives = write_csv(tmp_path / "pos.csv", [(t, lab) for t, lab in synthetic_reviews(60, seed=3) if lab == "pos"])
+    splits = data.build_splits(from_dict({"data": str(write_csv(tmp_path / "t.csv", synthetic_reviews(100))),
+                                          "test_data": str(positives)}))
+    assert set(splits.test["label"]) == {splits.label_names.index("pos")}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("latin.csv", "text,label\ngood film,pos\ncaf\u00e9 bad,neg\n".encode("latin-1"),
+         "is not UTF-8 text: byte 0xe9 at line 3 (byte offset 28)"),
+        ("binary.csv", b"text,label\n" + bytes(range(256)), "is not UTF-8 text: a NUL byte at line 2 (byte offset 11)"),
+        ("binary.tsv", b"\x89PNG\r\n\x1a\n", "is not UTF-8 text: byte 0x89 at line 1 (byte offset 0)"),
+        ("bad.jsonl", b'{"text": "a", "label": 1}\n\n{"text": "b", label: 0}\n',
+         "line 3 is not valid JSON (column 15: Expecting property name enclosed in double quotes)"),
+        ("list.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+        ("doc.json", b'[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]', "not valid JSON at line 2, column 15"),
+        ("ragged.csv", b"text,label\na,pos\nb,neg,extra,x\n", "Expected 2 fields in line 3, saw 4"),
+        ("empty.csv", b"", "No columns to parse from file"),
+        ("bad.parquet", b"not parquet", "Parquet magic bytes not found"),
+    ],
+)
+def test_unreadable_files_end_in_one_line_with_the_place(tmp_path, capfd, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(path)}))
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "An error occurred while generating" not in str(err.value)
+    assert "Failed to" not in capfd.readouterr().err  # datasets' own log line
+
+
+def test_invalid_utf8_split_across_read_chunks_is_found(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"ab\n" + "\u00e9".encode() * 3 + b"\xc3" + b"\n")  # a 2-byte character cut short at the end
+    for chunk_bytes in (1, 2, 4, 1 << 20):
+        with pytest.raises(DataError, match="byte 0xc3 at line 2 \\(byte offset 9\\)"):
+            data.check_text_file(path, chunk_bytes)
+    path.write_bytes("\u00e9\n".encode() * 5)
+    for chunk_bytes in (1, 2, 3):
+        data.check_text_file(path, chunk_bytes)
+
+
+def test_json_document_and_json_lines_with_json_suffix_both_load(tmp_path):
+    rows = [{"text": t, "label": lab} for t, lab in synthetic_reviews(30)]
+    document, lines = tmp_path / "doc.json", tmp_path / "lines.json"
+    document.write_text(json.dumps(rows, indent=2))
+    lines.write_text("\n".join(json.dumps(r) for r in rows))
+    for path in (document, lines):
+        assert sum(data.build_splits(from_dict({"data": str(path)})).info["sizes"].values()) == 30
+
+
 def test_non_string_text_is_rejected(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "nice", "label": 1}\n{"text": 42, "label": 0}\n')

@@ -81,3 +81,54 @@ def test_fast_path_matches_the_plain_padded_path(trained_tiny_run):
     with torch.no_grad():
         expected = plain.model(**enc).logits
     torch.testing.assert_close(fast.logits(texts), expected, rtol=1e-4, atol=1e-4)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
+         "cannot load adapter from .*adapter: Error while deserializing header"),
+        (lambda run: (run / "adapter" / "adapter_config.json").write_text("{"), "cannot load adapter from"),
+        (lambda run: (run / "adapter" / "tokenizer.json").write_text("{"), "cannot load tokenizer from"),
+        (lambda run: (run / "metrics.json").write_text('{"saved": "adapter", '), "metrics.json is damaged: not valid JSON"),
+        (lambda run: (run / "metrics.json").write_bytes(b"\xff\xfe"), "metrics.json is damaged: not valid JSON"),
+        (lambda run: (run / "metrics.json").write_text("{}"), "metrics.json is damaged: 'saved' is None"),
+        (lambda run: (run / "metrics.json").write_text("[]"), "metrics.json is damaged: not a JSON object"),
+        (lambda run: (run / "metrics.json").write_text('{"saved": "../.."}'), "'saved' is '../..', not 'adapter'"),
+    ],
+    ids=["truncated-weights", "bad-adapter-config", "bad-tokenizer", "truncated-metrics", "binary-metrics",
+         "empty-metrics", "list-metrics", "saved-outside"],
+)
+def test_a_damaged_run_is_one_model_error(trained_tiny_run, tmp_path, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    damage(broken)
+    with pytest.raises(ModelError, match=message):
+        Classifier(broken)
+
+
+def test_metrics_missing_a_needed_field_is_named(trained_tiny_run, tmp_path):
+    import json
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    metrics = json.loads((broken / "metrics.json").read_text())
+    for key, value, message in [("max_length", "64", "'max_length' is '64', not a positive integer"),
+                                ("data", {"label_names": ["only"]}, "'data.label_names' is not a list of label names"),
+                                ("config", {"model": "x"}, "'config' lacks the model or method")]:
+        (broken / "metrics.json").write_text(json.dumps({**metrics, key: value}))
+        with pytest.raises(ModelError, match=message):
+            Classifier(broken)
+
+
+def test_a_truncated_full_model_is_one_model_error(tiny_config, tmp_path):
+    from lightune.training import run_training
+
+    run = run_training(tiny_config(method="head", max_steps=1, run_name="head"), progress=False).run_dir
+    _truncate(run / "model" / "model.safetensors")
+    with pytest.raises(ModelError, match="cannot load model from .*model: Error while deserializing header"):
+        Classifier(run)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from lightune import reporting
-from lightune.errors import ConfigError
+from conftest import write_csv
+from lightune.errors import ConfigError, TrainingError
 from lightune.training import run_training
 
 
@@ -42,8 +43,9 @@ def test_same_seed_gives_the_same_result(tiny_config, trained_tiny_run):
         trained_tiny_run.metrics["history"][-1]["train_loss"], rel=1e-4)
 
 
-def test_max_steps_and_fractional_epochs(tiny_config):
+def test_max_steps_and_fractional_epochs(tiny_config, capsys):
     result = run_training(tiny_config(max_steps=3), progress=False)
+    assert "epoch 1" not in capsys.readouterr().err  # progress=False hides the epoch bar too
     assert result.metrics["training"]["steps"] == 3 and len(result.metrics["history"]) == 1
     half = run_training(tiny_config(run_name="half", epochs=0.5), progress=False)
     assert half.metrics["training"]["steps"] == 10  # 320 train texts / 16 per batch = 20 steps per epoch
@@ -88,12 +90,98 @@ def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch
     assert not list(Path(root).glob(".boom*"))
 
 
+@pytest.mark.parametrize("max_steps", [None, 1])
+def test_weights_that_become_nan_stop_the_run(tiny_config, monkeypatch, max_steps):
+    """A NaN loss stops training at once; weights broken by the last step are caught by the evaluation after it."""
+    import torch
+
+    import lightune.training as training
+
+    real_build = training.build_optimizer
+
+    def poisoned(model, cfg, device):
+        optimizer = real_build(model, cfg, device)
+        step = optimizer.step
+
+        def step_then_nan(*args, **kwargs):
+            step(*args, **kwargs)
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        optimizer.step = step_then_nan
+        return optimizer
+
+    monkeypatch.setattr(training, "build_optimizer", poisoned)
+    cfg = tiny_config(run_name="nan", max_steps=max_steps)
+    message = "training diverged: the loss is nan at step 2 of epoch 1" if max_steps is None else \
+        "the loss of the validation split after epoch 1 is nan"
+    with pytest.raises(TrainingError, match=message):
+        run_training(cfg, progress=False)
+    from pathlib import Path
+
+    root = Path(cfg.output_dir)
+    assert not (root / "nan").exists() and (root / "nan.incomplete" / "error.txt").is_file()
+    assert not (root / "nan.incomplete" / "metrics.json").exists()
+
+
+def test_max_length_is_capped_at_the_model_positions(tiny_config, tmp_path, capsys):
+    from conftest import NEGATIVE, POSITIVE
+
+    rows = [(" ".join([POSITIVE[i % 8] if i % 2 else NEGATIVE[i % 8]] * 90) + f" {i}", "pos" if i % 2 else "neg")
+            for i in range(60)]
+    data = write_csv(tmp_path / "long.csv", rows)
+    result = run_training(tiny_config(data=str(data), max_length=100, max_steps=2), progress=False)
+    assert result.metrics["max_length"] == 64  # the tiny model has 64 positions
+    out = capsys.readouterr().out
+    assert f"max_length 100 is more than {tiny_config().model} takes; using 64" in out
+
+
 def test_staged_dir_publishes_only_on_success(tmp_path):
     final = tmp_path / "run"
     with reporting.staged_run_dir(final) as work:
         (work / "file.txt").write_text("x")
         assert not final.exists()
     assert (final / "file.txt").read_text() == "x"
+
+
+def test_a_failed_run_never_removes_an_existing_directory(tmp_path):
+    final = tmp_path / "victim"
+    earlier = tmp_path / "victim.incomplete"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"kept": true}')
+    for attempt in (2, 3):
+        with pytest.raises(RuntimeError), reporting.staged_run_dir(final) as work:
+            (work / "config.json").write_text("{}")
+            raise RuntimeError(f"attempt {attempt}")
+        kept = tmp_path / f"victim.incomplete-{attempt}"
+        assert f"RuntimeError: attempt {attempt}" in (kept / "error.txt").read_text()
+    assert (earlier / "metrics.json").read_text() == '{"kept": true}' and not final.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.incomplete", "victim.incomplete-2",
+                                                           "victim.incomplete-3"]
+
+
+def test_failure_names_the_kept_directory_on_the_exception(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as err, reporting.staged_run_dir(tmp_path / "run"):
+        raise KeyboardInterrupt
+    assert err.value.incomplete_run_dir == tmp_path / "run.incomplete"
+
+
+def test_a_run_that_appears_while_training_is_kept_not_replaced(tmp_path):
+    final = tmp_path / "run"
+    with pytest.raises(ConfigError, match="appeared while training; this run is kept in .*run.incomplete"):
+        with reporting.staged_run_dir(final) as work:
+            (work / "metrics.json").write_text("new")
+            final.mkdir()  # another process finished a run of the same name meanwhile
+            (final / "metrics.json").write_text("other")
+    assert (final / "metrics.json").read_text() == "other"
+    assert (tmp_path / "run.incomplete" / "metrics.json").read_text() == "new"
+
+
+def test_metrics_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        reporting.write_json(tmp_path / "metrics.json", {"loss": float("nan")})
+    assert not list(tmp_path.iterdir())  # neither the file nor a temporary one
 
 
 def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
+import signal
 import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from .config import BIASES, DEVICES, HEAD_INITS, METHODS, POOLINGS, PRECISIONS, TrainConfig, load_config
-from .errors import ConfigError, DataError, LightuneError
+from .errors import ConfigError, DataError, LightuneError, ModelError
 
 CHOICES = {"method": METHODS, "bias": BIASES, "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
            "head_init": HEAD_INITS}
@@ -37,6 +41,8 @@ HELP = {
     "group_by_length": "batch texts of similar length together (less padding)",
     "compile": "torch.compile the model",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
+    "allow_unusual_labels": "train even if a label has very few rows (under 1%% and 10 rows, or under 3), a label "
+                            "name has no rows, or labels mix numbers and names (one label is always refused)",
 }
 ALIASES = {"learning_rate": ["--lr"], "label_names": ["--labels"]}
 
@@ -115,12 +121,39 @@ def _cli_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+class Terminated(BaseException):
+    """SIGTERM during training, raised like Ctrl-C's KeyboardInterrupt so the run is kept as <name>.incomplete."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated():
+    """While the block runs in the main thread, SIGTERM raises Terminated; the previous handler is restored after."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt saving error.txt
+        raise Terminated("terminated by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _cli_overrides(args))  # bad values fail here, before the heavy imports
     _silence_library_output()
     from .training import run_training
 
-    result = run_training(cfg, progress=not args.quiet)
+    try:
+        with _sigterm_raises_terminated():
+            result = run_training(cfg, progress=not args.quiet)
+    except Terminated as exc:
+        _report_failure("terminated (SIGTERM)", exc)
+        return 128 + signal.SIGTERM
     test, base = result.metrics["test"], result.metrics["base"]
     print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
@@ -145,11 +178,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def read_texts_file(path: str) -> list[str]:
-    """Texts from a file: JSONL objects with a 'text' field, or plain text one per line (blank lines skipped)."""
+    """Texts from a UTF-8 file: JSONL objects with a 'text' field, or plain text one per line (blank lines skipped)."""
+    from .data import decode_text
+
     file = Path(path)
     if not file.is_file():
         raise DataError(f"file not found: {path}")
-    lines = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    lines = _text_lines(decode_text(raw, path))
     if file.suffix.lower() != ".jsonl":
         return lines
     texts = []
@@ -164,36 +203,79 @@ def read_texts_file(path: str) -> list[str]:
     return texts
 
 
+def _text_lines(text: str) -> list[str]:
+    """Non-blank lines split at line feeds only (str.splitlines would also split at \\x0b, \\x85, \\u2028...)."""
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+
+
+# Characters that move the cursor, retitle or clear a terminal, or reorder the text shown (bidi controls).
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """text with terminal control characters written as escapes (\\x1b, \\t, \\u202e), safe to print raw."""
+    return _TERMINAL_CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _json_line(obj) -> str:
+    """One JSON line; control characters that json.dumps leaves raw (DEL, C1, bidi) written as \\u escapes."""
+    return _TERMINAL_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False,
+                                                                                   allow_nan=False))
+
+
 def _print_predictions(predictions: list[dict], as_json: bool) -> None:
+    if any(not math.isfinite(v) for p in predictions for v in p["probabilities"].values()):
+        raise ModelError("the run's model gives NaN probabilities: its weights are broken; train it again")
     for p in predictions:
         if as_json:
-            print(json.dumps(p, ensure_ascii=False))
+            print(_json_line(p))
         else:
             prob = p["probabilities"][p["label"]]
             preview = p["text"] if len(p["text"]) <= 70 else p["text"][:67] + "..."
-            print(f"{p['label']}\t{prob:.3f}\t{preview}")
+            print(f"{printable(p['label'])}\t{prob:.3f}\t{printable(preview)}")
+
+
+def _check_unicode(texts: list[str], where: str) -> list[str]:
+    """DataError for a text holding undecodable bytes (Python keeps them as lone surrogates in arguments)."""
+    for i, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{where} {i} is not UTF-8 text (undecodable byte at character {exc.start + 1})") from None
+    return texts
+
+
+def _texts_to_classify(args: argparse.Namespace) -> list[str]:
+    """The texts from --file, the arguments or standard input; DataError naming the place of bad input."""
+    if args.file:
+        texts = read_texts_file(args.file)
+    elif args.texts:
+        texts = _check_unicode(args.texts, "argument")
+    elif not sys.stdin.isatty():
+        from .data import decode_text
+
+        texts = _text_lines(decode_text(sys.stdin.buffer.read(), "standard input"))
+    else:
+        raise ConfigError("give texts as arguments, --file, standard input, or --interactive")
+    if not texts:
+        raise DataError("no texts to classify")
+    return texts
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Classifier
 
+    texts = None if args.interactive else _texts_to_classify(args)  # bad input fails before the model loads
     classifier = Classifier(args.run_dir, device=args.device)
     if args.interactive:
-        print(f"labels: {', '.join(classifier.label_names)}. Type a text and press Enter; an empty line quits.",
-              file=sys.stderr)
-        for line in iter(lambda: input("> "), ""):
-            _print_predictions(classifier.predict([line]), args.json)
+        print(f"labels: {printable(', '.join(classifier.label_names))}. Type a text and press Enter; an empty line "
+              "quits.", file=sys.stderr)
+        try:
+            for line in iter(lambda: input("> "), ""):
+                _print_predictions(classifier.predict(_check_unicode([line], "input line")), args.json)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"standard input is not UTF-8 text: byte 0x{exc.object[exc.start]:02x}") from None
         return 0
-    if args.file:
-        texts = read_texts_file(args.file)
-    elif args.texts:
-        texts = args.texts
-    elif not sys.stdin.isatty():
-        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    else:
-        raise ConfigError("give texts as arguments, --file, standard input, or --interactive")
-    if not texts:
-        raise DataError("no texts to classify")
     _print_predictions(classifier.predict(texts), args.json)
     return 0
 
@@ -259,7 +341,7 @@ def _end_progress_bars() -> None:
 def _report_failure(message: str, exc: BaseException, hint: str = "") -> None:
     """One line on standard error; it names the `.incomplete` run directory a failed training left behind."""
     _end_progress_bars()
-    run = getattr(exc, "incomplete_run", None)
+    run = getattr(exc, "incomplete_run_dir", None)
     hint = f"unfinished run kept in {run}, traceback in its error.txt" if run else hint
     print(f"lightune: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +20,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
+# `.<name>.<random>.partial`. Run names that look like these are refused, so no run can take another's place.
+INCOMPLETE_SUFFIX = ".incomplete"
+RESERVED_RUN_NAME = re.compile(r"\.(incomplete(-\d+)?|partial)$")
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
 # Learning rates for each method when the user gives none; the adapter rate suits the short default job
 # (one epoch of 2,500 reviews); for long runs on large models 2e-4..5e-4 is the usual LoRA range.
@@ -66,6 +73,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     group_by_length: bool = True
+    # train even when the label checks find a label with very few rows, a label name without rows, or numbers
+    # mixed with names (see data.check_classes); one class is always refused
+    allow_unusual_labels: bool = False
     # hardware
     device: str = "auto"
     precision: str = "auto"
@@ -104,16 +114,72 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _check_number(name: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
                   low_inclusive: bool = True) -> None:
+    """ConfigError unless value is a finite number (an integer for kind int) in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise ConfigError(f"{name} must be {'a number' if kind is float else 'an integer'}; got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
     if low is not None and (value < low if low_inclusive else value <= low):
         raise ConfigError(f"{name} must be {'>=' if low_inclusive else '>'} {low}; got {value!r}")
     if high is not None and value > high:
         raise ConfigError(f"{name} must be <= {high}; got {value!r}")
 
 
+def _check_text(name: str, value: Any, optional: bool = False) -> None:
+    """ConfigError unless value is a non-empty string without NUL characters (or None when optional)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty string; got {value!r}")
+    if "\0" in value:
+        raise ConfigError(f"{name} must not contain a NUL character; got {value!r}")
+
+
+def _check_run_name(name: str | None) -> None:
+    """A plain, visible directory name that cannot be mistaken for a failed or staged run."""
+    if name is None:
+        return
+    _check_text("run_name", name)
+    separators = {"/", "\\"} & set(name)
+    if name.startswith(".") or separators or name != name.strip() or len(name.encode()) > 255 or any(
+            not ch.isprintable() for ch in name):
+        raise ConfigError(f"run_name must be a plain directory name (no path separators, control characters, "
+                          f"leading dot or surrounding spaces); got {name!r}")
+    if RESERVED_RUN_NAME.search(name):
+        raise ConfigError(f"run_name must not end in {INCOMPLETE_SUFFIX} or .partial (reserved for failed and "
+                          f"unfinished runs); got {name!r}")
+
+
+def is_run_directory(path: Path) -> bool:
+    """True for a lightune run: finished (config.json and metrics.json), failed (<name>.incomplete) or staged."""
+    if path.name.startswith(".") and path.name.endswith(".partial"):
+        return True
+    if RESERVED_RUN_NAME.search(path.name) and (path / "error.txt").is_file():
+        return True
+    return (path / "config.json").is_file() and (path / "metrics.json").is_file()
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """ConfigError if output_dir or a folder above it is a file, or if it lies inside a run directory."""
+    path = Path(output_dir).absolute()
+    for folder in (path, *path.parents):
+        try:
+            if not folder.exists():
+                continue
+        except OSError:  # unreadable: staging the run will say so
+            continue
+        if not folder.is_dir():
+            raise ConfigError(f"output_dir {output_dir}: {folder} is not a directory")
+        if is_run_directory(folder):
+            raise ConfigError(f"output_dir {output_dir} is inside the run directory {folder}; "
+                              "runs are never written into another run")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise ConfigError with a readable message on the first bad value; return cfg unchanged."""
+    """Raise ConfigError with a readable message on the first bad value; return cfg unchanged.
+
+    Every number is checked here to be finite and in range, every text to be usable, before anything loads.
+    """
     _check_choice("method", cfg.method, METHODS)
     _check_choice("bias", cfg.bias, BIASES)
     _check_choice("device", cfg.device, DEVICES)
@@ -121,10 +187,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
-        value = getattr(cfg, name)
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{name} must be a non-empty string; got {value!r}")
-    _check_number("rank", cfg.rank, int, 1)
+        _check_text(name, getattr(cfg, name))
+    _check_text("test_data", cfg.test_data, optional=True)
+    for name in ("group_by_length", "compile", "allow_unusual_labels"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false; got {getattr(cfg, name)!r}")
+    _check_number("rank", cfg.rank, int, 1, 4096)
     if cfg.alpha is not None:
         _check_number("alpha", cfg.alpha, float, 0, low_inclusive=False)
     for name in ("dropout", "attention_dropout"):
@@ -139,10 +207,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _check_number(name, getattr(cfg, name), int, 1)
     _check_number("validation_fraction", cfg.validation_fraction, float, 0, 0.5, low_inclusive=False)
     _check_number("test_fraction", cfg.test_fraction, float, 0, 0.5, low_inclusive=False)
-    _check_number("split_seed", cfg.split_seed, int, 0)
-    _check_number("seed", cfg.seed, int, 0)
+    _check_number("split_seed", cfg.split_seed, int, 0, MAX_SEED)
+    _check_number("seed", cfg.seed, int, 0, MAX_SEED)
     _check_number("max_length", cfg.max_length, int, 8, 8192)
-    _check_number("epochs", cfg.epochs, float, 0, low_inclusive=False)
+    _check_number("epochs", cfg.epochs, float, 0, 10_000, low_inclusive=False)
     _check_number("batch_size", cfg.batch_size, int, 1)
     _check_number("eval_batch_size", cfg.eval_batch_size, int, 1)
     if cfg.learning_rate is not None:
@@ -150,7 +218,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_number("weight_decay", cfg.weight_decay, float, 0)
     _check_number("warmup_ratio", cfg.warmup_ratio, float, 0, 1)
     _check_number("max_grad_norm", cfg.max_grad_norm, float, 0)
-    _check_number("num_workers", cfg.num_workers, int, 0)
+    _check_number("num_workers", cfg.num_workers, int, 0, 64)
     if cfg.chunk_tokens is not None:
         _check_number("chunk_tokens", cfg.chunk_tokens, int, 1)
     if cfg.target_modules is not None and (
@@ -158,11 +226,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     ):
         raise ConfigError(f"target_modules must be a non-empty list of module names; got {cfg.target_modules!r}")
     if cfg.label_names is not None and (
-        len(cfg.label_names) < 2 or len(set(cfg.label_names)) != len(cfg.label_names)
+        not isinstance(cfg.label_names, (list, tuple)) or len(cfg.label_names) < 2
+        or not all(isinstance(n, str) and n.strip() for n in cfg.label_names)
+        or len(set(cfg.label_names)) != len(cfg.label_names)
     ):
         raise ConfigError(f"label_names must list at least two distinct names; got {cfg.label_names!r}")
-    if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name.startswith(".")):
-        raise ConfigError(f"run_name must be a plain directory name; got {cfg.run_name!r}")
+    _check_run_name(cfg.run_name)
+    _check_output_dir(cfg.output_dir)
     return cfg
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import importlib.util
+import itertools
+import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,12 @@ HUB_ALIASES = {
 }
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+# A label with fewer rows than RARE_LABEL_ROWS that is also under RARE_LABEL_SHARE of the rows, or with fewer
+# than MIN_LABEL_ROWS (too few for train, validation and test), looks like a stray value: refused unless allowed.
+RARE_LABEL_ROWS = 10
+RARE_LABEL_SHARE = 0.01
+MIN_LABEL_ROWS = 3
 
 
 @dataclass
@@ -60,15 +71,99 @@ def _load_packaged(source: str) -> Dataset:
     return full.filter(lambda batch: [s == source for s in batch["source"]], batched=True).remove_columns("source")
 
 
+def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """DataError naming the line and byte offset of the first byte that is not UTF-8 text (or is NUL)."""
+    with path.open("rb") as fh:
+        _check_text_chunks(iter(lambda: fh.read(chunk_bytes), b""), str(path))
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """raw decoded as UTF-8 (a leading byte-order mark dropped); DataError naming the place of a bad byte or NUL."""
+    _check_text_chunks([raw], where)
+    return raw.decode("utf-8").removeprefix("\ufeff")
+
+
+def _check_text_chunks(chunks, where: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0  # bytes and line breaks before this chunk
+    for chunk in itertools.chain(chunks, [b""]):  # the empty chunk ends the input: a cut-off character fails
+        pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+        problem = None
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            problem = (offset - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}")
+        nul = chunk.find(b"\0")
+        if nul >= 0 and (problem is None or offset + nul < problem[0]):
+            problem = (offset + nul, "a NUL byte")
+        if problem:
+            at, what = problem
+            line = newlines + chunk[:max(0, at - offset)].count(b"\n") + 1
+            raise DataError(f"{where} is not UTF-8 text: {what} at line {line} (byte offset {at})")
+        offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
+
+
+def check_json_file(path: Path) -> None:
+    """DataError naming the first line of JSON Lines (or the place in a JSON document) that is not a JSON object.
+
+    A .json file may hold one document (a list of records) or JSON Lines, as `datasets` reads either.
+    """
+    if path.suffix.lower() == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(text)
+                return
+            except json.JSONDecodeError as exc:
+                if text.lstrip()[:1] == "[":
+                    raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} "
+                                    f"({exc.msg})") from None
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {n} is not valid JSON (column {exc.colno}: {exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {n} is not a JSON object")
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    """Hide datasets' own log lines (a failed load logs an ERROR line before raising) for one call."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _first_line_of_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause: `datasets` wraps the reader's error in a generic one."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"unsupported data file type {path.suffix!r} for {path} (use .csv, .tsv, .jsonl, .json, .parquet)")
+    if fmt in ("csv", "json"):  # name the place of a bad byte or line before datasets' generic error can
+        check_text_file(path)
+    if fmt == "json":
+        check_json_file(path)
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        with _datasets_quiet():
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(f"cannot read {path}: {_first_line_of_cause(exc)}") from None
     missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
         raise DataError(
@@ -127,19 +222,29 @@ def check_texts(ds: Dataset, where: str) -> None:
         raise DataError(f"{where}: no rows")
 
 
-def resolve_label_names(labels: list[Any], given: list[str] | None, known: list[str] | None) -> list[str]:
-    """Label names in class-index order: given by the user, known to the source, or derived from the labels."""
+def resolve_label_names(labels: list[Any], given: list[str] | None, known: list[str] | None, where: str = "data",
+                        allow_unusual: bool = False) -> list[str]:
+    """Label names in class-index order: given by the user, known to the source, or derived from the labels.
+
+    Derived names: 0..max for integer labels, else the sorted values; numbers mixed with names are refused
+    unless allow_unusual (a stray `1` among `neg`/`pos` would become a class of its own).
+    """
     if given:
         return list(given)
     if known:
         return list(known)
+    if None in labels:
+        raise DataError(f"{where}: row {labels.index(None) + 1} has no label")
     values = set(labels)
-    if None in values:
-        raise DataError("some rows have no label")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         if min(values) < 0:
             raise DataError(f"integer labels must be >= 0; found {min(values)}")
         return [str(i) for i in range(max(values) + 1)]
+    is_number = [isinstance(v, (int, float)) or bool(_NUMBER.fullmatch(str(v))) for v in labels]
+    if any(is_number) and not all(is_number) and not allow_unusual:
+        rows = sorted((is_number.index(True), is_number.index(False)))
+        raise DataError(f"{where}: labels mix numbers and names ({', '.join(f'row {i + 1}: {labels[i]!r}' for i in rows)}); "
+                        "use one kind, or pass --allow-unusual-labels")
     return sorted(str(v) for v in values)
 
 
@@ -162,6 +267,29 @@ def encode_labels(ds: Dataset, label_names: list[str], where: str) -> Dataset:
     return ds.cast_column("label", ClassLabel(names=list(label_names)))
 
 
+def check_classes(ds: Dataset, label_names: list[str], where: str, allow_unusual: bool = False) -> None:
+    """DataError when the training labels make no sense: fewer than two labels with rows (always), or unless
+    allow_unusual, a label name without rows or a label so rare that it looks like a stray value (rows named)."""
+    labels = list(ds["label"])
+    counts = Counter(labels)
+    present = [name for i, name in enumerate(label_names) if counts[i]]
+    if len(present) < 2:
+        raise DataError(f"{where}: every row has the label {present[0]!r}; a classifier needs rows of at least "
+                        "two labels")
+    if allow_unusual:
+        return
+    for i, name in enumerate(label_names):
+        if 0 < counts[i] < MIN_LABEL_ROWS or 0 < counts[i] < min(RARE_LABEL_ROWS, RARE_LABEL_SHARE * len(labels)):
+            rows = [str(row + 1) for row, label in enumerate(labels) if label == i]
+            raise DataError(f"{where}: the label {name!r} has only {counts[i]} of {len(labels)} rows "
+                            f"(row{'s' if len(rows) > 1 else ''} {', '.join(rows)}); a stray value? Fix the data, "
+                            "or pass --allow-unusual-labels")
+    unused = [name for i, name in enumerate(label_names) if not counts[i]]
+    if unused:
+        raise DataError(f"{where}: no row has the label(s) {', '.join(map(repr, unused))} (labels: "
+                        f"{', '.join(label_names)}); check --labels, or pass --allow-unusual-labels")
+
+
 def deduplicate(ds: Dataset) -> Dataset:
     """Keep the first row of each distinct text; drop texts that appear with different labels."""
     first_row: dict[str, int] = {}
@@ -177,13 +305,20 @@ def deduplicate(ds: Dataset) -> Dataset:
 
 
 def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
-                   known_names: list[str] | None = None) -> tuple[Dataset, list[str]]:
-    """Load, validate, clean, encode and de-duplicate one source."""
+                   known_names: list[str] | None = None, allow_unusual_labels: bool = False) -> tuple[Dataset, list[str]]:
+    """Load, validate, clean, encode and de-duplicate one source.
+
+    known_names: the training source's label names, for a test source (whose labels may be a subset);
+    without them this is a training source and its labels must pass check_classes.
+    """
     ds, source_names = load_source(spec, text_column, label_column)
     check_texts(ds, spec)
-    names = resolve_label_names(ds["label"], label_names, known_names or source_names)
+    names = resolve_label_names(list(ds["label"]), label_names, known_names or source_names, spec,
+                                allow_unusual_labels)
     ds = ds.map(lambda b: {"text": [clean_text(t) for t in b["text"]]}, batched=True)
     ds = encode_labels(ds, names, spec)
+    if known_names is None:
+        check_classes(ds, names, spec, allow_unusual_labels)
     return deduplicate(ds), names
 
 
@@ -222,7 +357,8 @@ def _drop_texts(ds: Dataset, texts: set[str]) -> Dataset:
 
 def build_splits(cfg) -> SplitData:
     """The train/validation/test data a TrainConfig asks for (see README, 'Data')."""
-    train_source, names = prepare_source(cfg.data, cfg.text_column, cfg.label_column, cfg.label_names)
+    train_source, names = prepare_source(cfg.data, cfg.text_column, cfg.label_column, cfg.label_names,
+                                         allow_unusual_labels=cfg.allow_unusual_labels)
     splits = carve_splits(train_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
     test_spec = cfg.test_data or cfg.data
     if cfg.test_data and cfg.test_data != cfg.data:

@@ -23,3 +23,7 @@ class UnknownAdapterError(ModelError):
 
 class AdapterConflictError(ModelError):
     """An adapter change that the server refuses: a name already in use, or removing the last adapter."""
+
+
+class TrainingError(LightuneError):
+    """Training cannot go on as configured (the loss became NaN or infinite)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, models, quantization
@@ -30,17 +32,52 @@ def check_texts(texts) -> list[str]:
 
 
 def read_run(run_dir: str | Path) -> tuple[Path, dict]:
-    """The run directory and its metrics.json; ModelError if it is missing or unfinished."""
+    """The run directory and its metrics.json; ModelError if it is missing, unfinished or damaged."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ModelError(f"run directory not found: {run_dir}")
     if not is_complete_run(run_dir):
         raise ModelError(f"{run_dir} is not a finished lightune run (no metrics.json/config.json)")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    saved = run_dir / metrics.get("saved", "adapter")
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is damaged: not valid JSON ({str(exc).splitlines()[0]})") from None
+    problem = _metrics_problem(metrics)
+    if problem:
+        raise ModelError(f"{path} is damaged: {problem}")
+    saved = run_dir / metrics["saved"]
     if not saved.is_dir():
-        raise ModelError(f"{run_dir} has no saved {metrics.get('saved', 'adapter')}/ directory")
+        raise ModelError(f"{run_dir} has no saved {metrics['saved']}/ directory")
     return run_dir, metrics
+
+
+def _metrics_problem(metrics) -> str | None:
+    """What is wrong with the parts of metrics.json that loading a run needs, or None."""
+    if not isinstance(metrics, dict):
+        return "not a JSON object"
+    config, data = metrics.get("config"), metrics.get("data")
+    if metrics.get("saved") not in ("adapter", "model"):
+        return f"'saved' is {metrics.get('saved')!r}, not 'adapter' or 'model'"
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), str) for k in ("model", "method")):
+        return "'config' lacks the model or method"
+    names = data.get("label_names") if isinstance(data, dict) else None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        return "'data.label_names' is not a list of label names"
+    length = metrics.get("max_length")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        return f"'max_length' is {length!r}, not a positive integer"
+    return None
+
+
+@contextlib.contextmanager
+def _damaged_files_as_model_error(what: str):
+    """ModelError naming `what` for the errors libraries raise on missing, truncated or malformed files."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {what}: {first}") from None
 
 
 class Classifier:
@@ -58,14 +95,16 @@ class Classifier:
         self.device = models.resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (see batched_logits)
         saved = run_dir / metrics["saved"]
-        self.tokenizer = AutoTokenizer.from_pretrained(saved)
+        with _damaged_files_as_model_error(f"tokenizer from {saved}"):
+            self.tokenizer = AutoTokenizer.from_pretrained(saved)
         self.model = self._load_model(saved, merge).eval()
 
     def _load_model(self, saved: Path, merge: bool):
         method = self.config["method"]
         pooling = self.metrics.get("pooling", "cls")  # runs from before pooling was recorded read [CLS]
         if metrics_saved_full(saved):
-            model = AutoModelForSequenceClassification.from_pretrained(saved)
+            with _damaged_files_as_model_error(f"model from {saved}"):
+                model = AutoModelForSequenceClassification.from_pretrained(saved)
             heads.apply_pooling(model, pooling)
             return model.to(self.device)
         if not (saved / "adapter_config.json").is_file():
@@ -74,10 +113,8 @@ class Classifier:
         heads.apply_pooling(base, pooling)
         if method == "lora":
             base = base.to(self.device)
-        try:
+        with _damaged_files_as_model_error(f"adapter from {saved}"):
             model = PeftModel.from_pretrained(base, saved)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"cannot load adapter from {saved}: {str(exc).splitlines()[0]}") from None
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
         if merge and method == "lora":
             return model.merge_and_unload()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
-import shutil
 import tempfile
 import time
 import traceback
@@ -16,18 +16,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import INCOMPLETE_SUFFIX  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 
 COMPLETE_MARKER = "metrics.json"  # written last: a run directory without it is not a finished run
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file + rename)."""
+    """Write JSON atomically (temporary file + rename); ValueError for NaN or infinity, which JSON cannot hold."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str, allow_nan=False)
+            fh.write("\n")
+    except BaseException:
+        os.unlink(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -56,25 +61,42 @@ def final_run_dir(cfg) -> Path:
 def staged_run_dir(final: Path):
     """Yield a hidden work directory; rename it to `final` only if the block finishes.
 
-    On an error or Ctrl-C the work directory is renamed `<name>.incomplete` with error.txt inside,
-    so nothing that looks like a finished run is ever left behind, and earlier runs are untouched.
+    On an error, Ctrl-C or SIGTERM the work directory is kept as `<name>.incomplete` (or `.incomplete-2`, ... when
+    that name is taken) with error.txt inside, and the exception gets an `incomplete_run_dir` attribute naming
+    it. Nothing that looks like a finished run is left behind, and no existing directory is ever replaced.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         yield work
     except BaseException as exc:
-        (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
-        failed = final.parent / f"{final.name}.incomplete"
-        if failed.exists():
-            shutil.rmtree(failed)
-        os.replace(work, failed)
-        exc.incomplete_run = failed  # the CLI's error line names it
+        keep_incomplete(work, final, exc)
         raise
-    if final.exists():
-        shutil.rmtree(work)
-        raise ConfigError(f"run directory {final} appeared while training; results left unsaved")
-    os.replace(work, final)
+    if not _rename_to_new(work, final):
+        appeared = ConfigError(f"run directory {final} appeared while training")
+        kept = keep_incomplete(work, final, appeared)
+        raise ConfigError(f"run directory {final} appeared while training; this run is kept in {kept}")
+
+
+def keep_incomplete(work: Path, final: Path, exc: BaseException) -> Path:
+    """Write error.txt into work and rename it to the first free `<final>.incomplete[-N]`; return that path."""
+    (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    for n in itertools.count(1):
+        kept = final.parent / f"{final.name}{INCOMPLETE_SUFFIX}{'' if n == 1 else f'-{n}'}"
+        if _rename_to_new(work, kept):
+            with contextlib.suppress(AttributeError):
+                exc.incomplete_run_dir = kept
+            return kept
+
+
+def _rename_to_new(src: Path, dest: Path) -> bool:
+    """Rename directory src to dest if no dest exists; False (and nothing moved) when dest is taken."""
+    try:
+        dest.mkdir()  # claims the name atomically: fails if anything of that name exists, even a broken link
+    except FileExistsError:
+        return False
+    os.rename(src, dest)  # replaces only the empty directory just made (POSIX rename of a directory)
+    return True
 
 
 def is_complete_run(path: Path) -> bool:

@@ -22,6 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_na
 from . import data as data_mod
 from . import heads, models
 from .config import TrainConfig, validate
+from .errors import TrainingError
 from .evaluation import evaluate
 from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
 
@@ -100,6 +101,19 @@ def start_head_from_probe(model, loader, n_classes: int, device: torch.device, p
     heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes))
 
 
+def check_finite_loss(metrics: dict, what: str) -> None:
+    """TrainingError when an evaluation's loss is NaN or infinite (the trained weights are broken)."""
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingError(f"the loss of the {what} is {metrics['loss']}: the weights are not usable; "
+                            "lower --lr or keep gradient clipping on (--max-grad-norm)")
+
+
+def supported_max_length(requested: int, tokenizer, model_config) -> int:
+    """requested, capped at what the tokenizer and the model's position embeddings take."""
+    limits = (tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None))
+    return min([requested] + [n for n in limits if isinstance(n, int) and n > 0])
+
+
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -113,16 +127,24 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str,
-                chunk_tokens: int | None = None) -> tuple[list[float], int]:
-    """One pass (or fewer steps) over the loader; returns (loss of each step, examples seen)."""
+                chunk_tokens: int | None = None, progress: bool = True) -> tuple[list[float], int]:
+    """One pass (or fewer steps) over the loader; returns (loss of each step, examples seen).
+
+    TrainingError as soon as a step's loss is NaN or infinite, so diverged weights are never saved as a run.
+    """
     model.train()
     losses, examples = [], 0
-    bar = tqdm(total=min(steps_left, len(loader)), desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=min(steps_left, len(loader)), desc=desc, leave=False,
+               disable=not (progress and accelerator.is_local_main_process))
     for batch in loader:
         if len(losses) >= steps_left:
             break
         batch.pop("length", None)
         loss = backward_in_chunks(model, batch, accelerator, chunk_tokens)
+        if not math.isfinite(loss):  # a Python float already: no extra device sync
+            bar.close()
+            raise TrainingError(f"training diverged: the loss is {loss} at step {len(losses) + 1} of {desc}; "
+                                "lower --lr or keep gradient clipping on (--max-grad-norm)")
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -182,12 +204,14 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     device = accelerator.device  # this process's GPU under `accelerate launch`
     final = final_run_dir(cfg)
-    models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
+    model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
     set_seed(cfg.seed)
 
     splits = data_mod.build_splits(cfg)
     tokenizer = models.load_tokenizer(cfg.model)
-    max_length = min(cfg.max_length, tokenizer.model_max_length or cfg.max_length)
+    max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
+    if max_length < cfg.max_length:
+        log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {max_length}", accelerator)
     tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length)
                  for name in ("train", "validation", "test")}
 
@@ -231,16 +255,18 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             losses, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator, cfg,
-                                             steps - len(step_losses), f"epoch {epoch}", train_chunk)
+                                             steps - len(step_losses), f"epoch {epoch}", train_chunk, progress)
             train_seconds += time.perf_counter() - start
             step_losses, seen = step_losses + losses, seen + n_examples
             done, loss = len(step_losses), sum(losses) / max(len(losses), 1)
             val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
+            check_finite_loss(val, f"validation split after epoch {epoch}")
             history.append({"epoch": round(done / len(train_loader), 3), "step": done, "train_loss": loss,
                             "validation": val})
             log(f"epoch {epoch}: train loss {loss:.4f}, validation accuracy {val['accuracy']:.4f}, "
                 f"F1 {val['f1']:.4f}", accelerator)
         test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress)
+        check_finite_loss(test, "fine-tuned model on the test split")
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {base['accuracy']:.4f})", accelerator)
         peak_bytes, peak_kind = peak_memory(device)
