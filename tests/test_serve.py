@@ -187,6 +187,30 @@ def test_list_adapters_and_health(client, trained_tiny_run):
     assert health["status"] == "ok" and health["adapters"] == 2 and health["device"] == "cpu"
 
 
+def test_health_answers_while_a_slow_prediction_holds_the_model_lock(client, registry):
+    held, release = threading.Event(), threading.Event()
+    real_logits = registry.logits
+
+    def slow_logits(texts, adapter=None):  # a prediction that keeps the lock until the test lets it go
+        with registry._lock:
+            held.set()
+            release.wait(30)
+            return real_logits(texts, adapter)
+
+    registry.logits = slow_logits
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            slow = pool.submit(client.post, "/predict", json={"texts": TEXTS})
+            assert held.wait(10)
+            queued = pool.submit(client.post, "/predict", json={"texts": TEXTS})  # waits for the lock
+            health = pool.submit(client.get, "/health").result(timeout=10)  # a lock-taking /health times out
+        finally:
+            release.set()
+            del registry.logits
+        assert health.status_code == 200 and health.json()["adapters"] == 2
+        assert labels_of(slow.result(30)) == labels_of(queued.result(30)) == ["pos", "neg", "pos", "neg"]
+
+
 def test_add_and_delete_adapters_at_run_time(fresh_client, flipped_run):
     added = fresh_client.post("/adapters", json={"run_dir": str(flipped_run)})
     assert added.status_code == 201, added.text

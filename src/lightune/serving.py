@@ -326,9 +326,11 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastA
         return index_html()
 
     @app.get("/health", response_model=Health, summary="Liveness and what is loaded")
-    def health() -> dict:
+    async def health() -> dict:
+        # async and without the model lock: answers at once while predictions queue (a liveness probe must not
+        # wait for them, nor for a free worker thread)
         return {"status": "ok", "base_model": registry.base_model, "device": str(registry.device),
-                "adapters": len(registry.names())}
+                "adapters": len(registry.adapters)}
 
     @app.get("/adapters", response_model=AdapterList, summary="The loaded adapters")
     def list_adapters() -> dict:
