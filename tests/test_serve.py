@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -383,3 +384,104 @@ def test_page_in_headless_chromium_against_the_real_server(registry):
             assert [b.text.split("\n")[0] for b in bars] == ["neg", "pos"]
         finally:
             driver.quit()
+
+
+# -- hostile input against the real server: one-line 4xx, the keep-alive connection kept ---------------------------
+
+@pytest.fixture(scope="module")
+def live(registry):
+    with LiveServer(create_app(registry, LIMITS)) as server:
+        yield server
+
+
+class KeptConnection:
+    """One HTTP/1.1 connection to a live server; every request must be answered over the same socket."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.sock = None
+
+    def request(self, method: str, path: str, body: str | None = None, headers: dict | None = None):
+        """(status, headers, body text); fails if the server dropped or announced closing the connection."""
+        self.conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = self.conn.getresponse()
+        text = response.read().decode()
+        assert not response.will_close, f"the server closes the connection after {method} {path}"
+        self.sock = self.sock or self.conn.sock
+        assert self.conn.sock is self.sock
+        return response.status, response.headers, text
+
+
+def _broken_copy(run_dir: Path, dest: Path, edit) -> Path:
+    shutil.copytree(run_dir, dest)
+    edit(dest)
+    return dest
+
+
+def _edit_metrics(change):
+    def edit(run: Path):
+        metrics = json.loads((run / "metrics.json").read_text())
+        change(metrics)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return edit
+
+
+def _truncate_weights(run: Path):
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+BROKEN_RUNS = {  # name: (how the copy is broken, what the 400 says)
+    "malformed": (lambda run: (run / "metrics.json").write_text('{"config": '),
+                  "metrics.json is malformed: Expecting value: line 1 column 12 (char 11)"),
+    "list": (lambda run: (run / "metrics.json").write_text("[]"), "metrics.json is malformed"),
+    "empty": (lambda run: (run / "metrics.json").write_text("{}"), "metrics.json has no valid 'config.model'"),
+    "nolabels": (_edit_metrics(lambda m: m["data"].pop("label_names")), "has no valid 'data.label_names'"),
+    "textlength": (_edit_metrics(lambda m: m.update(max_length="32")), "has no valid 'max_length'"),
+    "savedout": (_edit_metrics(lambda m: m.update(saved="../empty/adapter")), "has no valid 'saved'"),
+    "truncated": (_truncate_weights, "Error while deserializing header"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_runs(trained_tiny_run, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken-runs")
+    return {name: _broken_copy(trained_tiny_run.run_dir, root / name, edit)
+            for name, (edit, _) in BROKEN_RUNS.items()}
+
+
+def test_client_errors_are_one_line_4xx_on_a_kept_connection(live, registry, broken_runs):
+    conn = KeptConnection(live.port)
+    cases = [
+        ("/predict", '{"texts": ["great", "\\ud800 film"]}', 422,
+         "texts.1: not valid Unicode: a lone surrogate at character 1"),
+        ("/predict", '{"texts": ["great"], "adapter": "x\\udfff"}', 422,
+         "adapter: not valid Unicode: a lone surrogate at character 2"),
+        ("/adapters", json.dumps({"name": "n", "run_dir": "runs/\x00x"}), 422, "run_dir: contains a NUL character"),
+    ]
+    cases += [("/adapters", json.dumps({"name": name, "run_dir": str(run)}), 400, f"{run}")
+              for name, run in broken_runs.items()]
+    for path, body, status, message in cases:
+        code, _, text = conn.request("POST", path, body)
+        detail = json.loads(text)["detail"]
+        assert code == status and message in detail and "\n" not in detail, (path, body, text)
+        if path == "/adapters":
+            assert BROKEN_RUNS.get(json.loads(body)["name"], ("", "NUL"))[1] in detail, detail
+    # nothing half-loaded stays behind, and the adapters answer as before
+    assert set(registry.model.peft_config) == {"good", "flipped"} and registry.names() == ["good", "flipped"]
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": TEXTS, "adapter": "flipped"}))
+    assert [p["label"] for p in json.loads(text)["predictions"]] == ["neg", "pos", "neg", "pos"]
+
+
+def test_an_unexpected_error_is_a_one_line_500_on_a_kept_connection(live, registry, monkeypatch, caplog):
+    def bug(texts, adapter=None):
+        raise RuntimeError("boom\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(registry, "logits", bug)
+    conn = KeptConnection(live.port)
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great"]}))
+    assert (code, json.loads(text)) == (500, {"detail": "internal error: RuntimeError: boom"})
+    monkeypatch.undo()
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great superb film loved"]}))
+    assert code == 200 and json.loads(text)["predictions"][0]["label"] == "pos"
+    assert "Traceback" in caplog.text  # for the operator, in the server's log

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from peft import PeftModel
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
@@ -23,6 +26,7 @@ from .config import ADAPTER_METHODS
 from .errors import AdapterConflictError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .inference import batched_logits, check_texts, read_run, to_predictions
 
+log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The base weights an adapter was trained on: plain fp32/bf16, 4-bit NF4 or LLM.int8.
 QUANTIZATION = {"lora": "none", "qlora": "4-bit", "int8": "8-bit"}
@@ -32,6 +36,38 @@ def adapter_name_for(run_dir: str | Path) -> str:
     """A default adapter name: the run directory's name with characters peft cannot take replaced by '_'."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(run_dir).resolve().name)[:64]
     return name or "adapter"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name when it has none."""
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _with_shown_path(message: str, run_dir: Path, shown: str) -> str:
+    """The message with the server's path of a run replaced by the name the client gave for it."""
+    return message.replace(str(run_dir), shown)
+
+
+def run_fields(metrics: dict, shown: str) -> dict:
+    """What serving reads from a run's metrics.json, each value checked: ModelError naming the first bad one."""
+    def field(path: str, kind: type, valid=lambda value: True, default=None):
+        value = metrics
+        for key in path.split("."):
+            value = value.get(key, default) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) or not valid(value):
+            raise ModelError(f"{shown}/metrics.json has no valid {path!r} (is it a lightune run?)")
+        return value
+
+    return {
+        "model": field("config.model", str, bool),
+        "method": field("config.method", str),
+        "label_names": field("data.label_names", list, lambda names: names and len(set(names)) == len(names)
+                             and all(isinstance(n, str) for n in names)),
+        "max_length": field("max_length", int, lambda n: n > 0),
+        # a folder of the run itself: never a path that leads out of it
+        "saved": field("saved", str, lambda n: n not in ("", ".", "..") and not re.search(r"[/\\\x00]", n),
+                       default="adapter"),
+    }
 
 
 @dataclass
@@ -46,9 +82,10 @@ class ServedAdapter:
     max_length: int
     tokenizer: object
     saved: Path
+    shown: str  # the run directory as errors and /adapters name it
 
     def info(self) -> dict:
-        return {"name": self.name, "run_dir": str(self.run_dir), "model": self.model, "method": self.method,
+        return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
                 "labels": list(self.label_names), "max_length": self.max_length}
 
 
@@ -79,25 +116,35 @@ class AdapterRegistry:
         with self._lock:
             return list(self.adapters)
 
-    def _check_run(self, name: str, run_dir: str | Path) -> ServedAdapter:
-        """Read and check a run without touching the model: ModelError for anything that cannot be served."""
+    def check_run(self, name: str, run_dir: str | Path, shown: str | None = None) -> ServedAdapter:
+        """Read and check a run without touching the model: ModelError for anything that cannot be served.
+
+        Messages name the run directory as `shown` (default: as given), never by another path."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise ModelError(f"bad adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
-        run_dir, metrics = read_run(run_dir)
-        config = metrics["config"]
-        method = config.get("method")
-        saved = run_dir / metrics.get("saved", "adapter")
-        if method not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
-            raise ModelError(f"{run_dir} is a {method} run without a LoRA adapter; only lora, qlora and int8 runs "
-                             f"can be served together on one base model (use `lightune predict` for it)")
-        label_names = list(metrics["data"]["label_names"])
+        shown = shown or str(run_dir)
+        try:
+            return self._read_adapter(name, Path(run_dir), shown)
+        except ModelError as exc:
+            raise type(exc)(_with_shown_path(str(exc), Path(run_dir), shown)) from None
+
+    def _read_adapter(self, name: str, run_dir: Path, shown: str) -> ServedAdapter:
+        try:
+            run_dir, metrics = read_run(run_dir)
+        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the object lightune writes
+            raise ModelError(f"{shown}/metrics.json is malformed: {_first_line(exc)}") from None
+        fields = run_fields(metrics, shown)
+        saved = run_dir / fields["saved"]
+        if fields["method"] not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
+            raise ModelError(f"{shown} is a {fields['method']} run without a LoRA adapter; only lora, qlora and int8 "
+                             f"runs can be served together on one base model (use `lightune predict` for it)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(saved)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the tokenizer of {run_dir}: {str(exc).splitlines()[0]}") from None
-        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=method,
-                             label_names=label_names, max_length=int(metrics["max_length"]), tokenizer=tokenizer,
-                             saved=saved)
+        except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
+            raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
+        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=fields["method"],
+                             label_names=fields["label_names"], max_length=fields["max_length"], tokenizer=tokenizer,
+                             saved=saved, shown=shown)
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -118,8 +165,12 @@ class AdapterRegistry:
 
     def add(self, name: str, run_dir: str | Path) -> ServedAdapter:
         """Load a finished adapter run under a name (the first one also loads the base model)."""
-        adapter = self._check_run(name, run_dir)
-        saved = adapter.saved
+        adapter = self.check_run(name, run_dir)
+        return self.add_checked(replace(adapter, shown=str(adapter.run_dir)))  # the operator's path, in full
+
+    def add_checked(self, adapter: ServedAdapter) -> ServedAdapter:
+        """Load an adapter that check_run accepted; if loading fails the served model is left as it was."""
+        name, saved = adapter.name, adapter.saved
         with self._lock:
             self._check_compatible(adapter)
             try:
@@ -134,10 +185,11 @@ class AdapterRegistry:
                 else:
                     self.model.load_adapter(saved, adapter_name=name)
                     self.model.eval()
-            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            except Exception as exc:  # a truncated or foreign weights file, a head of another shape, ...
                 if self.model is not None and name in self.model.peft_config:
                     self.model.delete_adapter(name)
-                raise ModelError(f"cannot load adapter from {saved}: {str(exc).splitlines()[0]}") from None
+                message = _with_shown_path(_first_line(exc), adapter.run_dir, adapter.shown)
+                raise ModelError(f"cannot load the adapter of {adapter.shown}: {message}") from None
             self.adapters[name] = adapter
             return adapter
 
@@ -187,9 +239,31 @@ class Limits:
     max_body_bytes: int = 1_000_000
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"); tokenizers and UTF-8 responses cannot: refuse them up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("unicode", "not valid Unicode: a lone surrogate at character {position}",
+                                  {"position": exc.start + 1}) from None
+    return text
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise PydanticCustomError("nul", "contains a NUL character")
+    return text
+
+
+# every string a client sends goes through one of these
+UnicodeStr = Annotated[str, AfterValidator(_valid_unicode)]
+PathStr = Annotated[UnicodeStr, AfterValidator(_no_nul)]
+
+
 class PredictRequest(BaseModel):
-    texts: list[str] = Field(description="texts to classify, in order", examples=[["A wonderful, moving film."]])
-    adapter: str | None = Field(default=None, description="adapter name (default: the first one loaded)")
+    texts: list[UnicodeStr] = Field(description="texts to classify, in order",
+                                    examples=[["A wonderful, moving film."]])
+    adapter: UnicodeStr | None = Field(default=None, description="adapter name (default: the first one loaded)")
 
 
 class Prediction(BaseModel):
@@ -219,8 +293,8 @@ class AdapterList(BaseModel):
 
 
 class AddAdapterRequest(BaseModel):
-    name: str | None = Field(default=None, description="adapter name (default: the run directory's name)")
-    run_dir: str = Field(description="a finished lora/qlora/int8 run directory on the server")
+    name: UnicodeStr | None = Field(default=None, description="adapter name (default: the run directory's name)")
+    run_dir: PathStr = Field(description="a finished lora/qlora/int8 run directory on the server")
 
 
 class Health(BaseModel):
@@ -234,7 +308,7 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 500)}
 
 
 class BodyTooLarge(HTTPException):
@@ -271,6 +345,36 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+class UnexpectedErrors:
+    """ASGI middleware: an exception that no handler turns into a 4xx (a bug) is a one-line 500.
+
+    The traceback goes to the server's log, not to the client, and the keep-alive connection stays open
+    (starlette's own 500 handler re-raises, and uvicorn then drops the connection)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # too late for a clean answer: let the server close the connection
+                raise
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            detail = f"internal error: {type(exc).__name__}" + (f": {_first_line(exc)}" if str(exc).strip() else "")
+            await JSONResponse({"detail": detail.encode("utf-8", "backslashreplace").decode("utf-8")},
+                               status_code=500)(scope, receive, send)
+
+
 def _readable(errors) -> str:
     """Pydantic validation errors as one line: 'texts.2: Input should be a valid string; ...'."""
     parts = []
@@ -297,6 +401,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastA
     limits = limits or Limits()
     app = FastAPI(title="lightune", version="0.1.0",
                   description="Fine-tuned text classifiers: several LoRA adapters on one base model.")
+    app.add_middleware(UnexpectedErrors)  # innermost: the middlewares added after it are outside it
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.state.registry, app.state.limits = registry, limits
 
@@ -315,11 +420,6 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastA
     for error_class, status in ((UnknownAdapterError, 404), (AdapterConflictError, 409), (DataError, 422),
                                 (LightuneError, 400)):
         app.add_exception_handler(error_class, _detail_response(status))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):  # the server stays up; the client gets one line
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {first}"}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
