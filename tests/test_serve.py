@@ -241,6 +241,38 @@ def test_deleting_the_last_adapter_is_refused(fresh_client):
     assert labels_of(fresh_client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
 
 
+def test_adapters_are_bounded_by_max_adapters(trained_tiny_run, flipped_run):
+    reg = AdapterRegistry(device="cpu", max_adapters=2)
+    reg.add("good", trained_tiny_run.run_dir)
+    client = TestClient(create_app(reg, LIMITS))
+    assert client.post("/adapters", json={"name": "second", "run_dir": str(flipped_run)}).status_code == 201
+    refused = client.post("/adapters", json={"name": "third", "run_dir": str(flipped_run)})
+    assert refused.status_code == 409
+    assert refused.json()["detail"] == ("2 adapters are loaded, the most this server holds (--max-adapters); "
+                                        "delete one before adding 'third'")
+    assert set(reg.model.peft_config) == {"good", "second"}
+    assert client.delete("/adapters/second").status_code == 200
+    assert client.post("/adapters", json={"name": "third", "run_dir": str(flipped_run)}).status_code == 201
+
+
+def test_a_removed_adapter_leaves_nothing_behind(trained_tiny_run):
+    import gc
+    import weakref
+
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("copy", trained_tiny_run.run_dir)
+    # one tokenizer for runs with the same tokenizer files (it weighs more than a LoRA adapter)
+    assert reg.adapters["copy"].tokenizer is reg.adapters["good"].tokenizer
+    tensors = [weakref.ref(p) for n, p in reg.model.named_parameters() if ".copy." in n]
+    assert len(tensors) > 4  # LoRA A and B of each target, and the copied head
+    reg.remove("copy")
+    gc.collect()
+    assert all(ref() is None for ref in tensors)
+    assert not [n for n, _ in reg.model.named_modules() if n.endswith(".copy")]
+    assert set(reg.model.peft_config) == {"good"}
+
+
 def test_openapi_schema_lists_the_api(client):
     schema = client.get("/openapi.json").json()
     assert {"/predict", "/adapters", "/adapters/{name}", "/health"} <= set(schema["paths"])
@@ -289,6 +321,9 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--name", "a", "--name", "b"], "--name was given 2 time(s) for 1 run directories"),
     (["RUN", "--port", "0"], "--port must be between 1 and 65535, got 0"),
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
+    (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
+    (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
+     "2 run directories but --max-adapters is 1"),
 ])
 def test_cli_bad_serve_arguments(trained_tiny_run, capsys, args, message):
     from lightune.cli import main

