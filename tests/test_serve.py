@@ -21,9 +21,10 @@ from test_cli import assert_one_line_error, run_cli
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lightune.errors import AdapterConflictError, ModelError, UnknownAdapterError  # noqa: E402
+from lightune.errors import AdapterConflictError, ConfigError, ModelError, UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
-from lightune.serving import AdapterRegistry, Limits, adapter_name_for, create_app  # noqa: E402
+from lightune.serving import (  # noqa: E402
+    Access, AdapterRegistry, Limits, adapter_name_for, create_app, trusted_hosts)
 
 TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
          "waste dull terrible movie"]
@@ -279,6 +280,26 @@ def test_openapi_schema_lists_the_api(client):
     assert {"post", "get"} <= set(schema["paths"]["/adapters"])
     assert {"PredictRequest", "PredictResponse", "AdapterList", "ErrorResponse"} <= set(schema["components"]["schemas"])
     assert "413" in schema["paths"]["/predict"]["post"]["responses"]
+
+
+def test_a_loopback_server_answers_loopback_host_names_only(registry):
+    """DNS rebinding: a page on evil.example that resolves its name to 127.0.0.1 sends `Host: evil.example`."""
+    app = create_app(registry, LIMITS, Access(allowed_hosts=trusted_hosts("127.0.0.1", ["lightune.example"])))
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:9", "lightune.example:8000"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example", ""):
+        response = client.post("/predict", json={"texts": ["great"]}, headers={"Host": host})
+        assert (response.status_code, response.text) == (400, "Invalid host header"), host
+
+
+def test_trusted_hosts():
+    assert trusted_hosts("::1") == trusted_hosts("localhost") == ["localhost", "127.0.0.1", "[::1]"]
+    assert trusted_hosts("127.0.0.2", ["*.corp.example"]) == ["localhost", "127.0.0.1", "[::1]", "127.0.0.2",
+                                                              "*.corp.example"]
+    assert trusted_hosts("0.0.0.0") is None and trusted_hosts("192.0.2.1", ["a.example"]) == ["a.example"]
+    with pytest.raises(ConfigError, match="bad allowed host 'a.\\*.example'"):
+        trusted_hosts("127.0.0.1", ["a.*.example"])
 
 
 def test_web_page_is_served(client):

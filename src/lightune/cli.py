@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapter name, once per RUN_DIR in order (default: each run directory's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--allowed-hosts", type=_parse_list, default=[], metavar="HOSTS",
+                       help="comma-separated Host header values to answer besides localhost, 127.0.0.1 and [::1] "
+                            "(each with any port), e.g. lightune.example.com,*.corp.example; on a non-loopback "
+                            "--host: the only ones answered (default: any)")
     serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     serve.add_argument("--max-texts", type=int, default=64, help="most texts per request (default 64)")
@@ -217,15 +221,16 @@ def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .serving import Limits, create_app
+    from .serving import Access, Limits, create_app, trusted_hosts
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    access = Access(allowed_hosts=trusted_hosts(args.host, args.allowed_hosts))
     registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
-    app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes))
+    app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes), access)
     print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
           f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import ipaddress
 import logging
 import re
 import threading
@@ -22,11 +23,12 @@ from peft import PeftModel
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
 
 from . import models
 from .config import ADAPTER_METHODS
-from .errors import AdapterConflictError, DataError, LightuneError, ModelError, UnknownAdapterError
+from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .inference import batched_logits, check_texts, read_run, to_predictions
 
 log = logging.getLogger("lightune.serve")
@@ -296,6 +298,41 @@ UnicodeStr = Annotated[str, AfterValidator(_valid_unicode)]
 PathStr = Annotated[UnicodeStr, AfterValidator(_no_nul)]
 
 
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"]
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def trusted_hosts(bind_host: str, extra: list[str] | None = None) -> list[str] | None:
+    """The Host header values to answer (None: any).
+
+    On a loopback address only loopback names, any port, plus `extra`: a web page elsewhere cannot reach the server
+    through DNS rebinding (its requests carry the page's own host name). Elsewhere `extra`, or any host."""
+    extra = list(extra or [])
+    for pattern in extra:
+        if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+            raise ConfigError(f"bad allowed host {pattern!r}: give a host name, '*.example.com' or '*'")
+    if not is_loopback(bind_host):
+        return extra or None
+    own = f"[{bind_host.strip('[]')}]" if ":" in bind_host else bind_host.lower()
+    return list(dict.fromkeys(LOOPBACK_NAMES + [own] + extra))
+
+
+@dataclass
+class Access:
+    """Who may use the server."""
+
+    allowed_hosts: list[str] | None = None  # Host header values answered, as trusted_hosts gives them; None: any
+
+
 class PredictRequest(BaseModel):
     texts: list[UnicodeStr] = Field(description="texts to classify, in order",
                                     examples=[["A wonderful, moving film."]])
@@ -432,13 +469,16 @@ def _detail_response(status: int):
     return handler
 
 
-def create_app(registry: AdapterRegistry, limits: Limits | None = None) -> FastAPI:
+def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: Access | None = None) -> FastAPI:
     """The FastAPI app: / (web page), /predict, /adapters, /health, and the OpenAPI schema at /openapi.json."""
-    limits = limits or Limits()
+    limits, access = limits or Limits(), access or Access()
     app = FastAPI(title="lightune", version="0.1.0",
                   description="Fine-tuned text classifiers: several LoRA adapters on one base model.")
-    app.add_middleware(UnexpectedErrors)  # innermost: the middlewares added after it are outside it
+    # each middleware added wraps the ones before it: the Host check runs first, errors are caught innermost
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if access.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
     app.state.registry, app.state.limits = registry, limits
 
     @app.exception_handler(RequestValidationError)
