@@ -354,6 +354,46 @@ def test_cli_bad_serve_arguments(trained_tiny_run, capsys, args, message):
     assert err.startswith("lightune: error: ") and message in err and "\n" not in err
 
 
+def serve_in_process(monkeypatch, *args: str) -> tuple[int, dict]:
+    """`lightune serve ARGS` up to the point where uvicorn would start: (exit status, what it would serve)."""
+    import uvicorn
+
+    from lightune.cli import main
+
+    served = {}
+
+    def run(server, sockets):
+        served.update(app=server.config.app, address=sockets[0].getsockname())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return main(["serve", *args]), served
+
+
+def test_cli_serves_on_a_socket_bound_before_loading(trained_tiny_run, monkeypatch, capsys):
+    port = free_port()
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(port), "--name", "good")
+    assert code == 0 and served["address"] == ("127.0.0.1", port)
+    client = TestClient(served["app"], base_url=f"http://127.0.0.1:{port}")
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+    assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    assert "serving good on " in capsys.readouterr().err
+
+
+def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeypatch, capsys):
+    from lightune import cli
+
+    loads = []
+    monkeypatch.setattr(cli, "build_registry", lambda *args: loads.append(args))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", str(trained_tiny_run.run_dir), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (f"lightune: error: cannot listen on 127.0.0.1:{port}: the port is in use; "
+                                       "stop the other server or choose another --port\n")
+    assert loads == []
+
+
 # -- the real server and the page in headless Chromium ----------------------------------------------------------
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import errno
 import os
+import socket
 import sys
 import warnings
 from dataclasses import fields
@@ -218,22 +220,45 @@ def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "
     return registry
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it); ConfigError with one line when that is not possible."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use; stop the other server or choose another --port" \
+            if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {where}: {reason}") from None
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .serving import Access, Limits, create_app, trusted_hosts
-
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    access = Access(allowed_hosts=trusted_hosts(args.host, args.allowed_hosts))
-    registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
-    app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes), access)
-    print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
-          f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
+    try:
+        import uvicorn
+
+        from .serving import Access, Limits, create_app, trusted_hosts
+
+        access = Access(allowed_hosts=trusted_hosts(args.host, args.allowed_hosts))
+        registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
+        app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes), access)
+        print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
+              f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
