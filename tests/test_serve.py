@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lightune.errors import AdapterConflictError, ConfigError, ModelError, UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
 from lightune.serving import (  # noqa: E402
-    Access, AdapterRegistry, Limits, adapter_name_for, create_app, trusted_hosts)
+    Access, AdapterRegistry, AdapterRoot, Limits, adapter_name_for, create_app, trusted_hosts)
 
 TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
          "waste dull terrible movie"]
@@ -59,12 +59,18 @@ def client(registry):
     return TestClient(create_app(registry, LIMITS))
 
 
+@pytest.fixture(scope="module")
+def loading(tmp_path_factory) -> Access:
+    """Run-time adapter loading from the folder that holds every run the tests train."""
+    return Access(adapter_root=AdapterRoot(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture
-def fresh_client(trained_tiny_run):
+def fresh_client(trained_tiny_run, loading):
     """A server with one adapter, for tests that add and remove adapters."""
     reg = AdapterRegistry(device="cpu")
     reg.add("good", trained_tiny_run.run_dir)
-    return TestClient(create_app(reg, LIMITS))
+    return TestClient(create_app(reg, LIMITS, loading))
 
 
 def labels_of(response) -> list[str]:
@@ -222,8 +228,8 @@ def test_add_and_delete_adapters_at_run_time(fresh_client, flipped_run):
 
     again = fresh_client.post("/adapters", json={"name": "flipped", "run_dir": str(flipped_run)})
     assert again.status_code == 409 and "already loaded" in again.json()["detail"]
-    missing = fresh_client.post("/adapters", json={"name": "x", "run_dir": "/no/such/run"})
-    assert missing.status_code == 400 and missing.json()["detail"] == "run directory not found: /no/such/run"
+    missing = fresh_client.post("/adapters", json={"name": "x", "run_dir": "no/such/run"})
+    assert missing.status_code == 400 and missing.json()["detail"] == "run directory not found: no/such/run"
     bad_name = fresh_client.post("/adapters", json={"name": "a.b", "run_dir": str(flipped_run)})
     assert bad_name.status_code == 400 and "bad adapter name" in bad_name.json()["detail"]
 
@@ -242,10 +248,10 @@ def test_deleting_the_last_adapter_is_refused(fresh_client):
     assert labels_of(fresh_client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
 
 
-def test_adapters_are_bounded_by_max_adapters(trained_tiny_run, flipped_run):
+def test_adapters_are_bounded_by_max_adapters(trained_tiny_run, flipped_run, loading):
     reg = AdapterRegistry(device="cpu", max_adapters=2)
     reg.add("good", trained_tiny_run.run_dir)
-    client = TestClient(create_app(reg, LIMITS))
+    client = TestClient(create_app(reg, LIMITS, loading))
     assert client.post("/adapters", json={"name": "second", "run_dir": str(flipped_run)}).status_code == 201
     refused = client.post("/adapters", json={"name": "third", "run_dir": str(flipped_run)})
     assert refused.status_code == 409
@@ -306,6 +312,91 @@ def test_web_page_is_served(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert 'id="classify"' in response.text and "/predict" in response.text
+
+
+# -- access control: API key, run-time loading only from one folder ----------------------------------------------
+
+KEY = "s3cret-Key_0123456789"
+
+
+def test_run_time_adapter_loading_is_off_by_default(client, flipped_run):
+    for response in (client.post("/adapters", json={"run_dir": str(flipped_run)}), client.delete("/adapters/good")):
+        assert response.status_code == 403
+        assert response.json()["detail"] == ("run-time adapter loading is off: start the server with "
+                                             "--allow-adapter-loading ROOT")
+    assert client.get("/adapters").json()["default"] == "good"
+
+
+@pytest.fixture
+def runs_root(trained_tiny_run, tmp_path) -> Path:
+    """ROOT with one good run, and ways out: a symlinked run, a run with a linked weights file or metrics.json."""
+    root = tmp_path / "root"
+    run, outside = trained_tiny_run.run_dir, tmp_path / "outside"
+    shutil.copytree(run, root / "ok")
+    (root / "escape").symlink_to(run, target_is_directory=True)
+    shutil.copytree(run, outside)
+    for name, linked in (("weights", "adapter/adapter_model.safetensors"), ("metrics", "metrics.json")):
+        shutil.copytree(run, root / name)
+        (root / name / linked).unlink()
+        (root / name / linked).symlink_to(outside / linked)
+    shutil.copytree(run, root / "pickled")
+    (root / "pickled/adapter/adapter_model.safetensors").rename(root / "pickled/adapter/adapter_model.bin")
+    return root
+
+
+def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp_path):
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    client = TestClient(create_app(reg, LIMITS, Access(adapter_root=AdapterRoot(runs_root))))
+    refused = {
+        "../outside": "run_dir '../outside' is outside the folder runs may be loaded from",
+        "ok/../../outside": "run_dir 'ok/../../outside' is outside the folder runs may be loaded from",
+        str(trained_tiny_run.run_dir): f"run_dir '{trained_tiny_run.run_dir}' is outside the folder",
+        "/etc": "run_dir '/etc' is outside the folder runs may be loaded from",
+        "escape": "run_dir 'escape' is outside the folder runs may be loaded from",
+        "weights": "run_dir 'weights' links outside the folder runs may be loaded from "
+                   "(adapter/adapter_model.safetensors)",
+        "metrics": "run_dir 'metrics' links outside the folder runs may be loaded from (metrics.json)",
+    }
+    for sent, message in refused.items():
+        response = client.post("/adapters", json={"name": "x", "run_dir": sent})
+        assert response.status_code == 403 and response.json()["detail"].startswith(message), (sent, response.text)
+    pickled = client.post("/adapters", json={"run_dir": "pickled"})
+    assert (pickled.status_code, pickled.json()["detail"]) == (400, (
+        "pickled has its adapter weights as adapter_model.bin, a pickle, which is never loaded here; save them as "
+        "adapter_model.safetensors"))
+    missing = client.post("/adapters", json={"run_dir": "ok/nope"})
+    assert (missing.status_code, missing.json()["detail"]) == (400, "run directory not found: ok/nope")
+    for response in (*(client.post("/adapters", json={"run_dir": s}) for s in refused), pickled, missing):
+        assert str(tmp_path) not in response.text  # never a server path
+    assert reg.names() == ["good"]
+
+    added = client.post("/adapters", json={"run_dir": str(runs_root / "ok")})  # absolute, inside: fine
+    assert (added.status_code, added.json()["name"], added.json()["run_dir"]) == (201, "ok", str(runs_root / "ok"))
+    added = client.post("/adapters", json={"name": "again", "run_dir": "./ok/"})
+    assert (added.status_code, added.json()["run_dir"]) == (201, "./ok/")
+    assert client.delete("/adapters/again").status_code == 200
+
+
+def test_an_api_key_closes_every_endpoint_but_the_page_and_health(registry):
+    client = TestClient(create_app(registry, LIMITS, Access(api_key=KEY)))
+    calls = [("GET", "/adapters", None), ("POST", "/predict", {"texts": ["great"]}),
+             ("POST", "/adapters", {"run_dir": "x"}), ("DELETE", "/adapters/good", None),
+             ("GET", "/openapi.json", None), ("GET", "/docs", None), ("GET", "/no-such-page", None)]
+    for method, path, body in calls:
+        for auth, detail in ((None, "this server needs an API key: send the header 'Authorization: Bearer <key>'"),
+                             (f"Bearer {KEY}x", "wrong API key"), (f"Bearer {KEY[:-1]}", "wrong API key"),
+                             (f"Basic {KEY}", "wrong API key"), (KEY, "wrong API key")):
+            response = client.request(method, path, json=body, headers={"Authorization": auth} if auth else {})
+            assert (response.status_code, response.json()["detail"]) == (401, detail), (method, path, auth)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    authorized = {"Authorization": f"bearer  {KEY} "}
+    assert labels_of(client.post("/predict", json={"texts": TEXTS}, headers=authorized)) == ["pos", "neg", "pos", "neg"]
+    assert client.get("/openapi.json", headers=authorized).status_code == 200
+    assert client.delete("/adapters/good", headers=authorized).status_code == 403  # the key does not open loading
+    assert client.get("/").status_code == 200
+    assert client.get("/health").json() == {"status": "ok"}  # what is served: only with the key
+    assert client.get("/health", headers=authorized).json()["adapters"] == 2
 
 
 # -- runs that cannot share the base -----------------------------------------------------------------------------
@@ -392,6 +483,43 @@ def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeyp
     assert capsys.readouterr().err == (f"lightune: error: cannot listen on 127.0.0.1:{port}: the port is in use; "
                                        "stop the other server or choose another --port\n")
     assert loads == []
+
+
+def test_cli_api_key_from_the_environment_and_a_warning_off_loopback(trained_tiny_run, monkeypatch, capsys):
+    monkeypatch.setenv("LIGHTUNE_API_KEY", KEY)
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()))
+    assert code == 0 and "warning" not in capsys.readouterr().err
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert client.get("/adapters").status_code == 401
+    assert client.get("/adapters", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+    monkeypatch.delenv("LIGHTUNE_API_KEY")
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--host", "0.0.0.0",
+                                    "--port", str(free_port()))
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 0 and lines[0] == ("lightune: warning: serving on 0.0.0.0 without an API key: anyone who can "
+                                      "reach this port can use the server; set LIGHTUNE_API_KEY")
+    assert TestClient(served["app"], base_url="http://192.0.2.7").get("/adapters").status_code == 200
+
+
+def test_cli_adapter_loading_root(trained_tiny_run, flipped_run, monkeypatch):
+    args = [str(trained_tiny_run.run_dir), "--port", str(free_port())]
+    code, served = serve_in_process(monkeypatch, *args, "--allow-adapter-loading", str(flipped_run.parent))
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert client.post("/adapters", json={"run_dir": "flipped"}).status_code == 201
+    assert client.post("/adapters", json={"run_dir": str(trained_tiny_run.run_dir)}).status_code == 403
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--api-key", "two words"], "the API key must be printable ASCII without spaces"),
+    (["--api-key", ""], "the API key must be printable ASCII without spaces"),
+    (["--allow-adapter-loading", "no-such-dir"], "--allow-adapter-loading: no-such-dir is not a directory"),
+    (["--allowed-hosts", "a.*.example"], "bad allowed host 'a.*.example'"),
+])
+def test_cli_bad_access_arguments(trained_tiny_run, monkeypatch, capsys, args, message):
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()), *args)
+    err = capsys.readouterr().err
+    assert (code, served) == (2, {}) and err.startswith(f"lightune: error: {message}") and err.count("\n") == 1
 
 
 # -- the real server and the page in headless Chromium ----------------------------------------------------------
@@ -485,8 +613,8 @@ def test_page_in_headless_chromium_against_the_real_server(registry):
 # -- hostile input against the real server: one-line 4xx, the keep-alive connection kept ---------------------------
 
 @pytest.fixture(scope="module")
-def live(registry):
-    with LiveServer(create_app(registry, LIMITS)) as server:
+def live(registry, loading):
+    with LiveServer(create_app(registry, LIMITS, loading)) as server:
         yield server
 
 
@@ -581,3 +709,30 @@ def test_an_unexpected_error_is_a_one_line_500_on_a_kept_connection(live, regist
     code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great superb film loved"]}))
     assert code == 200 and json.loads(text)["predictions"][0]["label"] == "pos"
     assert "Traceback" in caplog.text  # for the operator, in the server's log
+
+
+def enter_key(driver, key: str, expected_message: str, timeout: float = 20):
+    """Wait for the page to ask for the API key with expected_message, then type the key and send it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.find_element(By.ID, "key").is_displayed()
+        and d.find_element(By.ID, "auth-message").text == expected_message)
+    driver.find_element(By.ID, "key").send_keys(key)
+    driver.find_element(By.ID, "use-key").click()
+
+
+def test_page_asks_for_the_api_key_once(registry):
+    with tempfile.TemporaryDirectory() as profile, \
+            LiveServer(create_app(registry, access=Access(api_key=KEY))) as server:
+        driver = headless_chromium(profile)
+        try:
+            driver.get(server.url)
+            enter_key(driver, "not-the-key", "this server needs an API key")
+            enter_key(driver, KEY, "wrong API key")
+            # classify_in_page loads the page again: the key is kept for the tab, the page does not ask again
+            assert classify_in_page(driver, server.url, "great superb film loved it", adapter="flipped") == "neg"
+            assert not driver.find_element("id", "key").is_displayed()
+        finally:
+            driver.quit()

@@ -6,6 +6,7 @@ import argparse
 import json
 import errno
 import os
+import re
 import socket
 import sys
 import warnings
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body in bytes (default 1000000)")
     serve.add_argument("--max-adapters", type=int, default=16,
                        help="most adapters loaded at once, those given here included (default 16)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' on every endpoint but / and "
+                                         "/health (default: $LIGHTUNE_API_KEY; prefer it, the process list shows "
+                                         "arguments to every user)")
+    serve.add_argument("--allow-adapter-loading", metavar="ROOT",
+                       help="let clients load (POST /adapters) and unload (DELETE) adapters, from runs inside ROOT "
+                            "only (default: off)")
     return parser
 
 
@@ -239,19 +246,32 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, else $LIGHTUNE_API_KEY (unset or empty: no key)."""
+    key = args.api_key if args.api_key is not None else os.environ.get("LIGHTUNE_API_KEY") or None
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ConfigError("the API key must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    api_key = api_key_of(args)
     sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
     try:
         import uvicorn
 
-        from .serving import Access, Limits, create_app, trusted_hosts
+        from .serving import Access, AdapterRoot, Limits, create_app, is_loopback, trusted_hosts
 
-        access = Access(allowed_hosts=trusted_hosts(args.host, args.allowed_hosts))
+        root = AdapterRoot(args.allow_adapter_loading) if args.allow_adapter_loading else None
+        access = Access(trusted_hosts(args.host, args.allowed_hosts), api_key, root)
+        if api_key is None and not is_loopback(args.host):
+            print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
+                  f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
         registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
         app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes), access)
         print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import hmac
 import ipaddress
 import logging
 import re
@@ -22,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from peft import PeftModel
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
@@ -168,6 +170,11 @@ class AdapterRegistry:
         if fields["method"] not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
             raise ModelError(f"{shown} is a {fields['method']} run without a LoRA adapter; only lora, qlora and int8 "
                              f"runs can be served together on one base model (use `lightune predict` for it)")
+        if not (saved / "adapter_model.safetensors").is_file():  # never a pickle: it could run code when loaded
+            if (saved / "adapter_model.bin").exists():
+                raise ModelError(f"{shown} has its adapter weights as adapter_model.bin, a pickle, which is never "
+                                 f"loaded here; save them as adapter_model.safetensors")
+            raise ModelError(f"{shown} has no adapter weights ({fields['saved']}/adapter_model.safetensors)")
         tokenizer_key = _tokenizer_key(saved)
         with self._lock:
             tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key), None)
@@ -266,6 +273,48 @@ class AdapterRegistry:
         return served, to_predictions(texts, logits, served.label_names)
 
 
+class AccessDenied(LightuneError):
+    """A request that the server's access settings refuse (HTTP 403)."""
+
+
+class AdapterRoot:
+    """The one folder whose runs clients may load at run time (`--allow-adapter-loading ROOT`).
+
+    A client names a run relative to it, or by an absolute path inside it. Paths are resolved (symlinks followed)
+    before the check, and errors name a run as the client did, never by a path of the server."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        if not self.path.is_dir():
+            raise ConfigError(f"--allow-adapter-loading: {path} is not a directory")
+
+    def locate(self, sent: str) -> Path:
+        """The run directory a client named; AccessDenied for one outside the root or with links out of it."""
+        run_dir = (self.path / sent).resolve()  # an absolute `sent` replaces the root, `..` climbs out of it
+        if not run_dir.is_relative_to(self.path):
+            raise AccessDenied(f"run_dir {sent!r} is outside the folder runs may be loaded from")
+        try:
+            self._check_links(run_dir, sent)
+        except OSError as exc:
+            raise ModelError(f"cannot read run_dir {sent!r}: {exc.strerror or exc}") from None
+        return run_dir
+
+    def _check_links(self, run_dir: Path, sent: str) -> None:
+        """What loading reads (the run's files and those of its folders) must not link out of the root either."""
+        if not run_dir.is_dir():
+            return  # check_run says it is missing
+        for entry in run_dir.iterdir():
+            for path in (entry, *(entry.iterdir() if entry.is_dir() else ())):
+                if not path.resolve().is_relative_to(self.path):
+                    raise AccessDenied(f"run_dir {sent!r} links outside the folder runs may be loaded from "
+                                       f"({path.relative_to(run_dir)})")
+
+    def add(self, registry: AdapterRegistry, name: str | None, sent: str) -> ServedAdapter:
+        """Check and load the run a client named, under `name` (default: the run directory's name)."""
+        run_dir = self.locate(sent)
+        return registry.add_checked(registry.check_run(name or adapter_name_for(run_dir), run_dir, shown=sent))
+
+
 # -- the HTTP API ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -328,9 +377,38 @@ def trusted_hosts(bind_host: str, extra: list[str] | None = None) -> list[str] |
 
 @dataclass
 class Access:
-    """Who may use the server."""
+    """Who may use the server, and what clients may load."""
 
     allowed_hosts: list[str] | None = None  # Host header values answered, as trusted_hosts gives them; None: any
+    api_key: str | None = None  # needed as `Authorization: Bearer <key>` everywhere but OPEN_PATHS; None: open
+    adapter_root: AdapterRoot | None = None  # POST and DELETE /adapters load from there only; None: refused
+
+
+OPEN_PATHS = {"/", "/health"}  # the page (it asks for the key) and the liveness probe
+
+
+def key_matches(headers: Headers, key: str) -> bool:
+    """True when the request carries `Authorization: Bearer <key>` (compared in constant time)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    sent = hashlib.sha256(token.strip().encode("latin-1")).digest()  # digests: equal lengths, nothing to time
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, hashlib.sha256(key.encode()).digest())
+
+
+class BearerKey:
+    """ASGI middleware: 401 with `WWW-Authenticate: Bearer` for a request to a closed path without the API key."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope, receive, send):
+        headers = Headers(scope=scope)
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or key_matches(headers, self.key):
+            return await self.app(scope, receive, send)
+        detail = "wrong API key" if "authorization" in headers else \
+            "this server needs an API key: send the header 'Authorization: Bearer <key>'"
+        await JSONResponse({"detail": detail}, status_code=401,
+                           headers={"WWW-Authenticate": 'Bearer realm="lightune"'})(scope, receive, send)
 
 
 class PredictRequest(BaseModel):
@@ -372,16 +450,16 @@ class AddAdapterRequest(BaseModel):
 
 class Health(BaseModel):
     status: str
-    base_model: str | None
-    device: str
-    adapters: int
+    base_model: str | None = Field(default=None, description="(with an API key set: only for requests with it)")
+    device: str | None = None
+    adapters: int | None = None
 
 
 class ErrorResponse(BaseModel):
     detail: str
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 500)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 500)}
 
 
 class BodyTooLarge(HTTPException):
@@ -477,6 +555,8 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     # each middleware added wraps the ones before it: the Host check runs first, errors are caught innermost
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if access.api_key is not None:
+        app.add_middleware(BearerKey, key=access.api_key)
     if access.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
     app.state.registry, app.state.limits = registry, limits
@@ -494,17 +574,20 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
 
     # the most specific class wins (starlette looks handlers up along the exception's MRO)
     for error_class, status in ((UnknownAdapterError, 404), (AdapterConflictError, 409), (DataError, 422),
-                                (LightuneError, 400)):
+                                (AccessDenied, 403), (LightuneError, 400)):
         app.add_exception_handler(error_class, _detail_response(status))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return index_html()
 
-    @app.get("/health", response_model=Health, summary="Liveness and what is loaded")
-    async def health() -> dict:
+    @app.get("/health", response_model=Health, response_model_exclude_none=True,
+             summary="Liveness and what is loaded")
+    async def health(request: Request) -> dict:
         # async and without the model lock: answers at once while predictions queue (a liveness probe must not
         # wait for them, nor for a free worker thread)
+        if access.api_key is not None and not key_matches(request.headers, access.api_key):
+            return {"status": "ok"}
         return {"status": "ok", "base_model": registry.base_model, "device": str(registry.device),
                 "adapters": len(registry.adapters)}
 
@@ -516,12 +599,18 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     @app.post("/adapters", response_model=AdapterInfo, status_code=201, responses=ERRORS,
               summary="Load a finished run's adapter onto the shared base model")
     def add_adapter(body: AddAdapterRequest) -> dict:
-        return registry.add(body.name or adapter_name_for(body.run_dir), body.run_dir).info()
+        return loading_root().add(registry, body.name, body.run_dir).info()
 
     @app.delete("/adapters/{name}", response_model=AdapterList, responses=ERRORS, summary="Unload an adapter")
     def delete_adapter(name: str) -> dict:
+        loading_root()
         registry.remove(name)
         return list_adapters()
+
+    def loading_root() -> AdapterRoot:
+        if access.adapter_root is None:
+            raise AccessDenied("run-time adapter loading is off: start the server with --allow-adapter-loading ROOT")
+        return access.adapter_root
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
               summary="Classify texts with one adapter (length-sorted batches)")
