@@ -182,6 +182,70 @@ def test_oversized_body_is_413(client):
     assert client.get("/health").status_code == 200
 
 
+# -- back-pressure and metrics ----------------------------------------------------------------------------------
+
+def hold_the_model(registry):
+    """Patch registry.logits so that predictions wait until the returned event is set."""
+    release, real_logits = threading.Event(), registry.logits
+
+    def slow_logits(texts, adapter=None):
+        release.wait(30)
+        return real_logits(texts, adapter)
+
+    registry.logits = slow_logits
+    return release
+
+
+def wait_until(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_is_503_with_retry_after(registry):
+    app = create_app(registry, Limits(max_queue=2))
+    client = TestClient(app)
+    release = hold_the_model(registry)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            admitted = [pool.submit(client.post, "/predict", json={"texts": TEXTS}) for _ in range(2)]
+            wait_until(lambda: app.state.queue.depth == 2)
+            refused = client.post("/predict", json={"texts": TEXTS})
+            assert client.get("/health").status_code == 200  # the probe is not queued
+        finally:
+            release.set()
+            del registry.logits
+        assert (refused.status_code, refused.headers["Retry-After"]) == (503, "1")
+        assert refused.json()["detail"] == ("the server is busy: 2 prediction requests are queued, the most it "
+                                            "takes (--max-queue); retry after 1 s")
+        assert [labels_of(r.result(30)) for r in admitted] == [["pos", "neg", "pos", "neg"]] * 2
+    assert app.state.queue.depth == 0
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+
+
+def test_metrics_in_prometheus_text_format(registry):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = TestClient(create_app(registry, LIMITS))
+    client.post("/predict", json={"texts": TEXTS})
+    client.post("/predict", json={"texts": TEXTS[:1], "adapter": "flipped"})
+    client.post("/predict", json={"texts": TEXTS[:1], "adapter": "nope"})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    assert samples[("lightune_predictions_total", (("adapter", "good"),))] == 1
+    assert samples[("lightune_texts_total", (("adapter", "good"),))] == 4
+    assert samples[("lightune_texts_total", (("adapter", "flipped"),))] == 1
+    assert samples[("lightune_prediction_seconds_count", (("adapter", "flipped"),))] == 1
+    assert samples[("lightune_prediction_seconds_bucket", (("adapter", "good"), ("le", "+Inf")))] == 1
+    assert samples[("lightune_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 2
+    assert samples[("lightune_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "404")))] == 1
+    assert samples[("lightune_queue_depth", ())] == 0 and samples[("lightune_queue_size", ())] == 32
+    assert samples[("lightune_adapters_loaded", ())] == 2
+
+
 # -- adapters, health, schema ------------------------------------------------------------------------------------
 
 def test_list_adapters_and_health(client, trained_tiny_run):
@@ -382,7 +446,8 @@ def test_an_api_key_closes_every_endpoint_but_the_page_and_health(registry):
     client = TestClient(create_app(registry, LIMITS, Access(api_key=KEY)))
     calls = [("GET", "/adapters", None), ("POST", "/predict", {"texts": ["great"]}),
              ("POST", "/adapters", {"run_dir": "x"}), ("DELETE", "/adapters/good", None),
-             ("GET", "/openapi.json", None), ("GET", "/docs", None), ("GET", "/no-such-page", None)]
+             ("GET", "/openapi.json", None), ("GET", "/docs", None), ("GET", "/metrics", None),
+             ("GET", "/no-such-page", None)]
     for method, path, body in calls:
         for auth, detail in ((None, "this server needs an API key: send the header 'Authorization: Bearer <key>'"),
                              (f"Bearer {KEY}x", "wrong API key"), (f"Bearer {KEY[:-1]}", "wrong API key"),

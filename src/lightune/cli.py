@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text (default 5000)")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000,
                        help="largest request body in bytes (default 1000000)")
+    serve.add_argument("--max-queue", type=int, default=32,
+                       help="most prediction requests admitted at once, running or waiting; one more gets 503 "
+                            "with Retry-After (default 32)")
     serve.add_argument("--max-adapters", type=int, default=16,
                        help="most adapters loaded at once, those given here included (default 16)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' on every endpoint but / and "
@@ -257,7 +260,7 @@ def api_key_of(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_adapters"):
+    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_queue", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     api_key = api_key_of(args)
@@ -273,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
                   f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
         registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
-        app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes), access)
+        app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue), access)
         print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
               f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -10,7 +10,9 @@ import ipaddress
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -19,11 +21,13 @@ from typing import Annotated
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from peft import PeftModel
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import Headers
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
@@ -319,11 +323,86 @@ class AdapterRoot:
 
 @dataclass
 class Limits:
-    """Per-request limits; anything beyond them is a 4xx with a message, never a crash."""
+    """Per-request limits; anything beyond them is a 4xx (or a 503 for a full queue) with a message, never a crash."""
 
     max_texts: int = 64
     max_chars: int = 5000
     max_body_bytes: int = 1_000_000
+    max_queue: int = 32  # prediction requests admitted at once, running or waiting for the model
+
+
+class ServerBusy(LightuneError):
+    """The prediction queue is full (HTTP 503 with Retry-After)."""
+
+    retry_after_s = 1
+
+
+class PredictionQueue:
+    """Admission to the model: at most `size` prediction requests at once, each holding its texts while it waits;
+    one more is refused at once with ServerBusy, so a burst never becomes an unbounded climb in memory or latency.
+    Used from the event loop only (admission and release happen there), so a plain counter is enough."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.depth = 0
+
+    @contextmanager
+    def slot(self):
+        if self.depth >= self.size:
+            raise ServerBusy(f"the server is busy: {self.depth} prediction requests are queued, the most it takes "
+                             f"(--max-queue); retry after {ServerBusy.retry_after_s} s")
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app, in a registry of its own (several apps in one process do not clash)."""
+
+    def __init__(self, registry: AdapterRegistry, queue: PredictionQueue):
+        self.collector = CollectorRegistry()
+        self.requests = Counter("lightune_http_requests", "HTTP requests answered, by route, method and status",
+                                ["route", "method", "status"], registry=self.collector)
+        self.predictions = Counter("lightune_predictions", "prediction requests answered, by adapter", ["adapter"],
+                                   registry=self.collector)
+        self.texts = Counter("lightune_texts", "texts classified, by adapter", ["adapter"], registry=self.collector)
+        self.latency = Histogram("lightune_prediction_seconds", "time to answer a prediction request, waiting in "
+                                 "the queue included, by adapter", ["adapter"], registry=self.collector,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.rejected = Counter("lightune_queue_full", "prediction requests refused with 503: the queue was full",
+                                registry=self.collector)
+        Gauge("lightune_queue_depth", "prediction requests admitted: running or waiting for the model",
+              registry=self.collector).set_function(lambda: queue.depth)
+        Gauge("lightune_queue_size", "the most prediction requests admitted at once (--max-queue)",
+              registry=self.collector).set(queue.size)
+        Gauge("lightune_adapters_loaded", "adapters loaded on the base model",
+              registry=self.collector).set_function(lambda: len(registry.adapters))
+
+    def text(self) -> bytes:
+        return generate_latest(self.collector)
+
+
+class RequestCounter:
+    """ASGI middleware: counts every answered request in lightune_http_requests_total by its route's path
+    template (/adapters/{name}, not the name itself: the label set stays small) and status."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "other")
+                self.metrics.requests.labels(route, scope["method"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def _valid_unicode(text: str) -> str:
@@ -459,7 +538,7 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 500)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 500, 503)}
 
 
 class BodyTooLarge(HTTPException):
@@ -550,6 +629,8 @@ def _detail_response(status: int):
 def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: Access | None = None) -> FastAPI:
     """The FastAPI app: / (web page), /predict, /adapters, /health, and the OpenAPI schema at /openapi.json."""
     limits, access = limits or Limits(), access or Access()
+    queue = PredictionQueue(limits.max_queue)
+    metrics = ServerMetrics(registry, queue)
     app = FastAPI(title="lightune", version="0.1.0",
                   description="Fine-tuned text classifiers: several LoRA adapters on one base model.")
     # each middleware added wraps the ones before it: the Host check runs first, errors are caught innermost
@@ -557,9 +638,10 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     if access.api_key is not None:
         app.add_middleware(BearerKey, key=access.api_key)
+    app.add_middleware(RequestCounter, metrics=metrics)
     if access.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
-    app.state.registry, app.state.limits = registry, limits
+    app.state.registry, app.state.limits, app.state.queue = registry, limits, queue
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -576,6 +658,12 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     for error_class, status in ((UnknownAdapterError, 404), (AdapterConflictError, 409), (DataError, 422),
                                 (AccessDenied, 403), (LightuneError, 400)):
         app.add_exception_handler(error_class, _detail_response(status))
+
+    @app.exception_handler(ServerBusy)
+    async def busy(request: Request, exc: ServerBusy):
+        metrics.rejected.inc()
+        return JSONResponse({"detail": str(exc)}, status_code=503,
+                            headers={"Retry-After": str(ServerBusy.retry_after_s)})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -614,7 +702,8 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
               summary="Classify texts with one adapter (length-sorted batches)")
-    def predict(body: PredictRequest) -> dict:
+    async def predict(body: PredictRequest) -> dict:
+        start = time.perf_counter()
         texts = body.texts
         if not texts:
             raise DataError("texts is empty: give at least one text")
@@ -623,7 +712,15 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
         for i, text in enumerate(texts, 1):
             if len(text) > limits.max_chars:
                 raise DataError(f"text {i} is too long: {len(text)} characters, the limit is {limits.max_chars}")
-        served, predictions = registry.predict(texts, body.adapter)
+        with queue.slot():  # admitted here, in the event loop, before waiting for a worker thread or the model
+            served, predictions = await run_in_threadpool(registry.predict, texts, body.adapter)
+        metrics.predictions.labels(served.name).inc()
+        metrics.texts.labels(served.name).inc(len(texts))
+        metrics.latency.labels(served.name).observe(time.perf_counter() - start)
         return {"adapter": served.name, "labels": served.label_names, "predictions": predictions}
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics: requests, latency, queue, adapters")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
