@@ -405,10 +405,12 @@ def runs_root(trained_tiny_run, tmp_path) -> Path:
         (root / name / linked).symlink_to(outside / linked)
     shutil.copytree(run, root / "pickled")
     (root / "pickled/adapter/adapter_model.safetensors").rename(root / "pickled/adapter/adapter_model.bin")
+    _edited_copy(run, root / "otherbase", model="prajjwal1/bert-tiny")
+    _edited_copy(run, root / "nulbase", model="/a\x00b")
     return root
 
 
-def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp_path):
+def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp_path, tiny_model_dir):
     reg = AdapterRegistry(device="cpu")
     reg.add("good", trained_tiny_run.run_dir)
     client = TestClient(create_app(reg, LIMITS, Access(adapter_root=AdapterRoot(runs_root))))
@@ -431,8 +433,15 @@ def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp
         "adapter_model.safetensors"))
     missing = client.post("/adapters", json={"run_dir": "ok/nope"})
     assert (missing.status_code, missing.json()["detail"]) == (400, "run directory not found: ok/nope")
-    for response in (*(client.post("/adapters", json={"run_dir": s}) for s in refused), pickled, missing):
-        assert str(tmp_path) not in response.text  # never a server path
+    other_bases = []
+    for name, model in (("otherbase", "'prajjwal1/bert-tiny'"), ("nulbase", "'/a\\x00b'")):
+        other_bases.append(client.post("/adapters", json={"run_dir": name}))
+        assert (other_bases[-1].status_code, other_bases[-1].json()["detail"]) == (400, (
+            f"{name} was trained on {model}, not on the served base model; all served adapters must share one "
+            "base model"))
+    for response in (*(client.post("/adapters", json={"run_dir": s}) for s in refused), pickled, missing,
+                     *other_bases):
+        assert str(tmp_path) not in response.text and str(tiny_model_dir) not in response.text  # no server path
     assert reg.names() == ["good"]
 
     added = client.post("/adapters", json={"run_dir": str(runs_root / "ok")})  # absolute, inside: fine

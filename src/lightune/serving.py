@@ -196,10 +196,13 @@ class AdapterRegistry:
             raise AdapterConflictError(f"an adapter named {adapter.name!r} is already loaded")
         if self.model is None:
             return
-        base = models.resolve_model_path(adapter.model)
-        if base != self.base_model:
-            raise ModelError(f"{adapter.run_dir} was trained on {adapter.model!r}, but the served base model is "
-                             f"{self.base_model!r}; all served adapters must share one base model")
+        try:
+            base = models.resolve_model_path(adapter.model)
+        except (LightuneError, ValueError, OSError):  # one answer whatever is (not) at that path on the server
+            base = None
+        if base != self.base_model:  # (the served base is not named: it may be a path of the server)
+            raise ModelError(f"{adapter.run_dir} was trained on {adapter.model!r}, not on the served base model; "
+                             f"all served adapters must share one base model")
         if QUANTIZATION[adapter.method] != self.quantization:
             raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization "
                              f"{QUANTIZATION[adapter.method]}), but the served base has quantization "
@@ -217,7 +220,10 @@ class AdapterRegistry:
         """Load an adapter that check_run accepted; if loading fails the served model is left as it was."""
         name, saved = adapter.name, adapter.saved
         with self._lock:
-            self._check_compatible(adapter)
+            try:
+                self._check_compatible(adapter)
+            except ModelError as exc:
+                raise type(exc)(_with_shown_path(str(exc), adapter.run_dir, adapter.shown)) from None
             if len(self.adapters) >= self.max_adapters:
                 raise AdapterConflictError(f"{len(self.adapters)} adapters are loaded, the most this server holds "
                                            f"(--max-adapters); delete one before adding {adapter.name!r}")
