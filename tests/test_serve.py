@@ -736,6 +736,8 @@ BROKEN_RUNS = {  # name: (how the copy is broken, what the 400 says)
     "empty": (lambda run: (run / "metrics.json").write_text("{}"), "metrics.json has no valid 'config.model'"),
     "nolabels": (_edit_metrics(lambda m: m["data"].pop("label_names")), "has no valid 'data.label_names'"),
     "textlength": (_edit_metrics(lambda m: m.update(max_length="32")), "has no valid 'max_length'"),
+    "toolong": (_edit_metrics(lambda m: m.update(max_length=100_000)),
+                "has max_length 100000, more than the base model's 64 positions"),
     "savedout": (_edit_metrics(lambda m: m.update(saved="../empty/adapter")), "has no valid 'saved'"),
     "truncated": (_truncate_weights, "Error while deserializing header"),
 }

@@ -26,8 +26,8 @@ from peft import PeftModel
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
-from starlette.datastructures import Headers
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
@@ -179,14 +179,14 @@ class AdapterRegistry:
                 raise ModelError(f"{shown} has its adapter weights as adapter_model.bin, a pickle, which is never "
                                  f"loaded here; save them as adapter_model.safetensors")
             raise ModelError(f"{shown} has no adapter weights ({fields['saved']}/adapter_model.safetensors)")
-        tokenizer_key = _tokenizer_key(saved)
-        with self._lock:
-            tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key), None)
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(saved)
-            except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
-                raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
+        try:
+            tokenizer_key = _tokenizer_key(saved)
+            with self._lock:
+                tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key),
+                                 None)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(saved)
+        except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
+            raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
         return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=fields["method"],
                              label_names=fields["label_names"], max_length=fields["max_length"], tokenizer=tokenizer,
                              tokenizer_key=tokenizer_key, saved=saved, shown=shown)
@@ -195,6 +195,7 @@ class AdapterRegistry:
         if adapter.name in self.adapters:
             raise AdapterConflictError(f"an adapter named {adapter.name!r} is already loaded")
         if self.model is None:
+            self._check_positions(adapter, models.load_model_config(adapter.model))
             return
         try:
             base = models.resolve_model_path(adapter.model)
@@ -210,6 +211,15 @@ class AdapterRegistry:
         if len(adapter.label_names) != self.num_labels:
             raise ModelError(f"{adapter.run_dir} has {len(adapter.label_names)} labels, but the served adapters have "
                              f"{self.num_labels}; all served adapters need the same number of labels")
+        self._check_positions(adapter, self.model.config)
+
+    @staticmethod
+    def _check_positions(adapter: ServedAdapter, base_config) -> None:
+        """max_length must fit the base model's position embeddings, or long texts would fail in the forward."""
+        positions = getattr(base_config, "max_position_embeddings", None)
+        if positions and adapter.max_length > positions:
+            raise ModelError(f"{adapter.run_dir} has max_length {adapter.max_length}, more than the base model's "
+                             f"{positions} positions")
 
     def add(self, name: str, run_dir: str | Path) -> ServedAdapter:
         """Load a finished adapter run under a name (the first one also loads the base model)."""
