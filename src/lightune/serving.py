@@ -396,8 +396,19 @@ class ServerMetrics:
         Gauge("lightune_adapters_loaded", "adapters loaded on the base model",
               registry=self.collector).set_function(lambda: len(registry.adapters))
 
+    def forget(self, adapter: str) -> None:
+        """Drop an unloaded adapter's series: names that come and go must not pile up."""
+        for metric in (self.predictions, self.texts, self.latency):
+            try:
+                metric.remove(adapter)
+            except KeyError:  # it never answered a request
+                pass
+
     def text(self) -> bytes:
         return generate_latest(self.collector)
+
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class RequestCounter:
@@ -413,9 +424,10 @@ class RequestCounter:
             return await self.app(scope, receive, send)
 
         async def counting_send(message):
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":  # labels from small sets only: no series per client
                 route = getattr(scope.get("route"), "path", "other")
-                self.metrics.requests.labels(route, scope["method"], str(message["status"])).inc()
+                method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+                self.metrics.requests.labels(route, method, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -709,6 +721,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     def delete_adapter(name: str) -> dict:
         loading_root()
         registry.remove(name)
+        metrics.forget(name)
         return list_adapters()
 
     def loading_root() -> AdapterRoot:
