@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import errno
+import json
 import os
 import re
 import socket
