@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -20,9 +21,10 @@ from test_cli import assert_one_line_error, run_cli
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lightune.errors import AdapterConflictError, ModelError, UnknownAdapterError  # noqa: E402
+from lightune.errors import AdapterConflictError, ConfigError, ModelError, UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
-from lightune.serving import AdapterRegistry, Limits, adapter_name_for, create_app  # noqa: E402
+from lightune.serving import (  # noqa: E402
+    Access, AdapterRegistry, AdapterRoot, Limits, adapter_name_for, create_app, trusted_hosts)
 
 TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
          "waste dull terrible movie"]
@@ -57,12 +59,18 @@ def client(registry):
     return TestClient(create_app(registry, LIMITS))
 
 
+@pytest.fixture(scope="module")
+def loading(tmp_path_factory) -> Access:
+    """Run-time adapter loading from the folder that holds every run the tests train."""
+    return Access(adapter_root=AdapterRoot(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture
-def fresh_client(trained_tiny_run):
+def fresh_client(trained_tiny_run, loading):
     """A server with one adapter, for tests that add and remove adapters."""
     reg = AdapterRegistry(device="cpu")
     reg.add("good", trained_tiny_run.run_dir)
-    return TestClient(create_app(reg, LIMITS))
+    return TestClient(create_app(reg, LIMITS, loading))
 
 
 def labels_of(response) -> list[str]:
@@ -174,6 +182,73 @@ def test_oversized_body_is_413(client):
     assert client.get("/health").status_code == 200
 
 
+# -- back-pressure and metrics ----------------------------------------------------------------------------------
+
+def hold_the_model(registry):
+    """Patch registry.logits so that predictions wait until the returned event is set."""
+    release, real_logits = threading.Event(), registry.logits
+
+    def slow_logits(texts, adapter=None):
+        release.wait(30)
+        return real_logits(texts, adapter)
+
+    registry.logits = slow_logits
+    return release
+
+
+def wait_until(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_is_503_with_retry_after(registry):
+    app = create_app(registry, Limits(max_queue=2))
+    client = TestClient(app)
+    release = hold_the_model(registry)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            admitted = [pool.submit(client.post, "/predict", json={"texts": TEXTS}) for _ in range(2)]
+            wait_until(lambda: app.state.queue.depth == 2)
+            refused = client.post("/predict", json={"texts": TEXTS})
+            assert client.get("/health").status_code == 200  # the probe is not queued
+        finally:
+            release.set()
+            del registry.logits
+        assert (refused.status_code, refused.headers["Retry-After"]) == (503, "1")
+        assert refused.json()["detail"] == ("the server is busy: 2 prediction requests are queued, the most it "
+                                            "takes (--max-queue); retry after 1 s")
+        assert [labels_of(r.result(30)) for r in admitted] == [["pos", "neg", "pos", "neg"]] * 2
+    assert app.state.queue.depth == 0
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+
+
+def test_metrics_in_prometheus_text_format(registry):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = TestClient(create_app(registry, LIMITS))
+    client.post("/predict", json={"texts": TEXTS})
+    client.post("/predict", json={"texts": TEXTS[:1], "adapter": "flipped"})
+    client.post("/predict", json={"texts": TEXTS[:1], "adapter": "nope"})
+    client.request("FOO", "/predict")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    parsed = [s for family in text_string_to_metric_families(response.text) for s in family.samples]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in parsed}
+    requests = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value for s in parsed
+                if s.name == "lightune_http_requests_total"}
+    assert samples[("lightune_predictions_total", (("adapter", "good"),))] == 1
+    assert samples[("lightune_texts_total", (("adapter", "good"),))] == 4
+    assert samples[("lightune_texts_total", (("adapter", "flipped"),))] == 1
+    assert samples[("lightune_prediction_seconds_count", (("adapter", "flipped"),))] == 1
+    assert samples[("lightune_prediction_seconds_bucket", (("adapter", "good"), ("le", "+Inf")))] == 1
+    assert requests[("POST", "/predict", "200")] == 2 and requests[("POST", "/predict", "404")] == 1
+    assert requests[("other", "/predict", "405")] == 1  # label values from small sets only
+    assert samples[("lightune_queue_depth", ())] == 0 and samples[("lightune_queue_size", ())] == 32
+    assert samples[("lightune_adapters_loaded", ())] == 2
+
+
 # -- adapters, health, schema ------------------------------------------------------------------------------------
 
 def test_list_adapters_and_health(client, trained_tiny_run):
@@ -187,7 +262,32 @@ def test_list_adapters_and_health(client, trained_tiny_run):
     assert health["status"] == "ok" and health["adapters"] == 2 and health["device"] == "cpu"
 
 
+def test_health_answers_while_a_slow_prediction_holds_the_model_lock(client, registry):
+    held, release = threading.Event(), threading.Event()
+    real_logits = registry.logits
+
+    def slow_logits(texts, adapter=None):  # a prediction that keeps the lock until the test lets it go
+        with registry._lock:
+            held.set()
+            release.wait(30)
+            return real_logits(texts, adapter)
+
+    registry.logits = slow_logits
+    with ThreadPoolExecutor(3) as pool:
+        try:
+            slow = pool.submit(client.post, "/predict", json={"texts": TEXTS})
+            assert held.wait(10)
+            queued = pool.submit(client.post, "/predict", json={"texts": TEXTS})  # waits for the lock
+            health = pool.submit(client.get, "/health").result(timeout=10)  # a lock-taking /health times out
+        finally:
+            release.set()
+            del registry.logits
+        assert health.status_code == 200 and health.json()["adapters"] == 2
+        assert labels_of(slow.result(30)) == labels_of(queued.result(30)) == ["pos", "neg", "pos", "neg"]
+
+
 def test_add_and_delete_adapters_at_run_time(fresh_client, flipped_run):
+    assert labels_of(fresh_client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
     added = fresh_client.post("/adapters", json={"run_dir": str(flipped_run)})
     assert added.status_code == 201, added.text
     assert added.json()["name"] == adapter_name_for(flipped_run) == "flipped"
@@ -196,13 +296,15 @@ def test_add_and_delete_adapters_at_run_time(fresh_client, flipped_run):
 
     again = fresh_client.post("/adapters", json={"name": "flipped", "run_dir": str(flipped_run)})
     assert again.status_code == 409 and "already loaded" in again.json()["detail"]
-    missing = fresh_client.post("/adapters", json={"name": "x", "run_dir": "/no/such/run"})
-    assert missing.status_code == 400 and missing.json()["detail"] == "run directory not found: /no/such/run"
+    missing = fresh_client.post("/adapters", json={"name": "x", "run_dir": "no/such/run"})
+    assert missing.status_code == 400 and missing.json()["detail"] == "run directory not found: no/such/run"
     bad_name = fresh_client.post("/adapters", json={"name": "a.b", "run_dir": str(flipped_run)})
     assert bad_name.status_code == 400 and "bad adapter name" in bad_name.json()["detail"]
 
+    assert 'adapter="good"' in fresh_client.get("/metrics").text
     deleted = fresh_client.delete("/adapters/good")
     assert deleted.status_code == 200
+    assert 'adapter="good"' not in fresh_client.get("/metrics").text  # no series of unloaded adapters pile up
     assert deleted.json()["default"] == "flipped" and [a["name"] for a in deleted.json()["adapters"]] == ["flipped"]
     assert fresh_client.post("/predict", json={"texts": TEXTS, "adapter": "good"}).status_code == 404
     assert labels_of(fresh_client.post("/predict", json={"texts": TEXTS})) == ["neg", "pos", "neg", "pos"]
@@ -216,6 +318,38 @@ def test_deleting_the_last_adapter_is_refused(fresh_client):
     assert labels_of(fresh_client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
 
 
+def test_adapters_are_bounded_by_max_adapters(trained_tiny_run, flipped_run, loading):
+    reg = AdapterRegistry(device="cpu", max_adapters=2)
+    reg.add("good", trained_tiny_run.run_dir)
+    client = TestClient(create_app(reg, LIMITS, loading))
+    assert client.post("/adapters", json={"name": "second", "run_dir": str(flipped_run)}).status_code == 201
+    refused = client.post("/adapters", json={"name": "third", "run_dir": str(flipped_run)})
+    assert refused.status_code == 409
+    assert refused.json()["detail"] == ("2 adapters are loaded, the most this server holds (--max-adapters); "
+                                        "delete one before adding 'third'")
+    assert set(reg.model.peft_config) == {"good", "second"}
+    assert client.delete("/adapters/second").status_code == 200
+    assert client.post("/adapters", json={"name": "third", "run_dir": str(flipped_run)}).status_code == 201
+
+
+def test_a_removed_adapter_leaves_nothing_behind(trained_tiny_run):
+    import gc
+    import weakref
+
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("copy", trained_tiny_run.run_dir)
+    # one tokenizer for runs with the same tokenizer files (it weighs more than a LoRA adapter)
+    assert reg.adapters["copy"].tokenizer is reg.adapters["good"].tokenizer
+    tensors = [weakref.ref(p) for n, p in reg.model.named_parameters() if ".copy." in n]
+    assert len(tensors) > 4  # LoRA A and B of each target, and the copied head
+    reg.remove("copy")
+    gc.collect()
+    assert all(ref() is None for ref in tensors)
+    assert not [n for n, _ in reg.model.named_modules() if n.endswith(".copy")]
+    assert set(reg.model.peft_config) == {"good"}
+
+
 def test_openapi_schema_lists_the_api(client):
     schema = client.get("/openapi.json").json()
     assert {"/predict", "/adapters", "/adapters/{name}", "/health"} <= set(schema["paths"])
@@ -224,10 +358,125 @@ def test_openapi_schema_lists_the_api(client):
     assert "413" in schema["paths"]["/predict"]["post"]["responses"]
 
 
+def test_a_loopback_server_answers_loopback_host_names_only(registry):
+    """DNS rebinding: a page on evil.example that resolves its name to 127.0.0.1 sends `Host: evil.example`."""
+    app = create_app(registry, LIMITS, Access(allowed_hosts=trusted_hosts("127.0.0.1", ["lightune.example"])))
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:1", "[::1]:9", "lightune.example:8000"):
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example", ""):
+        response = client.post("/predict", json={"texts": ["great"]}, headers={"Host": host})
+        assert (response.status_code, response.text) == (400, "Invalid host header"), host
+
+
+def test_trusted_hosts():
+    assert trusted_hosts("::1") == trusted_hosts("localhost") == ["localhost", "127.0.0.1", "[::1]"]
+    assert trusted_hosts("127.0.0.2", ["*.corp.example"]) == ["localhost", "127.0.0.1", "[::1]", "127.0.0.2",
+                                                              "*.corp.example"]
+    assert trusted_hosts("0.0.0.0") is None and trusted_hosts("192.0.2.1", ["a.example"]) == ["a.example"]
+    with pytest.raises(ConfigError, match="bad allowed host 'a.\\*.example'"):
+        trusted_hosts("127.0.0.1", ["a.*.example"])
+
+
 def test_web_page_is_served(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert 'id="classify"' in response.text and "/predict" in response.text
+
+
+# -- access control: API key, run-time loading only from one folder ----------------------------------------------
+
+KEY = "s3cret-Key_0123456789"
+
+
+def test_run_time_adapter_loading_is_off_by_default(client, flipped_run):
+    for response in (client.post("/adapters", json={"run_dir": str(flipped_run)}), client.delete("/adapters/good")):
+        assert response.status_code == 403
+        assert response.json()["detail"] == ("run-time adapter loading is off: start the server with "
+                                             "--allow-adapter-loading ROOT")
+    assert client.get("/adapters").json()["default"] == "good"
+
+
+@pytest.fixture
+def runs_root(trained_tiny_run, tmp_path) -> Path:
+    """ROOT with one good run, and ways out: a symlinked run, a run with a linked weights file or metrics.json."""
+    root = tmp_path / "root"
+    run, outside = trained_tiny_run.run_dir, tmp_path / "outside"
+    shutil.copytree(run, root / "ok")
+    (root / "escape").symlink_to(run, target_is_directory=True)
+    shutil.copytree(run, outside)
+    for name, linked in (("weights", "adapter/adapter_model.safetensors"), ("metrics", "metrics.json")):
+        shutil.copytree(run, root / name)
+        (root / name / linked).unlink()
+        (root / name / linked).symlink_to(outside / linked)
+    shutil.copytree(run, root / "pickled")
+    (root / "pickled/adapter/adapter_model.safetensors").rename(root / "pickled/adapter/adapter_model.bin")
+    _edited_copy(run, root / "otherbase", model="prajjwal1/bert-tiny")
+    _edited_copy(run, root / "nulbase", model="/a\x00b")
+    return root
+
+
+def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp_path, tiny_model_dir):
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    client = TestClient(create_app(reg, LIMITS, Access(adapter_root=AdapterRoot(runs_root))))
+    refused = {
+        "../outside": "run_dir '../outside' is outside the folder runs may be loaded from",
+        "ok/../../outside": "run_dir 'ok/../../outside' is outside the folder runs may be loaded from",
+        str(trained_tiny_run.run_dir): f"run_dir '{trained_tiny_run.run_dir}' is outside the folder",
+        "/etc": "run_dir '/etc' is outside the folder runs may be loaded from",
+        "escape": "run_dir 'escape' is outside the folder runs may be loaded from",
+        "weights": "run_dir 'weights' links outside the folder runs may be loaded from "
+                   "(adapter/adapter_model.safetensors)",
+        "metrics": "run_dir 'metrics' links outside the folder runs may be loaded from (metrics.json)",
+    }
+    for sent, message in refused.items():
+        response = client.post("/adapters", json={"name": "x", "run_dir": sent})
+        assert response.status_code == 403 and response.json()["detail"].startswith(message), (sent, response.text)
+    pickled = client.post("/adapters", json={"run_dir": "pickled"})
+    assert (pickled.status_code, pickled.json()["detail"]) == (400, (
+        "pickled has its adapter weights as adapter_model.bin, a pickle, which is never loaded here; save them as "
+        "adapter_model.safetensors"))
+    missing = client.post("/adapters", json={"run_dir": "ok/nope"})
+    assert (missing.status_code, missing.json()["detail"]) == (400, "run directory not found: ok/nope")
+    other_bases = []
+    for name, model in (("otherbase", "'prajjwal1/bert-tiny'"), ("nulbase", "'/a\\x00b'")):
+        other_bases.append(client.post("/adapters", json={"run_dir": name}))
+        assert (other_bases[-1].status_code, other_bases[-1].json()["detail"]) == (400, (
+            f"{name} was trained on {model}, not on the served base model; all served adapters must share one "
+            "base model"))
+    for response in (*(client.post("/adapters", json={"run_dir": s}) for s in refused), pickled, missing,
+                     *other_bases):
+        assert str(tmp_path) not in response.text and str(tiny_model_dir) not in response.text  # no server path
+    assert reg.names() == ["good"]
+
+    added = client.post("/adapters", json={"run_dir": str(runs_root / "ok")})  # absolute, inside: fine
+    assert (added.status_code, added.json()["name"], added.json()["run_dir"]) == (201, "ok", str(runs_root / "ok"))
+    added = client.post("/adapters", json={"name": "again", "run_dir": "./ok/"})
+    assert (added.status_code, added.json()["run_dir"]) == (201, "./ok/")
+    assert client.delete("/adapters/again").status_code == 200
+
+
+def test_an_api_key_closes_every_endpoint_but_the_page_and_health(registry):
+    client = TestClient(create_app(registry, LIMITS, Access(api_key=KEY)))
+    calls = [("GET", "/adapters", None), ("POST", "/predict", {"texts": ["great"]}),
+             ("POST", "/adapters", {"run_dir": "x"}), ("DELETE", "/adapters/good", None),
+             ("GET", "/openapi.json", None), ("GET", "/docs", None), ("GET", "/metrics", None),
+             ("GET", "/no-such-page", None)]
+    for method, path, body in calls:
+        for auth, detail in ((None, "this server needs an API key: send the header 'Authorization: Bearer <key>'"),
+                             (f"Bearer {KEY}x", "wrong API key"), (f"Bearer {KEY[:-1]}", "wrong API key"),
+                             (f"Basic {KEY}", "wrong API key"), (KEY, "wrong API key")):
+            response = client.request(method, path, json=body, headers={"Authorization": auth} if auth else {})
+            assert (response.status_code, response.json()["detail"]) == (401, detail), (method, path, auth)
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    authorized = {"Authorization": f"bearer  {KEY} "}
+    assert labels_of(client.post("/predict", json={"texts": TEXTS}, headers=authorized)) == ["pos", "neg", "pos", "neg"]
+    assert client.get("/openapi.json", headers=authorized).status_code == 200
+    assert client.delete("/adapters/good", headers=authorized).status_code == 403  # the key does not open loading
+    assert client.get("/").status_code == 200
+    assert client.get("/health").json() == {"status": "ok"}  # what is served: only with the key
+    assert client.get("/health", headers=authorized).json()["adapters"] == 2
 
 
 # -- runs that cannot share the base -----------------------------------------------------------------------------
@@ -264,6 +513,9 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--name", "a", "--name", "b"], "--name was given 2 time(s) for 1 run directories"),
     (["RUN", "--port", "0"], "--port must be between 1 and 65535, got 0"),
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
+    (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
+    (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
+     "2 run directories but --max-adapters is 1"),
 ])
 def test_cli_bad_serve_arguments(trained_tiny_run, capsys, args, message):
     from lightune.cli import main
@@ -271,6 +523,83 @@ def test_cli_bad_serve_arguments(trained_tiny_run, capsys, args, message):
     assert main(["serve", *[str(trained_tiny_run.run_dir) if a == "RUN" else a for a in args]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lightune: error: ") and message in err and "\n" not in err
+
+
+def serve_in_process(monkeypatch, *args: str) -> tuple[int, dict]:
+    """`lightune serve ARGS` up to the point where uvicorn would start: (exit status, what it would serve)."""
+    import uvicorn
+
+    from lightune.cli import main
+
+    served = {}
+
+    def run(server, sockets):
+        served.update(app=server.config.app, address=sockets[0].getsockname())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return main(["serve", *args]), served
+
+
+def test_cli_serves_on_a_socket_bound_before_loading(trained_tiny_run, monkeypatch, capsys):
+    port = free_port()
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(port), "--name", "good")
+    assert code == 0 and served["address"] == ("127.0.0.1", port)
+    client = TestClient(served["app"], base_url=f"http://127.0.0.1:{port}")
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+    assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    assert "serving good on " in capsys.readouterr().err
+
+
+def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeypatch, capsys):
+    from lightune import cli
+
+    loads = []
+    monkeypatch.setattr(cli, "build_registry", lambda *args: loads.append(args))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", str(trained_tiny_run.run_dir), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (f"lightune: error: cannot listen on 127.0.0.1:{port}: the port is in use; "
+                                       "stop the other server or choose another --port\n")
+    assert loads == []
+
+
+def test_cli_api_key_from_the_environment_and_a_warning_off_loopback(trained_tiny_run, monkeypatch, capsys):
+    monkeypatch.setenv("LIGHTUNE_API_KEY", KEY)
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()))
+    assert code == 0 and "warning" not in capsys.readouterr().err
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert client.get("/adapters").status_code == 401
+    assert client.get("/adapters", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+    monkeypatch.delenv("LIGHTUNE_API_KEY")
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--host", "0.0.0.0",
+                                    "--port", str(free_port()))
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 0 and lines[0] == ("lightune: warning: serving on 0.0.0.0 without an API key: anyone who can "
+                                      "reach this port can use the server; set LIGHTUNE_API_KEY")
+    assert TestClient(served["app"], base_url="http://192.0.2.7").get("/adapters").status_code == 200
+
+
+def test_cli_adapter_loading_root(trained_tiny_run, flipped_run, monkeypatch):
+    args = [str(trained_tiny_run.run_dir), "--port", str(free_port())]
+    code, served = serve_in_process(monkeypatch, *args, "--allow-adapter-loading", str(flipped_run.parent))
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert client.post("/adapters", json={"run_dir": "flipped"}).status_code == 201
+    assert client.post("/adapters", json={"run_dir": str(trained_tiny_run.run_dir)}).status_code == 403
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--api-key", "two words"], "the API key must be printable ASCII without spaces"),
+    (["--api-key", ""], "the API key must be printable ASCII without spaces"),
+    (["--allow-adapter-loading", "no-such-dir"], "--allow-adapter-loading: no-such-dir is not a directory"),
+    (["--allowed-hosts", "a.*.example"], "bad allowed host 'a.*.example'"),
+])
+def test_cli_bad_access_arguments(trained_tiny_run, monkeypatch, capsys, args, message):
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()), *args)
+    err = capsys.readouterr().err
+    assert (code, served) == (2, {}) and err.startswith(f"lightune: error: {message}") and err.count("\n") == 1
 
 
 # -- the real server and the page in headless Chromium ----------------------------------------------------------
@@ -357,5 +686,135 @@ def test_page_in_headless_chromium_against_the_real_server(registry):
 
             bars = driver.find_elements(By.CSS_SELECTOR, "#results .result .bar-row")
             assert [b.text.split("\n")[0] for b in bars] == ["neg", "pos"]
+        finally:
+            driver.quit()
+
+
+# -- hostile input against the real server: one-line 4xx, the keep-alive connection kept ---------------------------
+
+@pytest.fixture(scope="module")
+def live(registry, loading):
+    with LiveServer(create_app(registry, LIMITS, loading)) as server:
+        yield server
+
+
+class KeptConnection:
+    """One HTTP/1.1 connection to a live server; every request must be answered over the same socket."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.sock = None
+
+    def request(self, method: str, path: str, body: str | None = None, headers: dict | None = None):
+        """(status, headers, body text); fails if the server dropped or announced closing the connection."""
+        self.conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = self.conn.getresponse()
+        text = response.read().decode()
+        assert not response.will_close, f"the server closes the connection after {method} {path}"
+        self.sock = self.sock or self.conn.sock
+        assert self.conn.sock is self.sock
+        return response.status, response.headers, text
+
+
+def _broken_copy(run_dir: Path, dest: Path, edit) -> Path:
+    shutil.copytree(run_dir, dest)
+    edit(dest)
+    return dest
+
+
+def _edit_metrics(change):
+    def edit(run: Path):
+        metrics = json.loads((run / "metrics.json").read_text())
+        change(metrics)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return edit
+
+
+def _truncate_weights(run: Path):
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+BROKEN_RUNS = {  # name: (how the copy is broken, what the 400 says)
+    "malformed": (lambda run: (run / "metrics.json").write_text('{"config": '),
+                  "metrics.json is malformed: Expecting value: line 1 column 12 (char 11)"),
+    "list": (lambda run: (run / "metrics.json").write_text("[]"), "metrics.json is malformed"),
+    "empty": (lambda run: (run / "metrics.json").write_text("{}"), "metrics.json has no valid 'config.model'"),
+    "nolabels": (_edit_metrics(lambda m: m["data"].pop("label_names")), "has no valid 'data.label_names'"),
+    "textlength": (_edit_metrics(lambda m: m.update(max_length="32")), "has no valid 'max_length'"),
+    "toolong": (_edit_metrics(lambda m: m.update(max_length=100_000)),
+                "has max_length 100000, more than the base model's 64 positions"),
+    "savedout": (_edit_metrics(lambda m: m.update(saved="../empty/adapter")), "has no valid 'saved'"),
+    "truncated": (_truncate_weights, "Error while deserializing header"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_runs(trained_tiny_run, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken-runs")
+    return {name: _broken_copy(trained_tiny_run.run_dir, root / name, edit)
+            for name, (edit, _) in BROKEN_RUNS.items()}
+
+
+def test_client_errors_are_one_line_4xx_on_a_kept_connection(live, registry, broken_runs):
+    conn = KeptConnection(live.port)
+    cases = [
+        ("/predict", '{"texts": ["great", "\\ud800 film"]}', 422,
+         "texts.1: not valid Unicode: a lone surrogate at character 1"),
+        ("/predict", '{"texts": ["great"], "adapter": "x\\udfff"}', 422,
+         "adapter: not valid Unicode: a lone surrogate at character 2"),
+        ("/adapters", json.dumps({"name": "n", "run_dir": "runs/\x00x"}), 422, "run_dir: contains a NUL character"),
+    ]
+    cases += [("/adapters", json.dumps({"name": name, "run_dir": str(run)}), 400, f"{run}")
+              for name, run in broken_runs.items()]
+    for path, body, status, message in cases:
+        code, _, text = conn.request("POST", path, body)
+        detail = json.loads(text)["detail"]
+        assert code == status and message in detail and "\n" not in detail, (path, body, text)
+        if path == "/adapters":
+            assert BROKEN_RUNS.get(json.loads(body)["name"], ("", "NUL"))[1] in detail, detail
+    # nothing half-loaded stays behind, and the adapters answer as before
+    assert set(registry.model.peft_config) == {"good", "flipped"} and registry.names() == ["good", "flipped"]
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": TEXTS, "adapter": "flipped"}))
+    assert [p["label"] for p in json.loads(text)["predictions"]] == ["neg", "pos", "neg", "pos"]
+
+
+def test_an_unexpected_error_is_a_one_line_500_on_a_kept_connection(live, registry, monkeypatch, caplog):
+    def bug(texts, adapter=None):
+        raise RuntimeError("boom\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(registry, "logits", bug)
+    conn = KeptConnection(live.port)
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great"]}))
+    assert (code, json.loads(text)) == (500, {"detail": "internal error: RuntimeError: boom"})
+    monkeypatch.undo()
+    code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great superb film loved"]}))
+    assert code == 200 and json.loads(text)["predictions"][0]["label"] == "pos"
+    assert "Traceback" in caplog.text  # for the operator, in the server's log
+
+
+def enter_key(driver, key: str, expected_message: str, timeout: float = 20):
+    """Wait for the page to ask for the API key with expected_message, then type the key and send it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.find_element(By.ID, "key").is_displayed()
+        and d.find_element(By.ID, "auth-message").text == expected_message)
+    driver.find_element(By.ID, "key").send_keys(key)
+    driver.find_element(By.ID, "use-key").click()
+
+
+def test_page_asks_for_the_api_key_once(registry):
+    with tempfile.TemporaryDirectory() as profile, \
+            LiveServer(create_app(registry, access=Access(api_key=KEY))) as server:
+        driver = headless_chromium(profile)
+        try:
+            driver.get(server.url)
+            enter_key(driver, "not-the-key", "this server needs an API key")
+            enter_key(driver, KEY, "wrong API key")
+            # classify_in_page loads the page again: the key is kept for the tab, the page does not ask again
+            assert classify_in_page(driver, server.url, "great superb film loved it", adapter="flipped") == "neg"
+            assert not driver.find_element("id", "key").is_displayed()
         finally:
             driver.quit()

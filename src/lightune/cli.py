@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import re
 import signal
+import socket
 import sys
 import warnings
 from dataclasses import fields
@@ -107,12 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapter name, once per RUN_DIR in order (default: each run directory's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--allowed-hosts", type=_parse_list, default=[], metavar="HOSTS",
+                       help="comma-separated Host header values to answer besides localhost, 127.0.0.1 and [::1] "
+                            "(each with any port), e.g. lightune.example.com,*.corp.example; on a non-loopback "
+                            "--host: the only ones answered (default: any)")
     serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     serve.add_argument("--max-texts", type=int, default=64, help="most texts per request (default 64)")
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text (default 5000)")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000,
                        help="largest request body in bytes (default 1000000)")
+    serve.add_argument("--max-queue", type=int, default=32,
+                       help="most prediction requests admitted at once, running or waiting; one more gets 503 "
+                            "with Retry-After (default 32)")
+    serve.add_argument("--max-adapters", type=int, default=16,
+                       help="most adapters loaded at once, those given here included (default 16)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' on every endpoint but / and "
+                                         "/health (default: $LIGHTUNE_API_KEY; prefer it, the process list shows "
+                                         "arguments to every user)")
+    serve.add_argument("--allow-adapter-loading", metavar="ROOT",
+                       help="let clients load (POST /adapters) and unload (DELETE) adapters, from runs inside ROOT "
+                            "only (default: off)")
     return parser
 
 
@@ -280,7 +297,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32):
+def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32,
+                   max_adapters: int = 16):
     """An AdapterRegistry with one adapter per run directory; ConfigError/ModelError for bad arguments."""
     from .serving import AdapterRegistry, adapter_name_for
 
@@ -290,27 +308,66 @@ def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "
     names = names or [adapter_name_for(d) for d in run_dirs]
     if len(set(names)) != len(names):
         raise ConfigError(f"adapter names must be unique, got {', '.join(names)}; use --name")
-    registry = AdapterRegistry(device=device, batch_size=batch_size)
+    if len(run_dirs) > max_adapters:
+        raise ConfigError(f"{len(run_dirs)} run directories but --max-adapters is {max_adapters}")
+    registry = AdapterRegistry(device=device, batch_size=batch_size, max_adapters=max_adapters)
     for name, run_dir in zip(names, run_dirs):
         registry.add(name, run_dir)
     return registry
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it); ConfigError with one line when that is not possible."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use; stop the other server or choose another --port" \
+            if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {where}: {reason}") from None
+    return sock
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, else $LIGHTUNE_API_KEY (unset or empty: no key)."""
+    key = args.api_key if args.api_key is not None else os.environ.get("LIGHTUNE_API_KEY") or None
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ConfigError("the API key must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .serving import Limits, create_app
-
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes"):
+    for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_queue", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size)
-    app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes))
-    print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
-          f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    api_key = api_key_of(args)
+    sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
+    try:
+        import uvicorn
+
+        from .serving import Access, AdapterRoot, Limits, create_app, is_loopback, trusted_hosts
+
+        root = AdapterRoot(args.allow_adapter_loading) if args.allow_adapter_loading else None
+        access = Access(trusted_hosts(args.host, args.allowed_hosts), api_key, root)
+        if api_key is None and not is_loopback(args.host):
+            print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
+                  f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
+        registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
+        app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue), access)
+        print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
+              f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
