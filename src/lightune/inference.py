@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import models
+from . import methods, models
+from .config import saved_config
 from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
@@ -50,7 +51,7 @@ class Classifier:
                  chunk_tokens: int | None = None):
         run_dir, metrics = read_run(run_dir)
         self.run_dir = run_dir
-        self.config = metrics["config"]
+        self.config = saved_config(metrics["config"])
         self.label_names: list[str] = metrics["data"]["label_names"]
         self.max_length: int = metrics["max_length"]
         self.batch_size = batch_size
@@ -61,21 +62,20 @@ class Classifier:
         self.model = self._load_model(saved, merge).eval()
 
     def _load_model(self, saved: Path, merge: bool):
-        method = self.config["method"]
         if metrics_saved_full(saved):
             model = AutoModelForSequenceClassification.from_pretrained(saved)
             return model.to(self.device)
         if not (saved / "adapter_config.json").is_file():
             raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
-        base = models.load_base_model(self.config["model"], self.label_names, method, self.device)
-        if method == "lora":
-            base = base.to(self.device)
+        quantize = self.config["quantize"]
+        base = models.load_base_on_device(self.config["model"], self.label_names, quantize, self.device)
         try:
             model = PeftModel.from_pretrained(base, saved)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter from {saved}: {str(exc).splitlines()[0]}") from None
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
-        return model.merge_and_unload() if merge and method == "lora" else model
+        mergeable = methods.get(self.config["peft"]).merges and quantize == "none"
+        return model.merge_and_unload() if merge and mergeable else model
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""

@@ -18,14 +18,12 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
-from . import models
-from .config import ADAPTER_METHODS
+from . import methods, models
+from .config import saved_config
 from .errors import AdapterConflictError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .inference import batched_logits, check_texts, read_run, to_predictions
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# The base weights an adapter was trained on: plain fp32/bf16, 4-bit NF4 or LLM.int8.
-QUANTIZATION = {"lora": "none", "qlora": "4-bit", "int8": "8-bit"}
 
 
 def adapter_name_for(run_dir: str | Path) -> str:
@@ -41,7 +39,9 @@ class ServedAdapter:
     name: str
     run_dir: Path
     model: str
-    method: str
+    method: str  # the method name (dora+nf4); its two parts follow
+    peft: str
+    quantize: str  # the base storage the adapter was trained on: none, nf4 or int8
     label_names: list[str]
     max_length: int
     tokenizer: object
@@ -53,7 +53,7 @@ class ServedAdapter:
 
 
 class AdapterRegistry:
-    """ONE base model in memory with several named LoRA adapters (peft multi-adapter), switched per request.
+    """ONE base model in memory with several named adapters of one kind (peft multi-adapter), switched per request.
 
     Each adapter brings its own classification head (peft's modules_to_save), label names and max_length.
     Adapters are never merged, so switching is cheap. A lock serialises set_adapter + forward and adapter changes.
@@ -65,7 +65,8 @@ class AdapterRegistry:
         self.model: PeftModel | None = None
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.base_model: str | None = None  # the resolved model path or hub id shared by every adapter
-        self.quantization: str | None = None
+        self.quantization: str | None = None  # the served base's storage: none, nf4 or int8
+        self.kind: str | None = None  # the peft kind of the served adapters (methods registry): lora, ia3
         self.num_labels: int | None = None
         self._lock = threading.RLock()
 
@@ -84,20 +85,25 @@ class AdapterRegistry:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise ModelError(f"bad adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
         run_dir, metrics = read_run(run_dir)
-        config = metrics["config"]
-        method = config.get("method")
+        config = saved_config(metrics["config"])
+        method = methods.get(config["peft"])
         saved = run_dir / metrics.get("saved", "adapter")
-        if method not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
-            raise ModelError(f"{run_dir} is a {method} run without a LoRA adapter; only lora, qlora and int8 runs "
-                             f"can be served together on one base model (use `lightune predict` for it)")
+        if not method.shares_base or not (saved / "adapter_config.json").is_file():
+            sharing = ", ".join(m.name for m in methods.REGISTRY.values() if m.shares_base)
+            raise ModelError(f"{run_dir} is a {config['method']} run without a LoRA adapter (or other peft adapter); "
+                             f"only {sharing} runs can be served together on one base model (use `lightune predict` "
+                             f"for it)")
+        problem = method.serving_problem(config) if method.serving_problem else None
+        if problem:
+            raise ModelError(f"{run_dir}: {problem} (use `lightune predict` for it)")
         label_names = list(metrics["data"]["label_names"])
         try:
             tokenizer = AutoTokenizer.from_pretrained(saved)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the tokenizer of {run_dir}: {str(exc).splitlines()[0]}") from None
-        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=method,
-                             label_names=label_names, max_length=int(metrics["max_length"]), tokenizer=tokenizer,
-                             saved=saved)
+        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=config["method"],
+                             peft=config["peft"], quantize=config["quantize"], label_names=label_names,
+                             max_length=int(metrics["max_length"]), tokenizer=tokenizer, saved=saved)
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -108,10 +114,13 @@ class AdapterRegistry:
         if base != self.base_model:
             raise ModelError(f"{adapter.run_dir} was trained on {adapter.model!r}, but the served base model is "
                              f"{self.base_model!r}; all served adapters must share one base model")
-        if QUANTIZATION[adapter.method] != self.quantization:
-            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization "
-                             f"{QUANTIZATION[adapter.method]}), but the served base has quantization "
-                             f"{self.quantization}; serve runs of the same method family together")
+        if adapter.quantize != self.quantization:
+            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization {adapter.quantize}), but "
+                             f"the served base has quantization {self.quantization}; serve runs on the same base "
+                             f"storage together")
+        if methods.get(adapter.peft).kind != self.kind:
+            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run, but the served adapters are of kind "
+                             f"{self.kind}; peft puts adapters of one kind on a shared base")
         if len(adapter.label_names) != self.num_labels:
             raise ModelError(f"{adapter.run_dir} has {len(adapter.label_names)} labels, but the served adapters have "
                              f"{self.num_labels}; all served adapters need the same number of labels")
@@ -124,12 +133,11 @@ class AdapterRegistry:
             self._check_compatible(adapter)
             try:
                 if self.model is None:
-                    base = models.load_base_model(adapter.model, adapter.label_names, adapter.method, self.device)
-                    if adapter.method == "lora":
-                        base = base.to(self.device)
+                    base = models.load_base_on_device(adapter.model, adapter.label_names, adapter.quantize, self.device)
                     self.model = PeftModel.from_pretrained(base, saved, adapter_name=name).eval()
                     self.base_model = models.resolve_model_path(adapter.model)
-                    self.quantization = QUANTIZATION[adapter.method]
+                    self.quantization = adapter.quantize
+                    self.kind = methods.get(adapter.peft).kind
                     self.num_labels = len(adapter.label_names)
                 else:
                     self.model.load_adapter(saved, adapter_name=name)
@@ -220,7 +228,7 @@ class AdapterList(BaseModel):
 
 class AddAdapterRequest(BaseModel):
     name: str | None = Field(default=None, description="adapter name (default: the run directory's name)")
-    run_dir: str = Field(description="a finished lora/qlora/int8 run directory on the server")
+    run_dir: str = Field(description="a finished adapter run directory on the server (lora, qlora, dora, ia3, ...)")
 
 
 class Health(BaseModel):
