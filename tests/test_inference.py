@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -81,3 +82,16 @@ def test_fast_path_matches_the_plain_padded_path(trained_tiny_run):
     with torch.no_grad():
         expected = plain.model(**enc).logits
     torch.testing.assert_close(fast.logits(texts), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_written_before_peft_and_quantize_still_predicts(trained_tiny_run, tmp_path, capsys):
+    """Runs saved with only `method` in their config load as they did: same logits, in Python and the CLI."""
+    from conftest import as_old_run
+    from lightune.cli import main
+
+    old = as_old_run(trained_tiny_run.run_dir, tmp_path / "old")
+    assert "peft" not in (old / "config.json").read_text()
+    torch.testing.assert_close(Classifier(old).logits(TEXTS), Classifier(trained_tiny_run.run_dir).logits(TEXTS))
+    assert main(["predict", str(old), *TEXTS, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["label"] for line in lines] == ["pos", "neg", "pos", "neg"]

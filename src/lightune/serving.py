@@ -118,9 +118,10 @@ class AdapterRegistry:
             raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization {adapter.quantize}), but "
                              f"the served base has quantization {self.quantization}; serve runs on the same base "
                              f"storage together")
-        if methods.get(adapter.peft).kind != self.kind:
-            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run, but the served adapters are of kind "
-                             f"{self.kind}; peft puts adapters of one kind on a shared base")
+        kind = methods.get(adapter.peft).kind
+        if kind != self.kind:
+            raise ModelError(f"{adapter.run_dir} is a run of kind {kind} ({adapter.method}), but the served adapters "
+                             f"are of kind {self.kind}; peft puts adapters of one kind on a shared base")
         if len(adapter.label_names) != self.num_labels:
             raise ModelError(f"{adapter.run_dir} has {len(adapter.label_names)} labels, but the served adapters have "
                              f"{self.num_labels}; all served adapters need the same number of labels")
