@@ -154,9 +154,9 @@ def weight_memory(model_name: str) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     out = {}
-    for method, label in (("lora", "fp32"), ("qlora", "nf4"), ("int8", "int8")):
+    for quantize, label in (("none", "fp32"), ("nf4", "nf4"), ("int8", "int8")):
         try:
-            model = models.load_base_model(model_name, ["negative", "positive"], method, torch.device("cpu"))
+            model = models.load_base_model(model_name, ["negative", "positive"], quantize, torch.device("cpu"))
             out[label] = models.weight_memory_bytes(model)
         except Exception as exc:  # report, do not hide, a method this machine cannot load
             out[label] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"

@@ -94,3 +94,21 @@ def trained_tiny_run(tiny_model_dir, tmp_path_factory):
     # the model's own attention dropout (0.1): the non-default path; tiny_config runs cover the default (0)
     cfg.attention_dropout = None
     return run_training(cfg, progress=False)
+
+
+def as_old_run(run_dir: Path, dest: Path, method: str | None = None) -> Path:
+    """A copy of a finished run as lightune wrote it before peft and quantize existed: its config (config.json
+    and metrics.json's) names only the method."""
+    import json
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    for path, key in ((dest / "config.json", None), (dest / "metrics.json", "config")):
+        data = json.loads(path.read_text())
+        config = data if key is None else data[key]
+        for new_key in ("peft", "quantize", "rslora", "init"):
+            del config[new_key]
+        if method is not None:
+            config["method"] = method
+        path.write_text(json.dumps(data))
+    return dest

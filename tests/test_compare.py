@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -234,3 +235,38 @@ def test_cli_missing_file_is_one_line():
                             text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "lightune: error: config file not found: missing.toml"
+
+
+def test_grid_over_peft_and_quantize(spec):
+    plan = plan_from_dict(spec({"peft": ["lora", "dora"], "quantize": ["none", "nf4"]}))
+    assert [c.cfg.method for c in plan.cells] == ["lora", "qlora", "dora", "dora+nf4"]
+    assert plan.cells[1].name == "peft=lora_quantize=nf4"
+    with pytest.raises(ConfigError, match="grid cell method=qlora_peft=dora: method 'qlora' means peft 'lora'"):
+        plan_from_dict(spec({"method": ["qlora"], "peft": ["dora"]}))
+    with pytest.raises(ConfigError, match="grid cell peft=full: quantize 'nf4' needs an adapter method"):
+        plan_from_dict(spec({"peft": ["full"]}, quantize="nf4"))
+
+
+def test_finished_cells_of_an_older_lightune_are_reused(spec, monkeypatch, tmp_path):
+    """A cell whose run was written before peft and quantize existed (config with `method` only) is reused."""
+    from conftest import as_old_run
+
+    plan = plan_from_dict(spec({"method": ["lora"]}, max_steps=2))
+    run_compare(plan, progress=False, log=quiet)
+    cell = plan.runs_dir / "method=lora"
+    as_old_run(cell, tmp_path / "old")
+    shutil.rmtree(cell)
+    (tmp_path / "old").rename(cell)
+    calls = count_calls(monkeypatch)
+    result = run_compare(plan, progress=False, log=quiet)
+    assert calls == [] and list(result.cells["status"]) == ["reused"]
+
+
+def test_reading_a_plan_loads_neither_torch_nor_the_cli(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text('[grid]\nmethod = ["lora", "qlora"]\n')
+    code = ("import sys; from lightune.compare_plan import load_plan; load_plan(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch'; import lightune.compare; "
+            "assert 'lightune.cli' not in sys.modules, 'cli'")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

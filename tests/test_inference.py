@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -132,3 +133,16 @@ def test_a_truncated_full_model_is_one_model_error(tiny_config, tmp_path):
     _truncate(run / "model" / "model.safetensors")
     with pytest.raises(ModelError, match="cannot load model from .*model: Error while deserializing header"):
         Classifier(run)
+
+
+def test_a_run_written_before_peft_and_quantize_still_predicts(trained_tiny_run, tmp_path, capsys):
+    """Runs saved with only `method` in their config load as they did: same logits, in Python and the CLI."""
+    from conftest import as_old_run
+    from lightune.cli import main
+
+    old = as_old_run(trained_tiny_run.run_dir, tmp_path / "old")
+    assert "peft" not in (old / "config.json").read_text()
+    torch.testing.assert_close(Classifier(old).logits(TEXTS), Classifier(trained_tiny_run.run_dir).logits(TEXTS))
+    assert main(["predict", str(old), *TEXTS, "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["label"] for line in lines] == ["pos", "neg", "pos", "neg"]

@@ -818,3 +818,46 @@ def test_page_asks_for_the_api_key_once(registry):
             assert not driver.find_element("id", "key").is_displayed()
         finally:
             driver.quit()
+
+
+# -- other methods and older runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dora_run(tiny_model_dir, tmp_path_factory):
+    """A DoRA run of the same tiny base: a LoRA-kind adapter, so it can share the base with LoRA runs."""
+    from lightune.config import load_config
+    from lightune.training import run_training
+
+    root = tmp_path_factory.mktemp("dora-run")
+    data = write_csv(root / "reviews.csv", synthetic_reviews(240, seed=2))
+    cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
+                                     max_length=32, max_steps=10, batch_size=16, learning_rate=1e-2, peft="dora",
+                                     output_dir=str(root / "runs"), run_name="dora"))
+    return run_training(cfg, progress=False).run_dir
+
+
+def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp_path):
+    from conftest import as_old_run
+
+    old = as_old_run(trained_tiny_run.run_dir, tmp_path / "old")  # config with `method` only
+    reg = AdapterRegistry(device="cpu")
+    assert reg.add("old", old).info()["method"] == "lora"
+    assert reg.add("dora", dora_run).info()["method"] == "dora"
+    assert reg.quantization == "none" and reg.kind == "lora"
+    _, old_logits = reg.logits(TEXTS, "old")
+    torch.testing.assert_close(old_logits, Classifier(trained_tiny_run.run_dir, merge=False).logits(TEXTS),
+                               rtol=1e-5, atol=1e-5)
+    _, dora_logits = reg.logits(TEXTS, "dora")
+    torch.testing.assert_close(dora_logits, Classifier(dora_run, merge=False).logits(TEXTS), rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_of_another_kind_or_a_rewritten_base_are_refused(registry, trained_tiny_run, tmp_path):
+    run = trained_tiny_run.run_dir
+    with pytest.raises(ModelError, match="is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"):
+        registry.add("ia3", _edited_copy(run, tmp_path / "ia3", method="ia3"))
+    with pytest.raises(ModelError, match="init 'pissa' rewrote the base weights under its adapter"):
+        registry.add("pissa", _edited_copy(run, tmp_path / "pissa", init="pissa"))
+    with pytest.raises(ModelError, match="is a head run without a LoRA adapter"):
+        registry.add("head", _edited_copy(run, tmp_path / "head", method="head"))
+    assert registry.names() == ["good", "flipped"]
+

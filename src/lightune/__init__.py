@@ -3,7 +3,7 @@
 Heavy parts (torch, transformers) load on first use, so `lightune --help` and config checks stay fast.
 """
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, from_dict, load_config
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .quantization import hide_hub_kernel_notice
 
@@ -22,13 +22,10 @@ def __getattr__(name: str):
 
 
 def train(config: TrainConfig | None = None, progress: bool = True, **overrides):
-    """Train with a TrainConfig and/or keyword overrides of its fields; returns the finished RunResult."""
-    from dataclasses import asdict
-
+    """Train with a TrainConfig and/or keyword overrides of its fields (or `method`); returns the finished RunResult."""
     from .training import run_training
 
-    base = asdict(config) if config is not None else {}
-    return run_training(load_config(overrides={**base, **overrides}), progress=progress)
+    return run_training(from_dict(overrides, base=config), progress=progress)
 
 
 __all__ = ["Classifier", "ConfigError", "DataError", "LightuneError", "ModelError", "RunResult", "TrainConfig",

@@ -12,18 +12,26 @@ import re
 import signal
 import socket
 import sys
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import BIASES, DEVICES, HEAD_INITS, METHODS, POOLINGS, PRECISIONS, TrainConfig, load_config
+from . import methods
+from .config import BIASES, DEVICES, HEAD_INITS, POOLINGS, PRECISIONS, SETTING_NAMES, TrainConfig, load_config
 from .errors import ConfigError, DataError, LightuneError, ModelError
+from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
-CHOICES = {"method": METHODS, "bias": BIASES, "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
-           "head_init": HEAD_INITS}
+CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
+           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
-    "method": "lora, qlora (4-bit NF4 base), int8 (8-bit base), full fine-tuning, head (classifier only)",
+    "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
+    "quantize": "how the frozen base is stored: none, nf4 (4-bit NormalFloat, double quantization), int8 "
+                "(LLM.int8); adapter methods only",
+    "method": "both at once, as before: lora, qlora (= --peft lora --quantize nf4), int8 (= --peft lora --quantize "
+              "int8), full, head; or PEFT / PEFT+QUANTIZE (dora+nf4)",
+    "rslora": "LoRA/DoRA: scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank",
+    "init": "LoRA/DoRA initialisation: default (B = 0), pissa, olora (both rewrite the base weights under the "
+            "adapter) or gaussian",
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (default 2 * rank)",
     "attention_dropout": "dropout on attention probabilities while training (default 0: the fused attention "
@@ -39,7 +47,8 @@ HELP = {
     "train_size": "train examples to sample (stratified); 'all' for every one",
     "eval_size": "validation and test examples each; 'all' for every one",
     "max_steps": "stop after this many optimizer steps (overrides epochs)",
-    "learning_rate": "default: 3e-3 for LoRA methods and head, 5e-5 full",
+    "learning_rate": "default: the method's (" + ", ".join(f"{m.name} {m.learning_rate:g}"
+                                                             for m in methods.REGISTRY.values()) + ")",
     "group_by_length": "batch texts of similar length together (less padding)",
     "compile": "torch.compile the model",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
@@ -67,6 +76,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parsers = {"int": int, "float": float, "str": str, "int | None": _parse_optional_int, "float | None": float,
                "str | None": str, "list[str] | None": _parse_list}
     for f in fields(TrainConfig):
+        if f.name == "peft":  # the alias beside the two settings it names
+            parser.add_argument("--method", choices=methods.method_names(), default=None, help=HELP["method"],
+                                metavar="METHOD")
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
@@ -104,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve runs over HTTP: JSON API and a web page, many adapters on one base",
                            description="Serve one or more finished LoRA runs of the same base model: one base "
                                        "model in memory, one adapter per run, chosen per request.")
-    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished lora/qlora/int8 run directories")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                       help="finished adapter run directories (lora, qlora, dora, ia3, ...; one peft kind)")
     serve.add_argument("--name", action="append", dest="names", metavar="NAME",
                        help="adapter name, once per RUN_DIR in order (default: each run directory's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -134,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict:
-    names = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return {k: v for k, v in vars(args).items() if k in SETTING_NAMES and v is not None}
 
 
 class Terminated(BaseException):
@@ -178,9 +190,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import load_plan, run_compare, summary_text
+    from .compare_plan import load_plan
 
-    plan = load_plan(args.config, output_dir=args.output_dir)
+    plan = load_plan(args.config, output_dir=args.output_dir)  # a bad file fails here, before torch loads
+    from .compare import run_compare, summary_text
+
     print(f"comparing {len(plan.cells)} cells in {plan.root}", file=sys.stderr)
     try:
         result = run_compare(plan, progress=not args.quiet, isolate=False if args.in_process else None)
@@ -369,23 +383,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return 0
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-
-
-def _silence_library_output() -> None:
-    """Hide datasets' and transformers' own progress bars and chatter (imports them: call after cheap checks)."""
-    import datasets
-
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _end_progress_bars() -> None:

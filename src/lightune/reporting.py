@@ -1,4 +1,5 @@
-"""Run directories and what goes in them: metrics.json, plots, report.md; written so that only finished runs look finished."""
+"""Run directories and what goes in them: metrics.json, plots, report.md; written so that only finished runs look
+finished. The plots of `lightune compare` live here too, beside the run plots."""
 
 from __future__ import annotations
 
@@ -16,23 +17,47 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import methods  # noqa: E402
 from .config import INCOMPLETE_SUFFIX  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 
 COMPLETE_MARKER = "metrics.json"  # written last: a run directory without it is not a finished run
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file + rename); ValueError for NaN or infinity, which JSON cannot hold."""
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file + rename), with the permissions of a plain new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str, allow_nan=False)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
     except BaseException:
         os.unlink(tmp)
         raise
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for sharing
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file + rename); ValueError for NaN or infinity, which JSON cannot hold."""
+    write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a figure as PNG atomically and close it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    os.chmod(tmp, _umask_mode())
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -116,9 +141,7 @@ def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
     ax.set_ylim(0, 1.08)
     ax.set_title("Test split: base vs fine-tuned")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_history(metrics: dict, path: Path) -> None:
@@ -146,25 +169,28 @@ def plot_history(metrics: dict, path: Path) -> None:
                  linestyle="none" if len(history) == 1 else "-", label="validation loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def megabytes(n_bytes: float | None) -> float:
+    return float("nan") if n_bytes is None else n_bytes / 2**20
 
 
 def _mb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:,.1f} MB"
+    return f"{megabytes(n_bytes):,.1f} MB"
 
 
 def report_markdown(metrics: dict) -> str:
     """A short human-readable report of one run."""
     base, tuned, cfg = metrics["base"], metrics["test"], metrics["config"]
     params, mem, data = metrics["parameters"], metrics["memory"], metrics["data"]
+    describe = methods.get(cfg["peft"]).describe
+    settings = (describe(cfg) if describe else []) + (
+        [f"targets: {', '.join(metrics['target_modules'])}"] if metrics.get("target_modules") else [])
     lines = [
         f"# lightune run: {metrics['run_name']}",
         "",
-        f"Model `{cfg['model']}`, method **{cfg['method']}**"
-        + (f" (r={cfg['rank']}, alpha={cfg['resolved']['lora_alpha']}, targets: {', '.join(metrics['target_modules'])})"
-           if metrics.get("target_modules") else "")
+        f"Model `{cfg['model']}`, method **{cfg['method']}**" + (f" ({', '.join(settings)})" if settings else "")
         + f", device {metrics['device']}, precision {metrics['precision']}.",
         f"Data: train on `{data['train_source']}`, test on `{data['test_source']}`; split `{data['split']}`; "
         f"{data['sizes']['train']} train / {data['sizes']['validation']} validation / {data['sizes']['test']} test "
@@ -200,3 +226,82 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
     plot_history(metrics, plots / "history.png")
     (run_dir / "report.md").write_text(report_markdown(metrics))
     write_json(run_dir / COMPLETE_MARKER, metrics)
+
+
+# -- `lightune compare`: one point or bar per configuration (the tables come from compare_report) ---------------
+
+def _empty(ax, text="no finished cells") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _colors(values) -> dict:
+    cmap = plt.get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(dict.fromkeys(values))}
+
+
+def plot_accuracy_vs_params(table, path: Path) -> None:
+    """Parameter efficiency: test accuracy against trainable parameters (log x), one point per configuration."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    good = table[table["seeds"] > 0]
+    if not len(good):
+        _empty(ax)
+    else:
+        colors = _colors(good["method"])
+        for method, group in good.groupby("method", sort=False):
+            ax.errorbar(group["trainable_params"].astype(float), group["accuracy_mean"],
+                        yerr=group["accuracy_std"].fillna(0), fmt="o", capsize=3, color=colors[method], label=method)
+        for _, r in good.iterrows():
+            ax.annotate(r["config"], (float(r["trainable_params"]), r["accuracy_mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(title="method", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    ax.set_title("Parameter efficiency: accuracy vs trainable parameters")
+    save_figure(fig, path)
+
+
+def plot_accuracy_per_config(table, path: Path) -> None:
+    """Accuracy and F1 per configuration, mean with standard-deviation error bars."""
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.45 * len(table) + 1.5)))
+    good = table[table["seeds"] > 0]
+    if not len(good):
+        _empty(ax)
+    else:
+        ys = range(len(good))
+        h = 0.38
+        for offset, metric, label in ((-h / 2, "accuracy", "accuracy"), (h / 2, "f1", "F1 (macro)")):
+            bars = ax.barh([y + offset for y in ys], good[f"{metric}_mean"], h, xerr=good[f"{metric}_std"].fillna(0),
+                           capsize=3, label=label)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=3)
+        ax.set_yticks(list(ys), list(good["config"]), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.12)
+        ax.set_xlabel("test split (mean ± std over seeds)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Accuracy per configuration")
+    save_figure(fig, path)
+
+
+def plot_memory_per_method(cells, path: Path) -> None:
+    """Weight memory and peak memory per method (mean over that method's finished cells)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    good = cells[cells["status"] != "failed"]
+    if not len(good):
+        _empty(ax)
+    else:
+        by = good.groupby("method", sort=False)[["weights_mb", "peak_mb"]].mean()
+        xs = range(len(by))
+        w = 0.38
+        kind = ", ".join(sorted(set(good["peak_kind"]) - {""})) or "peak"
+        for offset, col, label in ((-w / 2, "weights_mb", "weights"), (w / 2, "peak_mb", f"peak ({kind})")):
+            bars = ax.bar([x + offset for x in xs], by[col], w, label=label)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(list(xs), list(by.index))
+        ax.set_ylabel("MB")
+        ax.legend(fontsize=8)
+    ax.set_title("Memory per method")
+    save_figure(fig, path)

@@ -32,15 +32,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
 
-from . import heads, models, quantization
-from .config import ADAPTER_METHODS
+from . import heads, methods, models, quantization
+from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .inference import batched_logits, check_texts, read_run, to_predictions
 
 log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-# The base weights an adapter was trained on: plain fp32/bf16, 4-bit NF4 or LLM.int8.
-QUANTIZATION = {"lora": "none", "qlora": "4-bit", "int8": "8-bit"}
 
 
 def adapter_name_for(run_dir: str | Path) -> str:
@@ -109,7 +107,9 @@ class ServedAdapter:
     name: str
     run_dir: Path
     model: str
-    method: str
+    method: str  # the method name (dora+nf4); its two parts follow
+    peft: str
+    quantize: str  # the base storage the adapter was trained on: none, nf4 or int8
     label_names: list[str]
     max_length: int
     tokenizer: object
@@ -124,7 +124,7 @@ class ServedAdapter:
 
 
 class AdapterRegistry:
-    """ONE base model in memory with several named LoRA adapters (peft multi-adapter), switched per request.
+    """ONE base model in memory with several named adapters of one kind (peft multi-adapter), switched per request.
 
     Each adapter brings its own classification head (peft's modules_to_save), label names and max_length.
     Adapters are never merged, so switching is cheap. A lock serialises set_adapter + forward and adapter changes.
@@ -139,7 +139,8 @@ class AdapterRegistry:
         self.model: PeftModel | None = None
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.base_model: str | None = None  # the resolved model path or hub id shared by every adapter
-        self.quantization: str | None = None
+        self.quantization: str | None = None  # the served base's storage: none, nf4 or int8
+        self.kind: str | None = None  # the peft kind of the served adapters (methods registry): lora, ia3
         self.pooling: str | None = None
         self.num_labels: int | None = None
         self._lock = threading.RLock()
@@ -172,10 +173,20 @@ class AdapterRegistry:
         except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the object lightune writes
             raise ModelError(f"{shown}/metrics.json is malformed: {_first_line(exc)}") from None
         fields = run_fields(metrics, shown)
+        try:
+            config = saved_config(metrics["config"])
+            method = methods.get(config["peft"])
+        except (LightuneError, KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{shown}/metrics.json has no valid method: {_first_line(exc)}") from None
         saved = run_dir / fields["saved"]
-        if fields["method"] not in ADAPTER_METHODS or not (saved / "adapter_config.json").is_file():
-            raise ModelError(f"{shown} is a {fields['method']} run without a LoRA adapter; only lora, qlora and int8 "
-                             f"runs can be served together on one base model (use `lightune predict` for it)")
+        if not method.shares_base or not (saved / "adapter_config.json").is_file():
+            sharing = ", ".join(m.name for m in methods.REGISTRY.values() if m.shares_base)
+            raise ModelError(f"{shown} is a {config['method']} run without a LoRA adapter (or another shareable peft "
+                             f"adapter); only {sharing} runs can be served together on one base model (use "
+                             f"`lightune predict` for it)")
+        problem = method.serving_problem(config) if method.serving_problem else None
+        if problem:
+            raise ModelError(f"{shown}: {problem} (use `lightune predict` for it)")
         if not (saved / "adapter_model.safetensors").is_file():  # never a pickle: it could run code when loaded
             if (saved / "adapter_model.bin").exists():
                 raise ModelError(f"{shown} has its adapter weights as adapter_model.bin, a pickle, which is never "
@@ -189,10 +200,10 @@ class AdapterRegistry:
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(saved)
         except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
             raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
-        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=fields["method"],
-                             label_names=fields["label_names"], max_length=fields["max_length"], tokenizer=tokenizer,
-                             tokenizer_key=tokenizer_key, saved=saved, shown=shown,
-                             pooling=metrics.get("pooling", "cls"))
+        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=config["method"],
+                             peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
+                             max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
+                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -207,10 +218,14 @@ class AdapterRegistry:
         if base != self.base_model:  # (the served base is not named: it may be a path of the server)
             raise ModelError(f"{adapter.run_dir} was trained on {adapter.model!r}, not on the served base model; "
                              f"all served adapters must share one base model")
-        if QUANTIZATION[adapter.method] != self.quantization:
-            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization "
-                             f"{QUANTIZATION[adapter.method]}), but the served base has quantization "
-                             f"{self.quantization}; serve runs of the same method family together")
+        if adapter.quantize != self.quantization:
+            raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization {adapter.quantize}), but "
+                             f"the served base has quantization {self.quantization}; serve runs on the same base "
+                             f"storage together")
+        kind = methods.get(adapter.peft).kind
+        if kind != self.kind:
+            raise ModelError(f"{adapter.run_dir} is a run of kind {kind} ({adapter.method}), but the served adapters "
+                             f"are of kind {self.kind}; peft puts adapters of one kind on a shared base")
         if adapter.pooling != self.pooling:
             raise ModelError(f"{adapter.run_dir} reads {adapter.pooling} pooling, but the served adapters read "
                              f"{self.pooling}; adapters on one base must pool the same way")
@@ -245,14 +260,14 @@ class AdapterRegistry:
                                            f"(--max-adapters); delete one before adding {adapter.name!r}")
             try:
                 if self.model is None:
-                    base = models.load_base_model(adapter.model, adapter.label_names, adapter.method, self.device)
+                    base = models.load_base_on_device(adapter.model, adapter.label_names, adapter.quantize,
+                                                      self.device)
                     heads.apply_pooling(base, adapter.pooling)
-                    if adapter.method == "lora":
-                        base = base.to(self.device)
                     self.model = PeftModel.from_pretrained(base, saved, adapter_name=name).eval()
                     quantization.allow_cpu_inference_layout(self.model)  # serving never trains
                     self.base_model = models.resolve_model_path(adapter.model)
-                    self.quantization = QUANTIZATION[adapter.method]
+                    self.quantization = adapter.quantize
+                    self.kind = methods.get(adapter.peft).kind
                     self.pooling = adapter.pooling
                     self.num_labels = len(adapter.label_names)
                 else:
@@ -561,7 +576,7 @@ class AdapterList(BaseModel):
 
 class AddAdapterRequest(BaseModel):
     name: UnicodeStr | None = Field(default=None, description="adapter name (default: the run directory's name)")
-    run_dir: PathStr = Field(description="a finished lora/qlora/int8 run directory on the server")
+    run_dir: PathStr = Field(description="a finished adapter run directory on the server (lora, qlora, dora, ia3, ...)")
 
 
 class Health(BaseModel):

@@ -20,7 +20,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import heads, models
+from . import heads, methods, models
 from .config import TrainConfig, validate
 from .errors import TrainingError
 from .evaluation import evaluate
@@ -173,8 +173,8 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.opti
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
-    """Adapter methods: PEFT adapter + tokenizer in adapter/; full/head: the whole model in model/."""
-    folder = run_dir / ("adapter" if cfg.uses_adapter else "model")
+    """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/."""
+    folder = run_dir / methods.get(cfg.peft).saves
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder.name
@@ -215,7 +215,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length)
                  for name in ("train", "validation", "test")}
 
-    model = models.load_base_model(cfg.model, splits.label_names, cfg.method, device)
+    model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device)
     pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
     heads.apply_pooling(model, pooling)
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
@@ -271,15 +271,15 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             f"(base {base['accuracy']:.4f})", accelerator)
         peak_bytes, peak_kind = peak_memory(device)
         saved_as = save_model(accelerator.unwrap_model(model), tokenizer, work, cfg)
-        lora = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
+        adapter = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
         metrics = {
             "run_name": final.name,
             "config": cfg.to_dict(),
             "device": device.type,
             "precision": precision,
             "saved": saved_as,
-            "target_modules": sorted(lora.target_modules) if lora and not isinstance(lora.target_modules, str)
-            else ([lora.target_modules] if lora else None),
+            "target_modules": sorted(adapter.target_modules) if adapter and not isinstance(adapter.target_modules, str)
+            else ([adapter.target_modules] if adapter else None),
             "data": splits.info,
             "max_length": max_length,
             "pooling": pooling,

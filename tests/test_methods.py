@@ -1,0 +1,189 @@
+"""The methods registry: peft and quantize are two settings and `method` names both; every registered method (and
+LoRA's options) trains, saves a run that stock peft or transformers reload as the trained model, and predicts
+through lightune's Classifier."""
+
+import json
+
+import pytest
+import torch
+
+from lightune import methods, models
+from lightune.cli import _cli_overrides, build_parser, main
+from lightune.config import from_dict, load_config, saved_config
+from lightune.data import build_splits
+from lightune.errors import ConfigError, ModelError
+from lightune.inference import Classifier
+from lightune.training import run_training
+
+LABELS = ["neg", "pos"]
+TEXTS = ["great superb film loved", "awful boring mess hated"]
+
+
+# -- names and settings --------------------------------------------------------------------------------------------
+
+def test_registry_names_and_method_names():
+    assert methods.names() == ["lora", "full", "head", "dora", "ia3"]
+    assert methods.method_names()[:5] == ["lora", "qlora", "int8", "full", "head"]
+    assert "dora+nf4" in methods.method_names() and "full+nf4" not in methods.method_names()
+    for name in methods.method_names():  # every name is one (peft, quantize) pair and back
+        assert methods.method_label(*methods.split_method(name)) == name
+    assert methods.split_method("qlora") == ("lora", "nf4") and methods.split_method("ia3") == ("ia3", "none")
+
+
+def test_a_method_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(methods.get("lora"))
+
+
+@pytest.mark.parametrize("values, peft, quantize", [
+    ({"method": "qlora"}, "lora", "nf4"),
+    ({"method": "int8"}, "lora", "int8"),
+    ({"method": "head"}, "head", "none"),
+    ({"method": "dora+nf4"}, "dora", "nf4"),
+    ({"peft": "ia3", "quantize": "int8"}, "ia3", "int8"),
+    ({"method": "qlora", "peft": "lora"}, "lora", "nf4"),  # agreeing settings are fine
+])
+def test_method_names_peft_and_quantize(values, peft, quantize):
+    cfg = from_dict(values)
+    assert (cfg.peft, cfg.quantize) == (peft, quantize)
+    assert cfg.to_dict()["method"] == cfg.method == methods.method_label(peft, quantize)
+
+
+def test_flags_override_the_method_of_a_config_file(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text('[train]\nmethod = "qlora"\n')
+    assert load_config(path, {"quantize": "none"}).method == "lora"
+    assert load_config(path, {"peft": "dora"}).method == "dora+nf4"
+    assert load_config(path, {"method": "full"}).method == "full"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "qlora", "quantize": "none"},
+     "method 'qlora' means peft 'lora' with quantize 'nf4', but quantize 'none' is given with it"),
+    ({"peft": "full", "quantize": "nf4"}, "quantize 'nf4' needs an adapter method: peft 'full' trains the model's"),
+    ({"method": "head", "quantize": "int8"}, "method 'head' means peft 'head' with quantize 'none'"),
+    ({"peft": "head", "quantize": "int8"}, "quantize 'int8' needs an adapter method: peft 'head'"),
+    ({"method": "full+nf4"}, "method must be one of lora, qlora, int8, full, head, dora"),
+    ({"peft": "prefix"}, "peft must be one of lora, full, head, dora, ia3"),
+    ({"quantize": "fp4"}, "quantize must be one of none, nf4, int8"),
+    ({"peft": "ia3", "rslora": True}, "rslora is an option of lora, dora; peft 'ia3' does not use it"),
+    ({"peft": "head", "init": "olora"}, "init is an option of lora, dora; peft 'head' does not use it"),
+    ({"init": "pissa", "quantize": "nf4"}, "init 'pissa' needs a full-precision base"),
+    ({"init": "svd"}, "init must be one of default, pissa, olora, gaussian"),
+    ({"rslora": "yes"}, "rslora must be true or false"),
+])
+def test_impossible_combinations_are_one_line(values, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(values)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_method_is_peft_and_quantize(capsys):
+    def settings(*argv):
+        return load_config(None, _cli_overrides(build_parser().parse_args(["train", *argv]))).to_dict()
+
+    assert settings("--method", "qlora") == settings("--peft", "lora", "--quantize", "nf4")
+    assert settings("--method", "int8") == settings("--peft", "lora", "--quantize", "int8")
+    lora = settings("--peft", "dora", "--rslora", "--init", "gaussian")
+    assert (lora["peft"], lora["rslora"], lora["init"]) == ("dora", True, "gaussian")
+    assert main(["train", "--peft", "full", "--quantize", "nf4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lightune: error: quantize 'nf4' needs an adapter method: peft 'full' trains the model's own weights, which "
+        "cannot be quantized; use quantize 'none'"]
+
+
+def test_saved_configs_old_and_new():
+    old = {"model": "m", "method": "qlora", "rank": 8}
+    assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default"}
+    new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
+    assert saved_config(new) == new and new["method"] == "dora+nf4"
+
+
+# -- what each method trains ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peft, marker", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l")])
+def test_adapter_methods_train_their_adapter_and_the_head(tiny_model_dir, peft, marker):
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": peft})
+    model = models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(marker in n for n in names) and any("classifier" in n for n in names)
+    assert any("pooler" in n for n in names)
+    assert all(marker in n or "lora_" in n or "classifier" in n or "pooler" in n for n in names)
+
+
+def test_dora_on_an_int8_base_on_cpu_is_refused_in_one_line(tiny_model_dir):
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": "dora", "quantize": "int8"})
+    with pytest.raises(ConfigError, match="DoRA on an int8 base does not run on CPU"):
+        models.prepare_for_training(models.load_base_model(cfg.model, LABELS, "int8"), cfg)
+
+
+def test_ia3_needs_targets_where_peft_has_no_default(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2,
+                                                         hidden_dim=64)).save_pretrained(tmp_path)
+    cfg = from_dict({"model": str(tmp_path), "peft": "ia3"})
+    with pytest.raises(ModelError, match="no default IA3 target modules for model type 'distilbert'"):
+        models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+
+
+# -- train, save, reload in stock peft / transformers, predict -----------------------------------------------------
+
+def stock_model(run_dir, cfg):
+    """The saved run loaded without lightune: transformers for a whole model; peft on a fresh base for an adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    saved = run_dir / methods.get(cfg.peft).saves
+    if saved.name == "model":
+        return AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    kwargs = {}
+    if cfg.quantize == "nf4":
+        kwargs = dict(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=models.UNQUANTIZED_MODULES))
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(LABELS), **kwargs)
+    return PeftModel.from_pretrained(base, saved).eval()
+
+
+CASES = [pytest.param(name, {}, id=name) for name in methods.names()] + [
+    pytest.param("lora", {"rslora": True}, id="lora-rslora"),
+    pytest.param("lora", {"init": "pissa"}, id="lora-pissa"),
+    pytest.param("lora", {"init": "olora"}, id="lora-olora"),
+    pytest.param("lora", {"init": "gaussian"}, id="lora-gaussian"),
+    pytest.param("dora", {"quantize": "nf4"}, id="dora-nf4"),
+    pytest.param("ia3", {"quantize": "nf4"}, id="ia3-nf4"),
+]
+
+
+@pytest.mark.parametrize("peft, options", CASES)
+def test_every_method_trains_saves_reloads_and_predicts(tiny_config, peft, options):
+    from transformers import AutoTokenizer
+
+    cfg = tiny_config(peft=peft, run_name=f"{peft}-{'-'.join(map(str, options.values()))}", max_steps=6,
+                      learning_rate=1e-3 if peft == "full" else 1e-2, **options)
+    result = run_training(cfg, progress=False)
+    metrics, run_dir = result.metrics, result.run_dir
+    assert metrics["saved"] == methods.get(peft).saves and metrics["config"]["method"] == cfg.method
+    assert metrics["test"]["loss"] != pytest.approx(metrics["base"]["loss"], rel=1e-3)  # it trained
+    if methods.get(peft).saves == "adapter":
+        adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+        assert adapter_config["peft_type"] == methods.get(peft).kind.upper()
+        assert adapter_config.get("use_dora", False) == (peft == "dora")
+        assert adapter_config.get("use_rslora", False) == options.get("rslora", False)
+        assert adapter_config.get("init_lora_weights", True) in (True, options.get("init"))
+
+    splits = build_splits(cfg)
+    texts, labels = list(splits.test["text"]), torch.tensor(splits.test["label"])
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / metrics["saved"])
+    enc = tokenizer(texts, truncation=True, max_length=metrics["max_length"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        stock_logits = stock_model(run_dir, cfg)(**enc).logits
+    # the saved run is the trained model: stock reload gives the test loss measured at the end of training
+    stock_loss = torch.nn.functional.cross_entropy(stock_logits, labels).item()
+    assert stock_loss == pytest.approx(metrics["test"]["loss"], rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(Classifier(run_dir, merge=False).logits(texts), stock_logits, rtol=1e-5, atol=1e-5)
+    classifier = Classifier(run_dir)  # merged where the method and the base allow it
+    torch.testing.assert_close(classifier.logits(texts), stock_logits, rtol=1e-4, atol=1e-4)
+    predictions = classifier.predict(TEXTS)
+    assert [p["text"] for p in predictions] == TEXTS and all(p["label"] in LABELS for p in predictions)
