@@ -94,3 +94,20 @@ def test_a_mean_pooled_probe_started_run_predicts_what_it_measured(tiny_config):
     assert isinstance(classifier.model.bert.pooler, heads.MeanPooler)
     texts = ["great superb film loved", "awful boring mess hated"]
     assert [p["label"] for p in classifier.predict(texts)] == ["pos", "neg"]
+
+
+def test_stock_peft_reproduces_a_mean_pooled_run_after_use_mean_pooling(tiny_config):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    result = run_training(tiny_config(pooling="mean", head_init="probe", max_steps=3, run_name="stock"),
+                          progress=False)
+    texts = ["great superb film loved", "awful boring mess hated"]
+    expected = Classifier(result.run_dir, device="cpu").logits(texts)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_config().model, num_labels=2)
+    heads.use_mean_pooling(base)
+    stock = PeftModel.from_pretrained(base, result.run_dir / "adapter").eval()
+    tokenizer = models.load_tokenizer(tiny_config().model)
+    with torch.no_grad():
+        logits = stock(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
