@@ -13,8 +13,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
+    """A run with the architecture's usual head ([CLS] pooler, random start): stock peft reproduces it exactly."""
     cfg = load_config(overrides=dict(data="rotten_tomatoes", train_size=384, eval_size=128, max_length=64, epochs=2,
-                                     head_init="random", batch_size=16, output_dir=str(tmp_path_factory.mktemp("real")), run_name="e2e"))
+                                     pooling="cls", head_init="random", batch_size=16,
+                                     output_dir=str(tmp_path_factory.mktemp("real")), run_name="e2e"))
     return run_training(cfg, progress=False)
 
 
