@@ -1,4 +1,4 @@
-"""Print the installed versions of everything `lightune[dev]` needs (run after an upgrade to refresh constraints.txt)."""
+"""Print the installed versions of everything `lightune[dev]` and its benchmarks need (run after an upgrade to refresh constraints.txt)."""
 
 import importlib.metadata as metadata
 import re
@@ -25,7 +25,7 @@ def closure(name: str, extras: tuple[str, ...] = (), seen: dict | None = None) -
 
 
 if __name__ == "__main__":
-    versions = closure("lightune", ("dev",))
+    versions = closure("lightune", ("dev", "bench"))
     versions.pop("lightune")
     print("# The tested set: CI installs exactly these (pip install -c constraints.txt); see README, 'Install'.")
     print("# Regenerate after an upgrade: python3 .ci/constraints.py > constraints.txt")
