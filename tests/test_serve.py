@@ -5,7 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -631,6 +634,7 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--port", "0"], "--port must be between 1 and 65535, got 0"),
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
     (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
+    (["RUN", "--batch-wait-ms", "-1"], "--batch-wait-ms must be between 0 and 1000, got -1"),
     (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
      "2 run directories but --max-adapters is 1"),
 ])
@@ -717,6 +721,55 @@ def test_cli_bad_access_arguments(trained_tiny_run, monkeypatch, capsys, args, m
     code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()), *args)
     err = capsys.readouterr().err
     assert (code, served) == (2, {}) and err.startswith(f"lightune: error: {message}") and err.count("\n") == 1
+
+
+def test_cli_batching_off_serves_one_request_at_a_time(trained_tiny_run, monkeypatch):
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()),
+                                    "--batching", "off")
+    assert code == 0 and served["app"].state.worker is None
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+    """`python -m lightune serve ARGS` on a free port of 127.0.0.1, once /health answers."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lightune", "serve", *args, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not start: {process.communicate()[1][-2000:]}")
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_tiny_run):
+    process, port = start_server(str(trained_tiny_run.run_dir))
+    try:
+        body = json.dumps({"texts": TEXTS}).encode()
+        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+            conn.sendall(head + body[:10])  # in flight: the server has its head and waits for the rest
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(ConnectionRefusedError):  # shutting down: no new connections
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(body[10:])
+            response = http.client.HTTPResponse(conn)
+            response.begin()
+            answer = json.loads(response.read())
+        assert response.status == 200 and [p["label"] for p in answer["predictions"]] == ["pos", "neg", "pos", "neg"]
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+    err = process.communicate()[1]
+    assert "Waiting for connections to close" in err and "Traceback" not in err
 
 
 # -- the real server and the page in headless Chromium ----------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -829,6 +830,21 @@ class UnexpectedErrors:
             detail = f"internal error: {type(exc).__name__}" + (f": {_first_line(exc)}" if str(exc).strip() else "")
             await JSONResponse({"detail": detail.encode("utf-8", "backslashreplace").decode("utf-8")},
                                status_code=500)(scope, receive, send)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server; on SIGTERM or Ctrl-C it stops accepting connections, answers the requests in flight (the
+    batching worker runs until the app shuts down, after them) and returns, so `lightune serve` exits 0: a stop
+    that was asked for. uvicorn (0.29+) raises the signal again once it has shut down, which would end the process
+    with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits at once (uvicorn's force exit)."""
+
+    @contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()  # handled by shutting down: nothing to raise again
 
 
 def _readable(errors) -> str:
