@@ -609,18 +609,25 @@ def _edited_copy(run_dir: Path, dest: Path, **config) -> Path:
     return dest
 
 
-def test_runs_that_cannot_share_the_base_are_refused(registry, trained_tiny_run, tmp_path):
-    run = trained_tiny_run.run_dir
-    with pytest.raises(ModelError, match="all served adapters must share one base model"):
-        registry.add("other", _edited_copy(run, tmp_path / "other", model="prajjwal1/bert-tiny"))
-    with pytest.raises(ModelError, match="served base has quantization none"):
-        registry.add("q", _edited_copy(run, tmp_path / "q", method="qlora"))
-    with pytest.raises(ModelError, match="is a full run without a LoRA adapter"):
-        registry.add("full", _edited_copy(run, tmp_path / "full", method="full"))
-    with pytest.raises(AdapterConflictError, match="already loaded"):
-        registry.add("good", run)
+@pytest.mark.parametrize("edit, message", [
+    (dict(model="prajjwal1/bert-tiny"), "all served adapters must share one base model"),
+    (dict(method="qlora"), "served base has quantization none"),
+    (dict(method="full"), "is a full run without a LoRA adapter"),
+    (dict(method="head"), "is a head run without a LoRA adapter"),
+    (dict(method="ia3"), "is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"),
+    (dict(init="pissa"), "init 'pissa' rewrote the base weights under its adapter"),
+], ids=["other-base", "qlora", "full", "head", "ia3", "pissa"])
+def test_runs_that_cannot_share_the_base_are_refused(registry, trained_tiny_run, tmp_path, edit, message):
+    with pytest.raises(ModelError, match=message):
+        registry.add("other", _edited_copy(trained_tiny_run.run_dir, tmp_path / "other", **edit))
     with pytest.raises(UnknownAdapterError):
         registry.predict(["great"], "other")
+    assert registry.names() == ["good", "flipped"]
+
+
+def test_a_name_in_use_is_refused(registry, trained_tiny_run):
+    with pytest.raises(AdapterConflictError, match="already loaded"):
+        registry.add("good", trained_tiny_run.run_dir)
     assert registry.names() == ["good", "flipped"]
 
 
@@ -1014,15 +1021,3 @@ def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp
                                rtol=1e-5, atol=1e-5)
     _, dora_logits = reg.logits(TEXTS, "dora")
     torch.testing.assert_close(dora_logits, Classifier(dora_run, merge=False).logits(TEXTS), rtol=1e-5, atol=1e-5)
-
-
-def test_adapters_of_another_kind_or_a_rewritten_base_are_refused(registry, trained_tiny_run, tmp_path):
-    run = trained_tiny_run.run_dir
-    with pytest.raises(ModelError, match="is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"):
-        registry.add("ia3", _edited_copy(run, tmp_path / "ia3", method="ia3"))
-    with pytest.raises(ModelError, match="init 'pissa' rewrote the base weights under its adapter"):
-        registry.add("pissa", _edited_copy(run, tmp_path / "pissa", init="pissa"))
-    with pytest.raises(ModelError, match="is a head run without a LoRA adapter"):
-        registry.add("head", _edited_copy(run, tmp_path / "head", method="head"))
-    assert registry.names() == ["good", "flipped"]
-
