@@ -565,7 +565,8 @@ class BatchingWorker:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if item is self.STOP or texts + len(item[0].rows) > self.max_texts or tokens + item[0].tokens > self.max_tokens:
+            if item is self.STOP or texts + len(item[0].rows) > self.max_texts \
+                    or tokens + item[0].tokens > self.max_tokens:
                 self._held = item
                 break
             taken.append(item)
