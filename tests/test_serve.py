@@ -5,11 +5,15 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,26 +28,35 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lightune.errors import AdapterConflictError, ConfigError, ModelError, UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
 from lightune.serving import (  # noqa: E402
-    Access, AdapterRegistry, AdapterRoot, Limits, adapter_name_for, create_app, trusted_hosts)
+    Access, AdapterRegistry, AdapterRoot, Batching, BatchingWorker, Limits, adapter_name_for, create_app,
+    trusted_hosts)
 
 TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
          "waste dull terrible movie"]
 LIMITS = Limits(max_texts=4, max_chars=200, max_body_bytes=2000)
 
 
-@pytest.fixture(scope="module")
-def flipped_run(tiny_model_dir, tmp_path_factory):
-    """A second LoRA run of the same tiny base, trained on swapped labels: it must disagree with the first."""
+def train_tiny_run(tiny_model_dir, root: Path, name: str, rows: list[tuple[str, str]], **overrides) -> Path:
+    """A finished run of the tiny base on the given (text, label) rows; its run directory."""
     from lightune.config import load_config
     from lightune.training import run_training
 
-    root = tmp_path_factory.mktemp("flipped-run")
-    rows = [(text, "neg" if label == "pos" else "pos") for text, label in synthetic_reviews(240, seed=1)]
-    data = write_csv(root / "reviews.csv", rows)
-    cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
-                                     max_length=32, epochs=3, batch_size=16, learning_rate=1e-2,
-                                     output_dir=str(root / "runs"), run_name="flipped"))
-    return run_training(cfg, progress=False).run_dir
+    data = write_csv(root / f"{name}.csv", rows)
+    settings = dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None, max_length=32,
+                    epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(root / "runs"), run_name=name)
+    return run_training(load_config(overrides={**settings, **overrides}), progress=False).run_dir
+
+
+def flip(rows, labels=("pos", "neg")):
+    """The rows with swapped labels, named `labels` (for pos, for neg)."""
+    return [(text, labels[1] if label == "pos" else labels[0]) for text, label in rows]
+
+
+@pytest.fixture(scope="module")
+def flipped_run(tiny_model_dir, tmp_path_factory):
+    """A second LoRA run of the same tiny base, trained on swapped labels: it must disagree with the first."""
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("flipped-run"), "flipped",
+                          flip(synthetic_reviews(240, seed=1)))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +142,119 @@ def test_concurrent_requests_on_both_adapters(registry):
         assert [p["label"] for p in got] == [p["label"] for p in expected[name]]
 
 
+# -- batching: requests of several adapters in shared forward passes ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def mean_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Mean-pooled runs, whose heads are a Linear that peft can run per row: LoRA on the synthetic reviews
+    (max_length 32), LoRA on swapped labels named yes/no with max_length 8 (long texts truncated differently),
+    and DoRA (which peft does not mix)."""
+    root = tmp_path_factory.mktemp("mean-runs")
+    reviews = synthetic_reviews(240, seed=3)
+    return {"a": train_tiny_run(tiny_model_dir, root, "a", reviews, pooling="mean", max_steps=30),
+            "b": train_tiny_run(tiny_model_dir, root, "b", flip(reviews, ("yes", "no")), pooling="mean",
+                                max_steps=30, max_length=8),
+            "d": train_tiny_run(tiny_model_dir, root, "d", reviews, pooling="mean", max_steps=5, peft="dora")}
+
+
+@pytest.fixture(scope="module")
+def mean_registry(mean_runs):
+    reg = AdapterRegistry(device="cpu", batch_size=4)
+    for name, run in mean_runs.items():
+        reg.add(name, run)
+    return reg
+
+
+def forward_calls(model, monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every forward pass of a peft model."""
+    calls, real_forward = [], model.forward
+
+    def recording_forward(*args, **kwargs):
+        calls.append(kwargs)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    return calls
+
+
+MIXED_TEXTS = TEXTS + [t for t, _ in synthetic_reviews(9, seed=7)] + ["great " * 40 + "awful"]
+
+
+def test_a_mixed_batch_equals_each_adapter_alone(mean_registry, mean_runs, monkeypatch):
+    reg = mean_registry
+    assert [a.mixes for a in reg.adapters.values()] == [True, True, False]  # DoRA: one adapter per pass
+    calls = forward_calls(reg.model, monkeypatch)
+    small = [reg.encode(["great film", "awful boring mess hated"], "a"),
+             reg.encode(["brilliant story", "waste dull terrible movie"], "b")]
+    mixture = [reg.encode(MIXED_TEXTS[:6], "a"), reg.encode(MIXED_TEXTS[2:], "b"), reg.encode(MIXED_TEXTS[5:], "d"),
+               reg.encode(MIXED_TEXTS[::-1], "a"), reg.encode(MIXED_TEXTS[:1], "b")]
+    got = reg.forward_batch(small) + reg.forward_batch(mixture)
+    assert calls[0]["adapter_names"] == ["a", "b", "a", "b"]  # 4 rows (batch_size), sorted by length, one pass
+    assert any("adapter_names" not in c for c in calls)  # DoRA rows: after set_adapter
+    monkeypatch.undo()
+    for request, logits in zip(small + mixture, got):
+        alone = Classifier(mean_runs[request.adapter.name], device="cpu", merge=False).logits(request.texts)
+        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_cls_pooled_adapters_runs_one_adapter_per_pass(registry, trained_tiny_run, flipped_run):
+    # BERT's [CLS] pooler is a Linear + tanh block, which peft cannot run per row: grouped by adapter instead
+    assert [a.mixes for a in registry.adapters.values()] == [False, False]
+    requests = [registry.encode(MIXED_TEXTS, "flipped"), registry.encode(TEXTS, "good"),
+                registry.encode(MIXED_TEXTS[3:], "flipped")]
+    got = registry.forward_batch(requests)
+    runs = {"good": trained_tiny_run.run_dir, "flipped": flipped_run}
+    for request, logits in zip(requests, got):
+        alone = Classifier(runs[request.adapter.name], device="cpu", merge=False).logits(request.texts)
+        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_worker_answers_each_request_with_its_own_results(mean_registry, monkeypatch):
+    reg = mean_registry
+    passes = []
+    real_forward_batch = reg.forward_batch
+    monkeypatch.setattr(reg, "forward_batch", lambda requests: passes.append(len(requests)) or
+                        real_forward_batch(requests))
+    worker = BatchingWorker(reg, wait_s=0.5)  # long enough for the requests below to queue during the first pass
+    jobs = [("a", MIXED_TEXTS[:2]), ("b", MIXED_TEXTS[2:3]), ("a", MIXED_TEXTS[3:4]), ("b", MIXED_TEXTS[4:6])]
+    try:
+        futures = [worker.submit(reg.encode(texts, name)) for name, texts in jobs]
+        results = [future.result(30) for future in futures]
+    finally:
+        worker.close(10)
+    assert passes == [3, 1]  # a pass takes at most batch_size (4) texts; the last request waits for the next
+    for (name, texts), logits in zip(jobs, results):
+        torch.testing.assert_close(logits, reg.logits(texts, name)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_requests_of_two_adapters_each_get_their_own_answer(mean_registry):
+    client = TestClient(create_app(mean_registry, Limits(max_queue=64)))
+    jobs = [(name, MIXED_TEXTS[i % 7:i % 7 + 1 + i % 4]) for i, name in enumerate(["a", "b"] * 12)]
+    expected = {(name, tuple(texts)): mean_registry.predict(texts, name)[1] for name, texts in jobs}
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda job: client.post("/predict", json={"texts": job[1], "adapter": job[0]}),
+                                  jobs))
+    for (name, texts), response in zip(jobs, responses):
+        body = response.json()
+        assert response.status_code == 200 and body["adapter"] == name
+        assert body["labels"] == mean_registry.adapters[name].label_names
+        assert [p["text"] for p in body["predictions"]] == texts
+        for got, want in zip(body["predictions"], expected[(name, tuple(texts))]):
+            assert got["label"] == want["label"]
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
+def test_a_request_for_an_adapter_unloaded_while_it_waited_is_404(mean_registry, mean_runs):
+    reg = AdapterRegistry(device="cpu")
+    reg.add("a", mean_runs["a"])
+    reg.add("b", mean_runs["b"])
+    waiting = reg.encode(TEXTS, "b")
+    reg.remove("b")
+    stale, fresh = reg.forward_batch([waiting, reg.encode(TEXTS, "a")])
+    assert isinstance(stale, UnknownAdapterError) and str(stale) == "adapter 'b' was unloaded before the request ran"
+    torch.testing.assert_close(fresh, reg.logits(TEXTS, "a")[1])
+
+
 # -- bad input: 4xx with a clear message, the server keeps serving ------------------------------------------------
 
 def test_unknown_adapter_is_404(client):
@@ -184,16 +310,26 @@ def test_oversized_body_is_413(client):
 
 # -- back-pressure and metrics ----------------------------------------------------------------------------------
 
-def hold_the_model(registry):
-    """Patch registry.logits so that predictions wait until the returned event is set."""
-    release, real_logits = threading.Event(), registry.logits
+@contextmanager
+def model_held(registry):
+    """While the block runs, predictions (batched or one request at a time) wait inside the model lock; yields an
+    event set once one waits there."""
+    held, release = threading.Event(), threading.Event()
 
-    def slow_logits(texts, adapter=None):
-        release.wait(30)
-        return real_logits(texts, adapter)
+    def holding(real):
+        def slow(*args):
+            with registry._lock:
+                held.set()
+                release.wait(30)
+                return real(*args)
+        return slow
 
-    registry.logits = slow_logits
-    return release
+    registry.logits, registry.forward_batch = holding(registry.logits), holding(registry.forward_batch)
+    try:
+        yield held
+    finally:
+        release.set()
+        del registry.logits, registry.forward_batch
 
 
 def wait_until(condition, timeout: float = 20) -> None:
@@ -203,19 +339,16 @@ def wait_until(condition, timeout: float = 20) -> None:
         time.sleep(0.01)
 
 
-def test_a_full_queue_is_503_with_retry_after(registry):
-    app = create_app(registry, Limits(max_queue=2))
+@pytest.mark.parametrize("batching", [Batching(), Batching(enabled=False)], ids=["batched", "one-at-a-time"])
+def test_a_full_queue_is_503_with_retry_after(registry, batching):
+    app = create_app(registry, Limits(max_queue=2), batching=batching)
     client = TestClient(app)
-    release = hold_the_model(registry)
     with ThreadPoolExecutor(2) as pool:
-        try:
+        with model_held(registry):
             admitted = [pool.submit(client.post, "/predict", json={"texts": TEXTS}) for _ in range(2)]
             wait_until(lambda: app.state.queue.depth == 2)
             refused = client.post("/predict", json={"texts": TEXTS})
             assert client.get("/health").status_code == 200  # the probe is not queued
-        finally:
-            release.set()
-            del registry.logits
         assert (refused.status_code, refused.headers["Retry-After"]) == (503, "1")
         assert refused.json()["detail"] == ("the server is busy: 2 prediction requests are queued, the most it "
                                             "takes (--max-queue); retry after 1 s")
@@ -263,25 +396,12 @@ def test_list_adapters_and_health(client, trained_tiny_run):
 
 
 def test_health_answers_while_a_slow_prediction_holds_the_model_lock(client, registry):
-    held, release = threading.Event(), threading.Event()
-    real_logits = registry.logits
-
-    def slow_logits(texts, adapter=None):  # a prediction that keeps the lock until the test lets it go
-        with registry._lock:
-            held.set()
-            release.wait(30)
-            return real_logits(texts, adapter)
-
-    registry.logits = slow_logits
     with ThreadPoolExecutor(3) as pool:
-        try:
+        with model_held(registry) as held:
             slow = pool.submit(client.post, "/predict", json={"texts": TEXTS})
             assert held.wait(10)
             queued = pool.submit(client.post, "/predict", json={"texts": TEXTS})  # waits for the lock
             health = pool.submit(client.get, "/health").result(timeout=10)  # a lock-taking /health times out
-        finally:
-            release.set()
-            del registry.logits
         assert health.status_code == 200 and health.json()["adapters"] == 2
         assert labels_of(slow.result(30)) == labels_of(queued.result(30)) == ["pos", "neg", "pos", "neg"]
 
@@ -489,18 +609,25 @@ def _edited_copy(run_dir: Path, dest: Path, **config) -> Path:
     return dest
 
 
-def test_runs_that_cannot_share_the_base_are_refused(registry, trained_tiny_run, tmp_path):
-    run = trained_tiny_run.run_dir
-    with pytest.raises(ModelError, match="all served adapters must share one base model"):
-        registry.add("other", _edited_copy(run, tmp_path / "other", model="prajjwal1/bert-tiny"))
-    with pytest.raises(ModelError, match="served base has quantization none"):
-        registry.add("q", _edited_copy(run, tmp_path / "q", method="qlora"))
-    with pytest.raises(ModelError, match="is a full run without a LoRA adapter"):
-        registry.add("full", _edited_copy(run, tmp_path / "full", method="full"))
-    with pytest.raises(AdapterConflictError, match="already loaded"):
-        registry.add("good", run)
+@pytest.mark.parametrize("edit, message", [
+    (dict(model="prajjwal1/bert-tiny"), "all served adapters must share one base model"),
+    (dict(method="qlora"), "served base has quantization none"),
+    (dict(method="full"), "is a full run without a LoRA adapter"),
+    (dict(method="head"), "is a head run without a LoRA adapter"),
+    (dict(method="ia3"), "is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"),
+    (dict(init="pissa"), "init 'pissa' rewrote the base weights under its adapter"),
+], ids=["other-base", "qlora", "full", "head", "ia3", "pissa"])
+def test_runs_that_cannot_share_the_base_are_refused(registry, trained_tiny_run, tmp_path, edit, message):
+    with pytest.raises(ModelError, match=message):
+        registry.add("other", _edited_copy(trained_tiny_run.run_dir, tmp_path / "other", **edit))
     with pytest.raises(UnknownAdapterError):
         registry.predict(["great"], "other")
+    assert registry.names() == ["good", "flipped"]
+
+
+def test_a_name_in_use_is_refused(registry, trained_tiny_run):
+    with pytest.raises(AdapterConflictError, match="already loaded"):
+        registry.add("good", trained_tiny_run.run_dir)
     assert registry.names() == ["good", "flipped"]
 
 
@@ -514,6 +641,7 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--port", "0"], "--port must be between 1 and 65535, got 0"),
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
     (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
+    (["RUN", "--batch-wait-ms", "-1"], "--batch-wait-ms must be between 0 and 1000, got -1"),
     (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
      "2 run directories but --max-adapters is 1"),
 ])
@@ -600,6 +728,55 @@ def test_cli_bad_access_arguments(trained_tiny_run, monkeypatch, capsys, args, m
     code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()), *args)
     err = capsys.readouterr().err
     assert (code, served) == (2, {}) and err.startswith(f"lightune: error: {message}") and err.count("\n") == 1
+
+
+def test_cli_batching_off_serves_one_request_at_a_time(trained_tiny_run, monkeypatch):
+    code, served = serve_in_process(monkeypatch, str(trained_tiny_run.run_dir), "--port", str(free_port()),
+                                    "--batching", "off")
+    assert code == 0 and served["app"].state.worker is None
+    client = TestClient(served["app"], base_url="http://localhost")
+    assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+    """`python -m lightune serve ARGS` on a free port of 127.0.0.1, once /health answers."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lightune", "serve", *args, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not start: {process.communicate()[1][-2000:]}")
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_tiny_run):
+    process, port = start_server(str(trained_tiny_run.run_dir))
+    try:
+        body = json.dumps({"texts": TEXTS}).encode()
+        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+            conn.sendall(head + body[:10])  # in flight: the server has its head and waits for the rest
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(ConnectionRefusedError):  # shutting down: no new connections
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(body[10:])
+            response = http.client.HTTPResponse(conn)
+            response.begin()
+            answer = json.loads(response.read())
+        assert response.status == 200 and [p["label"] for p in answer["predictions"]] == ["pos", "neg", "pos", "neg"]
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+    err = process.communicate()[1]
+    assert "Waiting for connections to close" in err and "Traceback" not in err
 
 
 # -- the real server and the page in headless Chromium ----------------------------------------------------------
@@ -782,10 +959,10 @@ def test_client_errors_are_one_line_4xx_on_a_kept_connection(live, registry, bro
 
 
 def test_an_unexpected_error_is_a_one_line_500_on_a_kept_connection(live, registry, monkeypatch, caplog):
-    def bug(texts, adapter=None):
+    def bug(requests):
         raise RuntimeError("boom\nTraceback (most recent call last): ...")
 
-    monkeypatch.setattr(registry, "logits", bug)
+    monkeypatch.setattr(registry, "forward_batch", bug)  # in the batching worker: it answers 500 and goes on
     conn = KeptConnection(live.port)
     code, _, text = conn.request("POST", "/predict", json.dumps({"texts": ["great"]}))
     assert (code, json.loads(text)) == (500, {"detail": "internal error: RuntimeError: boom"})
@@ -827,15 +1004,8 @@ def test_page_asks_for_the_api_key_once(registry):
 @pytest.fixture(scope="module")
 def dora_run(tiny_model_dir, tmp_path_factory):
     """A DoRA run of the same tiny base: a LoRA-kind adapter, so it can share the base with LoRA runs."""
-    from lightune.config import load_config
-    from lightune.training import run_training
-
-    root = tmp_path_factory.mktemp("dora-run")
-    data = write_csv(root / "reviews.csv", synthetic_reviews(240, seed=2))
-    cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
-                                     max_length=32, max_steps=10, batch_size=16, learning_rate=1e-2, peft="dora",
-                                     output_dir=str(root / "runs"), run_name="dora"))
-    return run_training(cfg, progress=False).run_dir
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("dora-run"), "dora", synthetic_reviews(240, seed=2),
+                          max_steps=10, peft="dora")
 
 
 def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp_path):
@@ -851,15 +1021,3 @@ def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp
                                rtol=1e-5, atol=1e-5)
     _, dora_logits = reg.logits(TEXTS, "dora")
     torch.testing.assert_close(dora_logits, Classifier(dora_run, merge=False).logits(TEXTS), rtol=1e-5, atol=1e-5)
-
-
-def test_adapters_of_another_kind_or_a_rewritten_base_are_refused(registry, trained_tiny_run, tmp_path):
-    run = trained_tiny_run.run_dir
-    with pytest.raises(ModelError, match="is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"):
-        registry.add("ia3", _edited_copy(run, tmp_path / "ia3", method="ia3"))
-    with pytest.raises(ModelError, match="init 'pissa' rewrote the base weights under its adapter"):
-        registry.add("pissa", _edited_copy(run, tmp_path / "pissa", init="pissa"))
-    with pytest.raises(ModelError, match="is a head run without a LoRA adapter"):
-        registry.add("head", _edited_copy(run, tmp_path / "head", method="head"))
-    assert registry.names() == ["good", "flipped"]
-

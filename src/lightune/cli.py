@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train the cells in this process instead of a fresh process each (faster start; "
                               "peak memory on CPU then accumulates across cells)")
     serve = sub.add_parser("serve", help="serve runs over HTTP: JSON API and a web page, many adapters on one base",
-                           description="Serve one or more finished LoRA runs of the same base model: one base "
-                                       "model in memory, one adapter per run, chosen per request.")
+                           description="Serve one or more finished adapter runs (LoRA, DoRA, IA3, ...) of the same "
+                                       "base model: one base model in memory, one adapter per run, chosen per "
+                                       "request; concurrent requests share forward passes. SIGTERM or Ctrl-C "
+                                       "answers the requests in flight, then exits.")
     serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                        help="finished adapter run directories (lora, qlora, dora, ia3, ...; one peft kind)")
     serve.add_argument("--name", action="append", dest="names", metavar="NAME",
@@ -128,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--host: the only ones answered (default: any)")
     serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    serve.add_argument("--batching", choices=("on", "off"), default="on",
+                       help="on: concurrent requests share forward passes, rows of several LoRA adapters in one "
+                            "pass; off: one request at a time, switching adapters per request (default on)")
+    serve.add_argument("--batch-wait-ms", type=float, default=2.0,
+                       help="with batching: how long a pass waits for more requests once one arrives (default 2)")
     serve.add_argument("--max-texts", type=int, default=64, help="most texts per request (default 64)")
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text (default 5000)")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000,
@@ -363,12 +370,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "max_texts", "max_chars", "max_body_bytes", "max_queue", "max_adapters"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {args.batch_wait_ms:g}")
     api_key = api_key_of(args)
     sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
     try:
         import uvicorn
 
-        from .serving import Access, AdapterRoot, Limits, create_app, is_loopback, trusted_hosts
+        from .serving import Access, AdapterRoot, Batching, GracefulServer, Limits, create_app, is_loopback, \
+            trusted_hosts
 
         root = AdapterRoot(args.allow_adapter_loading) if args.allow_adapter_loading else None
         access = Access(trusted_hosts(args.host, args.allowed_hosts), api_key, root)
@@ -376,10 +386,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
                   f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
         registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
-        app = create_app(registry, Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue), access)
+        limits = Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue)
+        app = create_app(registry, limits, access, Batching(args.batching == "on", args.batch_wait_ms))
         print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
               f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        GracefulServer(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     finally:
         sock.close()
     return 0

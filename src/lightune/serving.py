@@ -1,28 +1,36 @@
-"""Serving: one base model with several named LoRA adapters behind a JSON API (FastAPI) and a small web page."""
+"""Serving: one base model with several named adapters behind a JSON API (FastAPI) and a small web page.
+
+Concurrent requests are batched: a worker thread runs the requests waiting together, rows of different LoRA
+adapters in one forward pass (peft's per-row `adapter_names`)."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import hashlib
 import hmac
 import ipaddress
 import logging
+import queue
 import re
 import threading
 import time
-from collections import OrderedDict
-from contextlib import contextmanager
+from collections import OrderedDict, defaultdict
+from concurrent.futures import Future
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
@@ -35,6 +43,7 @@ from transformers import AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
+from .data import clean_text, eval_chunk_tokens, token_budget_batches
 from .inference import batched_logits, check_texts, read_run, to_predictions
 
 log = logging.getLogger("lightune.serve")
@@ -117,17 +126,43 @@ class ServedAdapter:
     saved: Path
     shown: str  # the run directory as errors and /adapters name it
     pooling: str = "cls"  # what the head reads (heads.py); runs from before it was recorded read [CLS]
+    mixes: bool = False  # its rows can share a forward pass with other adapters' rows (AdapterRegistry._mixes)
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
                 "labels": list(self.label_names), "max_length": self.max_length}
 
 
+@dataclass
+class Encoded:
+    """A prediction request tokenized for its adapter (its tokenizer and max_length), not yet padded."""
+
+    adapter: ServedAdapter
+    texts: list[str]
+    rows: list[dict]  # per text: input_ids, attention_mask (and token_type_ids) as lists
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row["input_ids"]) for row in self.rows)
+
+
+def padding_key(tokenizer) -> tuple:
+    """What padding depends on: rows from tokenizers with equal keys (each row tokenized with its own run's tokenizer
+    and max_length; runs' tokenizer files differ by their saved truncation alone) can be padded together."""
+    return (tokenizer.pad_token_id, tokenizer.pad_token_type_id, tokenizer.padding_side,
+            tuple(tokenizer.model_input_names))
+
+
+# The layers peft 0.21 can run with per-row adapter_names when they are a copied head (ModulesToSaveWrapper).
+MIXED_BATCH_HEADS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 class AdapterRegistry:
     """ONE base model in memory with several named adapters of one kind (peft multi-adapter), switched per request.
 
     Each adapter brings its own classification head (peft's modules_to_save), label names and max_length.
-    Adapters are never merged, so switching is cheap. A lock serialises set_adapter + forward and adapter changes.
+    Adapters are never merged, so switching is cheap, and rows of several LoRA adapters can share one forward pass
+    (forward_batch). A lock serialises forward passes and adapter changes.
     At most max_adapters are loaded at once; adapters with identical tokenizer files share one tokenizer (about
     10 MB each for a BERT vocabulary, more than the adapter itself).
     """
@@ -144,6 +179,8 @@ class AdapterRegistry:
         self.pooling: str | None = None
         self.num_labels: int | None = None
         self._lock = threading.RLock()
+        # fast tokenizers set their truncation per call and fail ("Already borrowed") when two threads call one
+        self._tokenizing = threading.Lock()
 
     # -- adapters ---------------------------------------------------------------------------------------------
     @property
@@ -273,6 +310,7 @@ class AdapterRegistry:
                 else:
                     self.model.load_adapter(saved, adapter_name=name)
                     self.model.eval()
+                adapter.mixes = self._mixes(name)
             except Exception as exc:  # a truncated or foreign weights file, a head of another shape, ...
                 if self.model is not None and name in self.model.peft_config:
                     self.model.delete_adapter(name)
@@ -315,6 +353,64 @@ class AdapterRegistry:
             return self._get(adapter), []
         served, logits = self.logits(texts, adapter)
         return served, to_predictions(texts, logits, served.label_names)
+
+    # -- batched prediction: several requests, several adapters, shared forward passes ---------------------------
+    def _mixes(self, name: str) -> bool:
+        """Whether an adapter's rows can share a forward pass with other adapters' rows (peft's per-row
+        adapter_names, peft 0.21): LoRA only (IA3 layers have no mixed forward), not DoRA (peft refuses it), never
+        merged (serving never merges), and every head module it copies a single layer: peft's ModulesToSaveWrapper
+        mixes Linear, Embedding and Conv layers only, so a [CLS]-pooled BERT head (its pooler is Linear + tanh)
+        does not mix, while a mean-pooled head (the classifier Linear alone) does."""
+        if self.kind != "lora" or getattr(self.model.peft_config[name], "use_dora", False):
+            return False
+        return all(isinstance(module.original_module, MIXED_BATCH_HEADS) for module in self.model.modules()
+                   if isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save)
+
+    def encode(self, texts: list[str], adapter: str | None = None) -> Encoded:
+        """A request's texts tokenized for its adapter (default: the oldest loaded), for forward_batch."""
+        texts = check_texts(texts)
+        with self._lock:
+            served = self._get(adapter)
+        with self._tokenizing:
+            encoded = served.tokenizer([clean_text(t) for t in texts], truncation=True, max_length=served.max_length)
+        return Encoded(served, texts, [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(texts))])
+
+    @torch.no_grad()
+    def forward_batch(self, requests: list[Encoded]) -> list[torch.Tensor | UnknownAdapterError]:
+        """Each request's logits in input order (or UnknownAdapterError if its adapter was unloaded meanwhile).
+
+        The rows of all requests are sorted by length into token-budget passes of at most batch_size texts. Rows of
+        adapters that mix (and pad alike) share passes whatever their adapter, each row through its own adapter;
+        the others run one adapter per pass, after set_adapter."""
+        out: list[torch.Tensor | UnknownAdapterError] = []
+        groups = defaultdict(list)  # (mixed or alone, padding or adapter) -> [(request index, row index)]
+        with self._lock:
+            for r, request in enumerate(requests):
+                served = request.adapter
+                if self.adapters.get(served.name) is not served:
+                    out.append(UnknownAdapterError(f"adapter {served.name!r} was unloaded before the request ran"))
+                    continue
+                out.append(torch.empty(len(request.rows), self.num_labels))
+                key = ("mixed", padding_key(served.tokenizer)) if served.mixes else ("alone", served.name)
+                groups[key] += [(r, i) for i in range(len(request.rows))]
+            for (how, _), members in groups.items():
+                self._forward_rows(requests, members, out, mixed=how == "mixed")
+        return out
+
+    def _forward_rows(self, requests: list[Encoded], members: list[tuple[int, int]], out: list, mixed: bool) -> None:
+        tokenizer = requests[members[0][0]].adapter.tokenizer  # every member's tokenizer pads alike
+        lengths = [len(requests[r].rows[i]["input_ids"]) for r, i in members]
+        for idx in token_budget_batches(lengths, eval_chunk_tokens(self.device.type), self.batch_size):
+            chosen = [members[k] for k in idx]
+            batch = tokenizer.pad([requests[r].rows[i] for r, i in chosen], return_tensors="pt").to(self.device)
+            names = [requests[r].adapter.name for r, _ in chosen]
+            if mixed:
+                logits = self.model(**batch, adapter_names=names).logits
+            else:
+                self.model.set_adapter(names[0], inference_mode=True)
+                logits = self.model(**batch).logits
+            for (r, i), row in zip(chosen, logits.float().cpu()):
+                out[r][i] = row
 
 
 class AccessDenied(LightuneError):
@@ -396,6 +492,86 @@ class PredictionQueue:
             yield
         finally:
             self.depth -= 1
+
+
+@dataclass
+class Batching:
+    """How concurrent prediction requests reach the model."""
+
+    enabled: bool = True  # off: one request at a time, set_adapter and its own forward passes (a naive server)
+    wait_ms: float = 2.0  # once a request is taken, how long the worker waits for more to fill the pass
+
+
+class BatchingWorker:
+    """One thread runs every prediction, so concurrent requests share forward passes.
+
+    It takes the first request waiting, then more (for up to wait_s after the first, or at once while they are
+    queued) until the texts reach batch_size or the tokens the device's pass budget, runs them through
+    registry.forward_batch and hands each request its own logits. Requests that arrive during a pass wait for the
+    next one: under load every pass is full, and at low load none waits longer than wait_s."""
+
+    STOP = ("stop",)  # queued by close(): answer what came before it, then end
+
+    def __init__(self, registry: AdapterRegistry, wait_s: float = 0.002):
+        self.registry = registry
+        self.wait_s = wait_s
+        self.max_texts = registry.batch_size
+        self.max_tokens = eval_chunk_tokens(registry.device.type)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # (Encoded, Future), or STOP
+        self._held = None  # an item taken that did not fit the last pass: the first of the next
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()
+
+    def submit(self, request: Encoded) -> Future:
+        """A future of the request's logits (or of the error that ended its pass)."""
+        with self._starting:  # started by the first request: apps that never predict hold no thread
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lightune-batching", daemon=True)
+                self._thread.start()
+        future = Future()
+        self._queue.put((request, future))
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Answer every request queued so far, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(self.STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            taken = [(request, future) for request, future in taken if future.set_running_or_notify_cancel()]
+            if not taken:  # every client of the pass went away
+                continue
+            try:
+                results = self.registry.forward_batch([request for request, _ in taken])
+            except Exception as exc:  # a bug: each request of the pass answers 500, the worker goes on
+                results = [exc] * len(taken)
+            for (_, future), result in zip(taken, results):
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _take(self) -> list | None:
+        """The requests of the next pass, or None to stop."""
+        first, self._held = self._held or self._queue.get(), None
+        if first is self.STOP:
+            return None
+        taken, texts, tokens = [first], len(first[0].rows), first[0].tokens
+        deadline = time.monotonic() + self.wait_s
+        while texts < self.max_texts and tokens < self.max_tokens:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is self.STOP or texts + len(item[0].rows) > self.max_texts \
+                    or tokens + item[0].tokens > self.max_tokens:
+                self._held = item
+                break
+            taken.append(item)
+            texts, tokens = texts + len(item[0].rows), tokens + item[0].tokens
+        return taken
 
 
 class ServerMetrics:
@@ -657,6 +833,21 @@ class UnexpectedErrors:
                                status_code=500)(scope, receive, send)
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server; on SIGTERM or Ctrl-C it stops accepting connections, answers the requests in flight (the
+    batching worker runs until the app shuts down, after them) and returns, so `lightune serve` exits 0: a stop
+    that was asked for. uvicorn (0.29+) raises the signal again once it has shut down, which would end the process
+    with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits at once (uvicorn's force exit)."""
+
+    @contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()  # handled by shutting down: nothing to raise again
+
+
 def _readable(errors) -> str:
     """Pydantic validation errors as one line: 'texts.2: Input should be a valid string; ...'."""
     parts = []
@@ -678,13 +869,23 @@ def _detail_response(status: int):
     return handler
 
 
-def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: Access | None = None) -> FastAPI:
+def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: Access | None = None,
+               batching: Batching | None = None) -> FastAPI:
     """The FastAPI app: / (web page), /predict, /adapters, /health, and the OpenAPI schema at /openapi.json."""
-    limits, access = limits or Limits(), access or Access()
-    queue = PredictionQueue(limits.max_queue)
-    metrics = ServerMetrics(registry, queue)
-    app = FastAPI(title="lightune", version="0.1.0",
-                  description="Fine-tuned text classifiers: several LoRA adapters on one base model.")
+    limits, access, batching = limits or Limits(), access or Access(), batching or Batching()
+    admission = PredictionQueue(limits.max_queue)
+    metrics = ServerMetrics(registry, admission)
+    worker = BatchingWorker(registry, batching.wait_ms / 1000) if batching.enabled else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn shuts the app down after the requests in flight are answered: the worker has nothing left to do
+        if worker is not None:
+            await run_in_threadpool(worker.close)
+
+    app = FastAPI(title="lightune", version="0.1.0", lifespan=lifespan,
+                  description="Fine-tuned text classifiers: several adapters on one base model.")
     # each middleware added wraps the ones before it: the Host check runs first, errors are caught innermost
     app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
@@ -693,7 +894,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     app.add_middleware(RequestCounter, metrics=metrics)
     if access.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
-    app.state.registry, app.state.limits, app.state.queue = registry, limits, queue
+    app.state.registry, app.state.limits, app.state.queue, app.state.worker = registry, limits, admission, worker
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -754,7 +955,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
         return access.adapter_root
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
-              summary="Classify texts with one adapter (length-sorted batches)")
+              summary="Classify texts with one adapter (batched with concurrent requests)")
     async def predict(body: PredictRequest) -> dict:
         start = time.perf_counter()
         texts = body.texts
@@ -765,8 +966,13 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
         for i, text in enumerate(texts, 1):
             if len(text) > limits.max_chars:
                 raise DataError(f"text {i} is too long: {len(text)} characters, the limit is {limits.max_chars}")
-        with queue.slot():  # admitted here, in the event loop, before waiting for a worker thread or the model
-            served, predictions = await run_in_threadpool(registry.predict, texts, body.adapter)
+        with admission.slot():  # admitted here, in the event loop, before waiting for a thread or the model
+            if worker is None:
+                served, predictions = await run_in_threadpool(registry.predict, texts, body.adapter)
+            else:
+                request = await run_in_threadpool(registry.encode, texts, body.adapter)
+                logits = await asyncio.wrap_future(worker.submit(request))
+                served, predictions = request.adapter, to_predictions(texts, logits, request.adapter.label_names)
         metrics.predictions.labels(served.name).inc()
         metrics.texts.labels(served.name).inc(len(texts))
         metrics.latency.labels(served.name).observe(time.perf_counter() - start)
