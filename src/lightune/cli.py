@@ -1,4 +1,4 @@
-"""Command line: `lightune train`, `predict`, `compare`, `serve`; user errors end in one line and a non-zero exit."""
+"""Command line: `lightune train`, `evaluate`, `predict`, `compare`, `serve`; user errors end in one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -87,6 +87,38 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             choices=CHOICES.get(f.name), help=HELP.get(f.name), metavar=f.name.upper())
 
 
+def _parse_size(text: str) -> int | str:
+    """An integer, or 'all'."""
+    return "all" if text.lower() == "all" else _parse_optional_int(text)
+
+
+def _add_evaluate_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="score a finished run on a data source",
+        description="Score a finished run (any method) on a data source, its labels matched to the run's by name; "
+                    "writes metrics.json, confusion_matrix.png and report.md to evaluations/<name>/ beside the run "
+                    "and prints the table. Data settings not given are the run's own (column names and --labels "
+                    "only when the source is the run's own data).")
+    evaluate.add_argument("run_dir", help="a run directory written by `lightune train`")
+    evaluate.add_argument("--data", help="source to evaluate on (default: the run's own); " + HELP["data"])
+    evaluate.add_argument("--split", choices=("test", "all"), default="test",
+                          help="test: the source's test split, carved as training carves it (default); all: "
+                               "every distinct row")
+    evaluate.add_argument("--text-column", help="text column of a file source")
+    evaluate.add_argument("--label-column", help="label column of a file source")
+    evaluate.add_argument("--labels", dest="label_names", type=_parse_list, metavar="LABEL_NAMES",
+                          help="the source's label names in class-index order (names integer labels)")
+    evaluate.add_argument("--eval-size", type=_parse_size, metavar="EVAL_SIZE",
+                          help="texts to sample (stratified); 'all' for every one (default: the run's eval_size "
+                               "with --split test, all with --split all)")
+    evaluate.add_argument("--split-seed", type=int)
+    evaluate.add_argument("--validation-fraction", type=float)
+    evaluate.add_argument("--test-fraction", type=float)
+    evaluate.add_argument("--output-dir", help="write to OUTPUT_DIR/<name>/ (default: evaluations/ beside the run)")
+    evaluate.add_argument("--name", help="the evaluation's directory name (default: <run>-on-<source>-<split>)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightune", description="LoRA / QLoRA fine-tuning of text classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    _add_evaluate_parser(sub)
     compare = sub.add_parser("compare", help="train a grid of configurations and compare them",
                              description="Train every cell of a grid (same data, split and steps), skipping cells "
                                          "finished earlier, then write results.csv, results.md, plots and "
@@ -186,6 +219,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     test, base = result.metrics["test"], result.metrics["base"]
     print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate_run import EvaluationOptions, run_evaluation
+    from .reporting import evaluation_table
+
+    size = args.eval_size
+    options = EvaluationOptions(
+        run_dir=args.run_dir, data=args.data, split=args.split, text_column=args.text_column,
+        label_column=args.label_column, label_names=args.label_names, eval_size=None if size == "all" else size,
+        all_rows=size == "all", validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+        split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device)
+    evaluation = run_evaluation(options)
+    result = evaluation.result
+    print(f"{result['run_name']} on {printable(result['data']['source'])}, {args.split} split")
+    print("\n".join(evaluation_table(result)))
+    print(f"report: {evaluation.out_dir / 'report.md'}")
     return 0
 
 
@@ -406,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command != "train":
             _silence_library_output()
-        commands = {"train": cmd_train, "predict": cmd_predict, "compare": cmd_compare, "serve": cmd_serve}
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
+                    "serve": cmd_serve}
         return commands[args.command](args)
     except LightuneError as exc:
         _report_failure(f"error: {exc}", exc)

@@ -143,16 +143,21 @@ def _check_text(name: str, value: Any, optional: bool = False) -> None:
 
 def _check_run_name(name: str | None) -> None:
     """A plain, visible directory name that cannot be mistaken for a failed or staged run."""
-    if name is None:
-        return
-    _check_text("run_name", name)
+    if name is not None:
+        check_directory_name("run_name", name)
+
+
+def check_directory_name(what: str, name: str) -> None:
+    """ConfigError unless name is a plain, visible directory name that cannot be mistaken for a failed or staged
+    run (what: the setting's name in the message)."""
+    _check_text(what, name)
     separators = {"/", "\\"} & set(name)
     if name.startswith(".") or separators or name != name.strip() or len(name.encode()) > 255 or any(
             not ch.isprintable() for ch in name):
-        raise ConfigError(f"run_name must be a plain directory name (no path separators, control characters, "
+        raise ConfigError(f"{what} must be a plain directory name (no path separators, control characters, "
                           f"leading dot or surrounding spaces); got {name!r}")
     if RESERVED_RUN_NAME.search(name):
-        raise ConfigError(f"run_name must not end in {INCOMPLETE_SUFFIX} or .partial (reserved for failed and "
+        raise ConfigError(f"{what} must not end in {INCOMPLETE_SUFFIX} or .partial (reserved for failed and "
                           f"unfinished runs); got {name!r}")
 
 

@@ -305,11 +305,12 @@ def deduplicate(ds: Dataset) -> Dataset:
 
 
 def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
-                   known_names: list[str] | None = None, allow_unusual_labels: bool = False) -> tuple[Dataset, list[str]]:
+                   known_names: list[str] | None = None, allow_unusual_labels: bool = False,
+                   check_labels: bool = True) -> tuple[Dataset, list[str]]:
     """Load, validate, clean, encode and de-duplicate one source.
 
     known_names: the training source's label names, for a test source (whose labels may be a subset);
-    without them this is a training source and its labels must pass check_classes.
+    without them this is a training source and its labels must pass check_classes (unless not check_labels).
     """
     ds, source_names = load_source(spec, text_column, label_column)
     check_texts(ds, spec)
@@ -317,7 +318,7 @@ def prepare_source(spec: str, text_column: str, label_column: str, label_names: 
                                 allow_unusual_labels)
     ds = ds.map(lambda b: {"text": [clean_text(t) for t in b["text"]]}, batched=True)
     ds = encode_labels(ds, names, spec)
-    if known_names is None:
+    if known_names is None and check_labels:
         check_classes(ds, names, spec, allow_unusual_labels)
     return deduplicate(ds), names
 
@@ -382,6 +383,40 @@ def build_splits(cfg) -> SplitData:
         "label_names": names,
     }
     return SplitData(splits["train"], splits["validation"], splits["test"], names, info)
+
+
+def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str) -> Dataset:
+    """ds with its labels (class indices into names) mapped by name onto run_names' indices; DataError naming
+    both sets when the source has a label the run does not know."""
+    unknown = [name for name in names if name not in run_names]
+    if unknown:
+        raise DataError(f"{where} has the labels {', '.join(names)} but the run was trained on "
+                        f"{', '.join(run_names)}; labels are matched by name (--labels names a source's classes "
+                        "in index order)")
+    index = [run_names.index(name) for name in names]
+    ds = ds.map(lambda b: {"label": [index[label] for label in b["label"]]}, batched=True)
+    return ds.cast_column("label", ClassLabel(names=list(run_names)))
+
+
+def evaluation_rows(spec: str, run_names: list[str], split: str, text_column: str = "text",
+                    label_column: str = "label", label_names: list[str] | None = None, eval_size: int | None = None,
+                    validation_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 42
+                    ) -> tuple[Dataset, dict[str, Any]]:
+    """The rows `lightune evaluate` scores, labelled with the run's class indices, and a description of them.
+
+    split "test": the source's test split, carved as training carves it (the same split seed and fractions give
+    the same rows); "all": every distinct row. eval_size takes a seeded stratified subsample, as in training.
+    """
+    ds, names = prepare_source(spec, text_column, label_column, label_names, check_labels=False)
+    ds = match_labels(ds, names, run_names, spec)
+    described = "all"
+    if split == "test":
+        ds = carve_splits(ds, validation_fraction, test_fraction, split_seed)["test"]
+        described = f"{spec}:seed{split_seed}:val{validation_fraction:g}:test{test_fraction:g}:test"
+    ds = _stratified_take(ds, eval_size, split_seed)
+    info = {"source": spec, "split": described, "size": len(ds), "fingerprint": fingerprint(ds),
+            "source_label_names": names, "label_names": list(run_names)}
+    return ds, info
 
 
 def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:

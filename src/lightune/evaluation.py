@@ -45,12 +45,18 @@ def predict_logits(model, loader, accelerator=None, desc: str = "evaluating", pr
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
+    """Loss (unweighted cross-entropy) and the classification metrics of logits against labels."""
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes)
+    metrics["loss"] = torch.nn.functional.cross_entropy(logits, labels).item()
+    return metrics
+
+
 def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating", progress: bool = True) -> dict:
     """Loss, accuracy, F1, precision, recall, confusion matrix and throughput on one split."""
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, accelerator, desc, progress)
     seconds = time.perf_counter() - start
-    loss = torch.nn.functional.cross_entropy(logits, labels).item()
-    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes)
-    metrics.update(loss=loss, examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
+    metrics = score(logits, labels, n_classes)
+    metrics.update(examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
     return metrics

@@ -228,6 +228,83 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
     write_json(run_dir / COMPLETE_MARKER, metrics)
 
 
+# -- `lightune evaluate`: one finished run scored on a data source ------------------------------------------------
+
+def free_output_dir(root: Path, name: str, explicit: bool) -> Path:
+    """root/name, or for a default name the first free root/name-2, -3, ...; ConfigError if an explicitly named
+    directory exists (results are never overwritten)."""
+    path = Path(root) / name
+    if explicit and path.exists():
+        raise ConfigError(f"{path} already exists; choose another --name")
+    suffix = 2
+    while path.exists():
+        path = Path(root) / f"{name}-{suffix}"
+        suffix += 1
+    return path
+
+
+def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as a heat map with its counts (rows: true label, columns: predicted)."""
+    size = max(3.5, 0.8 * len(label_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(label_names)), label_names, rotation=45 if len(label_names) > 3 else 0)
+    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    save_figure(fig, path)
+
+
+METRIC_ROWS = (("accuracy", "accuracy"), ("f1", "F1 (macro)"), ("precision", "precision (macro)"),
+               ("recall", "recall (macro)"), ("loss", "loss"))
+
+
+def evaluation_table(result: dict) -> list[str]:
+    """Markdown rows: each metric on the evaluated data beside the run's own test split."""
+    scored, own = result["metrics"], result["run_test"]
+    lines = [f"| metric | {result['data']['source']} ({result['data']['size']} texts) | the run's own test split |",
+             "| --- | ---: | ---: |"]
+    for key, label in METRIC_ROWS:
+        theirs = f"{own[key]:.4f}" if isinstance(own.get(key), (int, float)) else "-"
+        lines.append(f"| {label} | {scored[key]:.4f} | {theirs} |")
+    return lines
+
+
+def evaluation_report_markdown(result: dict) -> str:
+    """A short report of one evaluation."""
+    data = result["data"]
+    lines = [
+        f"# lightune evaluation: {result['name']}",
+        "",
+        f"Run `{result['run_dir']}` ({result['method']} on `{result['model']}`, {result['pooling']} pooling, "
+        f"max_length {result['max_length']}) on `{data['source']}`, split `{data['split']}`: {data['size']} texts "
+        f"(fingerprint `{data['fingerprint']}`), device {result['device']}.",
+        "",
+        *evaluation_table(result),
+        "",
+        f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
+        f"{result['metrics']['confusion_matrix']}",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_evaluation_outputs(out_dir: Path, result: dict) -> None:
+    """confusion_matrix.png, report.md and finally metrics.json (the completion marker)."""
+    plot_confusion_matrix(result["metrics"]["confusion_matrix"], result["data"]["label_names"],
+                          out_dir / "confusion_matrix.png", f"{result['run_name']} on {result['data']['source']}")
+    write_text(out_dir / "report.md", evaluation_report_markdown(result))
+    write_json(out_dir / COMPLETE_MARKER, result)
+
+
 # -- `lightune compare`: one point or bar per configuration (the tables come from compare_report) ---------------
 
 def _empty(ax, text="no finished cells") -> None:
