@@ -146,3 +146,29 @@ def test_a_run_written_before_peft_and_quantize_still_predicts(trained_tiny_run,
     assert main(["predict", str(old), *TEXTS, "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [json.loads(line)["label"] for line in lines] == ["pos", "neg", "pos", "neg"]
+
+
+def test_truncation_is_recorded_and_reused_by_predict_and_serve(tiny_config, tmp_path):
+    """A tail-truncated run keeps the end of long texts in prediction and serving; old runs load as head."""
+    from lightune.serving import AdapterRegistry
+    from lightune.training import run_training
+
+    run = run_training(tiny_config(truncation="tail", max_length=8, epochs=1, run_name="tail"), progress=False)
+    assert json.loads((run.run_dir / "config.json").read_text())["truncation"] == "tail"
+    long_texts = ["the movie was " * 6 + "awful boring mess", "the film and story " * 5 + "superb loved great"]
+    tail = Classifier(run.run_dir)
+    assert tail.truncation == "tail"
+    as_head = Classifier(run.run_dir, truncation="head")
+    assert not torch.allclose(tail.logits(long_texts), as_head.logits(long_texts))
+    # max_length 8 is [CLS], the last 6 words (one token each) and [SEP]: the same as those words alone
+    torch.testing.assert_close(tail.logits(long_texts), tail.logits([" ".join(t.split()[-6:]) for t in long_texts]))
+    registry = AdapterRegistry()
+    registry.add("tail", run.run_dir)
+    torch.testing.assert_close(registry.logits(long_texts, "tail")[1], Classifier(run.run_dir, merge=False).logits(
+        long_texts), rtol=1e-5, atol=1e-5)
+    old = tmp_path / "old"
+    shutil.copytree(run.run_dir, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["config"]["truncation"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    assert Classifier(old).truncation == "head"

@@ -16,12 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import methods
-from .config import BIASES, DEVICES, HEAD_INITS, POOLINGS, PRECISIONS, SETTING_NAMES, TrainConfig, load_config
+from .config import (BIASES, DEVICES, HEAD_INITS, POOLINGS, PRECISIONS, SETTING_NAMES, TRUNCATIONS, TrainConfig,
+                     load_config)
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
 CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
-           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS}
+           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
+           "truncation": TRUNCATIONS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
@@ -40,6 +42,9 @@ HELP = {
                "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
     "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
                  "training features, then fine-tune) or random",
+    "truncation": "which tokens of a text longer than --max-length are kept: head (the first; default), tail (the "
+                  "last) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
+                  "run and reused by evaluate, predict and serve",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",
@@ -117,6 +122,7 @@ def _add_evaluate_parser(sub) -> None:
     evaluate.add_argument("--output-dir", help="write to OUTPUT_DIR/<name>/ (default: evaluations/ beside the run)")
     evaluate.add_argument("--name", help="the evaluation's directory name (default: <run>-on-<source>-<split>)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    evaluate.add_argument("--truncation", choices=TRUNCATIONS, help="override the run's truncation (see train)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    predict.add_argument("--truncation", choices=TRUNCATIONS, help="override the run's truncation (see train)")
     _add_evaluate_parser(sub)
     compare = sub.add_parser("compare", help="train a grid of configurations and compare them",
                              description="Train every cell of a grid (same data, split and steps), skipping cells "
@@ -231,7 +238,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_dir=args.run_dir, data=args.data, split=args.split, text_column=args.text_column,
         label_column=args.label_column, label_names=args.label_names, eval_size=None if size == "all" else size,
         all_rows=size == "all", validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
-        split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device)
+        split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device,
+        truncation=args.truncation)
     evaluation = run_evaluation(options)
     result = evaluation.result
     print(f"{result['run_name']} on {printable(result['data']['source'])}, {args.split} split")
@@ -348,7 +356,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Classifier
 
     texts = None if args.interactive else _texts_to_classify(args)  # bad input fails before the model loads
-    classifier = Classifier(args.run_dir, device=args.device)
+    classifier = Classifier(args.run_dir, device=args.device, truncation=args.truncation)
     if args.interactive:
         print(f"labels: {printable(', '.join(classifier.label_names))}. Type a text and press Enter; an empty line "
               "quits.", file=sys.stderr)

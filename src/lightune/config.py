@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
+TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
 # `.<name>.<random>.partial`. Run names that look like these are refused, so no run can take another's place.
@@ -61,6 +62,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     split_seed: int = 42
     max_length: int = 256
+    truncation: str = "head"  # which tokens of a longer text are kept: head, tail or head_tail (data.encode_texts)
     # optimisation
     seed: int = 42
     epochs: float = 1.0
@@ -219,6 +221,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
+    _check_choice("truncation", cfg.truncation, TRUNCATIONS)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))
     _check_text("test_data", cfg.test_data, optional=True)
@@ -305,7 +308,7 @@ def saved_config(config: dict[str, Any]) -> dict[str, Any]:
     Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
     way the method name decides peft and quantize, and LoRA options missing from older runs were off.
     """
-    out = {"rslora": False, "init": "default", **config}
+    out = {"rslora": False, "init": "default", "truncation": "head", **config}
     if "method" in config:
         out["peft"], out["quantize"] = methods.split_method(config["method"])
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 from datasets import ClassLabel, Dataset, concatenate_datasets
 
+from .config import TRUNCATIONS  # noqa: F401  (which tokens of a long text are kept: encode_texts)
 from .errors import DataError
 
 PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
@@ -419,10 +420,48 @@ def evaluation_rows(spec: str, run_names: list[str], split: str, text_column: st
     return ds, info
 
 
-def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
+HEAD_SHARE = 0.25  # head_tail: the share of the token budget kept from the start (Sun et al. 2019: 128 of 510)
+
+
+def kept_positions(n_tokens: int, n_prefix: int, n_suffix: int, max_length: int, truncation: str) -> list[int]:
+    """Positions of a tokenized text (special tokens at both ends included) to keep within max_length tokens.
+
+    head keeps the first tokens, tail the last ones, head_tail a quarter of the budget from the start and the
+    rest from the end; the special tokens ([CLS] ... [SEP]) are always kept.
+    """
+    budget = max(0, max_length - n_prefix - n_suffix)
+    content = n_tokens - n_prefix - n_suffix
+    if content <= budget:
+        return list(range(n_tokens))
+    head = {"head": budget, "tail": 0, "head_tail": int(budget * HEAD_SHARE)}[truncation]
+    tail = budget - head
+    return list(range(n_prefix + head)) + list(range(n_tokens - n_suffix - tail, n_tokens))
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, list]:
+    """Token ids (and the tokenizer's other fields) of each text, at most max_length tokens, no padding.
+
+    The one place texts are tokenized, for training, evaluation, predict and serve. head is the tokenizer's own
+    truncation; tail and head_tail tokenize the whole text, then keep the positions kept_positions gives.
+    """
+    if truncation == "head":
+        return dict(tokenizer(texts, truncation=True, max_length=max_length))
+    enc = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
+    out: dict[str, list] = {key: [] for key in enc.keys() if key != "special_tokens_mask"}
+    for i, special in enumerate(enc["special_tokens_mask"]):
+        n_prefix = next((j for j, s in enumerate(special) if not s), len(special))
+        n_suffix = next((j for j, s in enumerate(reversed(special)) if not s), 0) if n_prefix < len(special) else 0
+        keep = kept_positions(len(special), n_prefix, n_suffix, max_length, truncation)
+        for key in out:
+            values = enc[key][i]
+            out[key].append([values[j] for j in keep])
+    return out
+
+
+def tokenize(ds: Dataset, tokenizer, max_length: int, truncation: str = "head") -> Dataset:
     """Tokenized copy (no padding: batches are padded on the fly) with a `length` column for grouping."""
     def encode(batch):
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc = encode_texts(tokenizer, batch["text"], max_length, truncation)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 

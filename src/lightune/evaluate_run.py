@@ -32,6 +32,7 @@ class EvaluationOptions:
     output_dir: str | None = None  # None: evaluations/ beside the run directory
     name: str | None = None  # None: <run>-on-<source>-<split>
     device: str = "auto"
+    truncation: str | None = None  # None: the run's
 
 
 def _source_stem(spec: str) -> str:
@@ -89,7 +90,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
         options.data, metrics["data"]["label_names"], options.split, options.text_column, options.label_column,
         options.label_names, options.eval_size, options.validation_fraction, options.test_fraction,
         options.split_seed)
-    classifier = Classifier(run_dir, device=options.device)
+    classifier = Classifier(run_dir, device=options.device, truncation=options.truncation)
     start = time.perf_counter()
     logits = classifier.logits(list(rows["text"]))
     seconds = time.perf_counter() - start
@@ -106,6 +107,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
         "method": config["method"],
         "pooling": metrics.get("pooling", "cls"),
         "max_length": classifier.max_length,
+        "truncation": classifier.truncation,
         "device": classifier.device.type,
         "data": info,
         "metrics": scored,

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
-from .inference import batched_logits, check_texts, read_run, to_predictions
+from .inference import batched_logits, check_texts, read_run, run_truncation, to_predictions
 
 log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -117,6 +117,7 @@ class ServedAdapter:
     saved: Path
     shown: str  # the run directory as errors and /adapters name it
     pooling: str = "cls"  # what the head reads (heads.py); runs from before it was recorded read [CLS]
+    truncation: str = "head"  # which tokens of a long text are kept (data.encode_texts)
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
@@ -203,7 +204,8 @@ class AdapterRegistry:
         return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=config["method"],
                              peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
                              max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
-                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"))
+                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
+                             truncation=run_truncation(metrics))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -305,7 +307,7 @@ class AdapterRegistry:
             served = self._get(adapter)
             self.model.set_adapter(served.name, inference_mode=True)
             out = batched_logits(self.model, served.tokenizer, texts, served.max_length, len(served.label_names),
-                                 self.batch_size, self.device)
+                                 self.batch_size, self.device, truncation=served.truncation)
         return served, out
 
     def predict(self, texts: list[str], adapter: str | None = None) -> tuple[ServedAdapter, list[dict]]:

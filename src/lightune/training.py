@@ -212,7 +212,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
     if max_length < cfg.max_length:
         log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {max_length}", accelerator)
-    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length)
+    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length, cfg.truncation)
                  for name in ("train", "validation", "test")}
 
     model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device)
