@@ -45,6 +45,8 @@ HELP = {
     "truncation": "which tokens of a text longer than --max-length are kept: head (the first; default), tail (the "
                   "last) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
                   "run and reused by evaluate, predict and serve",
+    "class_weights": "weights of the classes in the training loss: none (default), balanced (n / (classes x "
+                     "count) on the training split) or W1,W2,... one per label in class-index order",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",
@@ -76,10 +78,20 @@ def _parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _parse_class_weights(text: str) -> str | list[float]:
+    """none, balanced, or comma-separated numbers (checked for range in config.validate)."""
+    if text.strip().lower() in ("none", "balanced"):
+        return text.strip().lower()
+    try:
+        return [float(part) for part in _parse_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, balanced or comma-separated numbers, got {text!r}") from None
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field; unset flags keep the config file's or the default value."""
     parsers = {"int": int, "float": float, "str": str, "int | None": _parse_optional_int, "float | None": float,
-               "str | None": str, "list[str] | None": _parse_list}
+               "str | None": str, "list[str] | None": _parse_list, "str | list[float]": _parse_class_weights}
     for f in fields(TrainConfig):
         if f.name == "peft":  # the alias beside the two settings it names
             parser.add_argument("--method", choices=methods.method_names(), default=None, help=HELP["method"],

@@ -73,6 +73,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    # weights of the classes in the training loss (weighted cross-entropy): none, balanced (n / (classes x count),
+    # scikit-learn's) or one positive number per label in class-index order
+    class_weights: str | list[float] = "none"
     group_by_length: bool = True
     # train even when the label checks find a label with very few rows, a label name without rows, or numbers
     # mixed with names (see data.check_classes); one class is always refused
@@ -267,9 +270,33 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         or len(set(cfg.label_names)) != len(cfg.label_names)
     ):
         raise ConfigError(f"label_names must list at least two distinct names; got {cfg.label_names!r}")
+    _check_class_weights(cfg.class_weights)
+    if cfg.label_names is not None:
+        check_class_weight_count(cfg.class_weights, cfg.label_names)
     _check_run_name(cfg.run_name)
     _check_output_dir(cfg.output_dir)
     return cfg
+
+
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def _check_class_weights(weights: Any) -> None:
+    """ConfigError unless weights is none, balanced or a list of finite positive numbers."""
+    if isinstance(weights, str):
+        _check_choice("class_weights", weights, CLASS_WEIGHTS)
+        return
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ConfigError(f"class_weights must be none, balanced or one number per label; got {weights!r}")
+    for weight in weights:
+        _check_number("class_weights", weight, float, 0, low_inclusive=False)
+
+
+def check_class_weight_count(weights: Any, label_names: list[str]) -> None:
+    """ConfigError when a list of class weights does not give one weight per label."""
+    if not isinstance(weights, str) and len(weights) != len(label_names):
+        raise ConfigError(f"class_weights gives {len(weights)} weight(s) for {len(label_names)} labels "
+                          f"({', '.join(label_names)}); give one per label in this order")
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}

@@ -96,7 +96,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     seconds = time.perf_counter() - start
     import torch
 
-    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names))
+    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names)
     scored.update(examples=len(rows), seconds=seconds, samples_per_s=len(rows) / seconds)
     config = classifier.config
     result = {

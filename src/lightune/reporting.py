@@ -180,6 +180,20 @@ def _mb(n_bytes: float) -> str:
     return f"{megabytes(n_bytes):,.1f} MB"
 
 
+def per_class_lines(metrics: dict) -> list[str]:
+    """Markdown: balanced accuracy, ROC-AUC and PR-AUC (two classes) and a per-class table, for the metrics of
+    one split (runs from before these were recorded have none: no lines)."""
+    if "per_class" not in metrics:
+        return []
+    aucs = "".join(f", {label} {metrics[key]:.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"))
+                   if metrics.get(key) is not None)
+    lines = [f"Balanced accuracy {metrics['balanced_accuracy']:.4f}{aucs}.", "",
+             "| label | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
+    return lines + [""]
+
+
 def report_markdown(metrics: dict) -> str:
     """A short human-readable report of one run."""
     base, tuned, cfg = metrics["base"], metrics["test"], metrics["config"]
@@ -211,6 +225,7 @@ def report_markdown(metrics: dict) -> str:
         f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
         f"{tuned['confusion_matrix']}",
         "",
+        *(["Fine-tuned on the test split, per class:", "", *per_class_lines(tuned)] if "per_class" in tuned else []),
         "![base vs fine-tuned](plots/before_after.png)",
         "![history](plots/history.png)",
         "",
@@ -261,8 +276,9 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     save_figure(fig, path)
 
 
-METRIC_ROWS = (("accuracy", "accuracy"), ("f1", "F1 (macro)"), ("precision", "precision (macro)"),
-               ("recall", "recall (macro)"), ("loss", "loss"))
+METRIC_ROWS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1 (macro)"),
+               ("precision", "precision (macro)"), ("recall", "recall (macro)"), ("roc_auc", "ROC-AUC"),
+               ("pr_auc", "PR-AUC"), ("loss", "loss"))
 
 
 def evaluation_table(result: dict) -> list[str]:
@@ -270,9 +286,12 @@ def evaluation_table(result: dict) -> list[str]:
     scored, own = result["metrics"], result["run_test"]
     lines = [f"| metric | {result['data']['source']} ({result['data']['size']} texts) | the run's own test split |",
              "| --- | ---: | ---: |"]
+    def cell(metrics: dict, key: str) -> str:
+        return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
+
     for key, label in METRIC_ROWS:
-        theirs = f"{own[key]:.4f}" if isinstance(own.get(key), (int, float)) else "-"
-        lines.append(f"| {label} | {scored[key]:.4f} | {theirs} |")
+        if key in scored:
+            lines.append(f"| {label} | {cell(scored, key)} | {cell(own, key)} |")
     return lines
 
 
@@ -291,6 +310,7 @@ def evaluation_report_markdown(result: dict) -> str:
         f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
         f"{result['metrics']['confusion_matrix']}",
         "",
+        *per_class_lines(result["metrics"]),
         "![confusion matrix](confusion_matrix.png)",
         "",
     ]

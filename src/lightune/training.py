@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_na
 
 from . import data as data_mod
 from . import heads, methods, models
-from .config import TrainConfig, validate
+from .config import TrainConfig, check_class_weight_count, validate
 from .errors import TrainingError
 from .evaluation import evaluate
 from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
@@ -74,23 +74,51 @@ def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
     return chunks
 
 
-def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None) -> float:
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                           denominator) -> torch.Tensor:
+    """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by
+    denominator. With the batch's total weight as denominator this is torch's weighted mean cross-entropy of
+    the batch, and the chunks of a batch add up to it."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
+
+
+def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
+                       class_weights: torch.Tensor | None = None) -> float:
     """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss.
 
-    Each chunk's mean loss is weighted by its share of the rows, so the summed gradient equals the
-    whole batch's; gradients are synchronised across processes on the last chunk only.
+    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights), so the
+    summed gradient equals the whole batch's; gradients are synchronised across processes on the last chunk only.
     """
     chunks = split_batch(batch, max_tokens)
-    n_rows = batch["input_ids"].shape[0]
+    labels = batch["labels"]
+    denominator = labels.shape[0] if class_weights is None else class_weights[labels].sum()
     total = 0.0
     for i, chunk in enumerate(chunks):
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
+        inputs = {k: v for k, v in chunk.items() if k != "labels"}
         with sync:
             with accelerator.autocast():
-                loss = model(**chunk).loss * (chunk["input_ids"].shape[0] / n_rows)
+                logits = model(**inputs).logits
+            loss = weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator)
             accelerator.backward(loss)
         total += loss.item()
     return total
+
+
+def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
+    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
+    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(train_labels)
+        weights = np.ones(n_classes)
+        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+    return torch.tensor(setting, dtype=torch.float32, device=device)
 
 
 def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool) -> None:
@@ -127,7 +155,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str,
-                chunk_tokens: int | None = None, progress: bool = True) -> tuple[list[float], int]:
+                chunk_tokens: int | None = None, progress: bool = True,
+                class_weights: torch.Tensor | None = None) -> tuple[list[float], int]:
     """One pass (or fewer steps) over the loader; returns (loss of each step, examples seen).
 
     TrainingError as soon as a step's loss is NaN or infinite, so diverged weights are never saved as a run.
@@ -140,7 +169,7 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_lef
         if len(losses) >= steps_left:
             break
         batch.pop("length", None)
-        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens)
+        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
         if not math.isfinite(loss):  # a Python float already: no extra device sync
             bar.close()
             raise TrainingError(f"training diverged: the loss is {loss} at step {len(losses) + 1} of {desc}; "
@@ -208,6 +237,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     set_seed(cfg.seed)
 
     splits = data_mod.build_splits(cfg)
+    check_class_weight_count(cfg.class_weights, splits.label_names)  # before the model loads
     tokenizer = models.load_tokenizer(cfg.model)
     max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
     if max_length < cfg.max_length:
@@ -241,10 +271,12 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
         get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
     forward_model = torch.compile(model) if cfg.compile else model
     n_classes = len(splits.label_names)
+    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
 
     with output_dir_for(final, accelerator) as work:
         write_json(work / "config.json", cfg.to_dict())
-        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
+        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
+                        splits.label_names)
         start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
         log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
             f"F1 {base['f1']:.4f}", accelerator)
@@ -255,17 +287,20 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             losses, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator, cfg,
-                                             steps - len(step_losses), f"epoch {epoch}", train_chunk, progress)
+                                             steps - len(step_losses), f"epoch {epoch}", train_chunk, progress,
+                                             class_weights)
             train_seconds += time.perf_counter() - start
             step_losses, seen = step_losses + losses, seen + n_examples
             done, loss = len(step_losses), sum(losses) / max(len(losses), 1)
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
+            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress,
+                           splits.label_names)
             check_finite_loss(val, f"validation split after epoch {epoch}")
             history.append({"epoch": round(done / len(train_loader), 3), "step": done, "train_loss": loss,
                             "validation": val})
             log(f"epoch {epoch}: train loss {loss:.4f}, validation accuracy {val['accuracy']:.4f}, "
                 f"F1 {val['f1']:.4f}", accelerator)
-        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress)
+        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
+                        splits.label_names)
         check_finite_loss(test, "fine-tuned model on the test split")
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {base['accuracy']:.4f})", accelerator)
