@@ -76,7 +76,7 @@ def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_epoch", explode)
+    monkeypatch.setattr(training, "train_steps", explode)
     cfg = tiny_config(run_name="boom")
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, progress=False)
@@ -321,3 +321,49 @@ def test_class_weights_train_and_are_checked_before_the_model_loads(tiny_config,
         run_training(tiny_config(class_weights=[1.0, 2.0, 3.0], run_name="three"), progress=False)
     with pytest.raises(ConfigError, match="class_weights must be > 0"):
         tiny_config(class_weights=[1.0, 0.0])
+
+
+def test_eval_steps_keep_the_best_checkpoint_and_stop_early(tiny_config, monkeypatch):
+    """Evaluations every 4 steps; from the third on they are reported worse, so the best is an early one: the
+    saved run gives that evaluation's validation loss (not the last one's), and patience 2 stops training."""
+    import torch
+
+    import lightune.training as training
+    from lightune.data import build_splits
+    from lightune.inference import Classifier
+
+    real_evaluate, true_losses = training.evaluate, []
+
+    def evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs):
+        metrics = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
+        if desc.startswith("validation"):
+            true_losses.append(metrics["loss"])
+            if len(true_losses) > 2:
+                metrics = {**metrics, "loss": metrics["loss"] + 10}
+        return metrics
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    cfg = tiny_config(run_name="best", eval_steps=4, early_stopping_patience=2, epochs=3)
+    result = run_training(cfg, progress=False)
+    metrics = result.metrics
+    history, best = metrics["history"], metrics["best"]
+    assert [h["step"] for h in history] == [4, 8, 12, 16] and metrics["training"]["steps"] == 16
+    assert metrics["training"]["stopped_early"] and best["metric"] == "loss" and best["step"] in (4, 8)
+    assert best["value"] == min(h["validation"]["loss"] for h in history)
+    on_disk = json.loads((result.run_dir / "metrics.json").read_text())
+    assert on_disk["best"] == best
+    splits = build_splits(cfg)
+    logits = Classifier(result.run_dir, merge=False).logits(list(splits.validation["text"]))
+    saved_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(splits.validation["label"])).item()
+    assert saved_loss == pytest.approx(true_losses[best["step"] // 4 - 1], abs=1e-5)
+    assert saved_loss != pytest.approx(true_losses[-1], abs=1e-4)
+    assert _is_png(result.run_dir / "plots" / "history.png")
+
+
+def test_bad_evaluation_options_fail_before_loading(tiny_config):
+    with pytest.raises(ConfigError, match="metric_for_best must be one of loss, accuracy, f1"):
+        tiny_config(metric_for_best="precision")
+    with pytest.raises(ConfigError, match="eval_steps must be >= 1"):
+        tiny_config(eval_steps=0)
+    with pytest.raises(ConfigError, match="early_stopping_patience must be >= 1"):
+        tiny_config(early_stopping_patience=0)

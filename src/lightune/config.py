@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
+METRICS_FOR_BEST = ("loss", "accuracy", "f1")  # validation loss is lowest-best, the others highest-best
 TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
@@ -77,6 +78,12 @@ class TrainConfig:
     # scikit-learn's) or one positive number per label in class-index order
     class_weights: str | list[float] = "none"
     group_by_length: bool = True
+    # evaluation on the validation split: every eval_steps optimizer steps (None: after every epoch) and after the
+    # last step; the weights saved are those of the best evaluation by metric_for_best; training stops after
+    # early_stopping_patience evaluations in a row without improvement (None: never)
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    metric_for_best: str = "loss"
     # train even when the label checks find a label with very few rows, a label name without rows, or numbers
     # mixed with names (see data.check_classes); one class is always refused
     allow_unusual_labels: bool = False
@@ -225,6 +232,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
     _check_choice("truncation", cfg.truncation, TRUNCATIONS)
+    _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))
     _check_text("test_data", cfg.test_data, optional=True)
@@ -241,7 +249,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_number(name, value, float, 0, 1)
         if value >= 1:
             raise ConfigError(f"{name} must be < 1; got {value!r}")
-    for name in ("train_size", "eval_size", "max_steps"):
+    for name in ("train_size", "eval_size", "max_steps", "eval_steps", "early_stopping_patience"):
         if getattr(cfg, name) is not None:
             _check_number(name, getattr(cfg, name), int, 1)
     _check_number("validation_fraction", cfg.validation_fraction, float, 0, 0.5, low_inclusive=False)

@@ -145,8 +145,9 @@ def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
 
 
 def plot_history(metrics: dict, path: Path) -> None:
-    """Left: validation accuracy/F1 per epoch against the base model's test accuracy.
-    Right: training loss per step (with a running mean) and validation loss per epoch."""
+    """Left: validation accuracy/F1 per evaluation against the base model's test accuracy.
+    Right: training loss per step (with a running mean) and validation loss per evaluation.
+    A dotted line (and a star) marks the best evaluation, whose weights the run saved."""
     history, training = metrics["history"], metrics["training"]
     per_epoch = training["steps_per_epoch"]
     epochs = [h["epoch"] for h in history]
@@ -168,6 +169,14 @@ def plot_history(metrics: dict, path: Path) -> None:
     ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", color="tab:orange",
                  linestyle="none" if len(history) == 1 else "-", label="validation loss")
     ax_loss.set_xlabel("epoch")
+    best = metrics.get("best")  # runs from before the best evaluation was kept have none
+    if best:
+        for ax in (ax_acc, ax_loss):
+            ax.axvline(best["epoch"], color="tab:green", linestyle=":", label=f"best (step {best['step']}, saved)")
+        chosen = next(h for h in history if h["step"] == best["step"])["validation"]
+        ax_acc.plot([best["epoch"]], [chosen["accuracy"]], marker="*", markersize=14, color="tab:green",
+                    linestyle="none")
+        ax_acc.legend(loc="lower right")
     ax_loss.legend()
     save_figure(fig, path)
 
