@@ -172,3 +172,40 @@ def test_truncation_is_recorded_and_reused_by_predict_and_serve(tiny_config, tmp
     del metrics["config"]["truncation"]
     (old / "metrics.json").write_text(json.dumps(metrics))
     assert Classifier(old).truncation == "head"
+
+
+def test_three_labels_end_to_end(tiny_config, tmp_path):
+    """Train on 3 labels, save, reload the adapter in stock peft (same logits), predict and evaluate by name."""
+    import random
+
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from conftest import NEGATIVE, NEUTRAL, POSITIVE, write_csv
+    from lightune.cli import main
+    from lightune.training import run_training
+
+    rng = random.Random(3)
+    cues = {"pos": POSITIVE, "neg": NEGATIVE, "mid": ["plot", "actors", "story", "scenes"]}
+    rows = []
+    for i in range(450):
+        label = ("neg", "mid", "pos")[i % 3]
+        words = rng.choices(NEUTRAL[:3], k=2) + rng.choices(cues[label], k=3)
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", label))
+    data = write_csv(tmp_path / "three.csv", rows)
+    run = run_training(tiny_config(data=str(data), run_name="three", epochs=3), progress=False)
+    assert run.metrics["data"]["label_names"] == ["mid", "neg", "pos"]
+    assert run.metrics["test"]["accuracy"] > 0.6 and len(run.metrics["test"]["per_class"]) == 3
+    texts = ["great superb loved", "awful boring mess", "the plot actors story"]
+    adapter = run.run_dir / "adapter"
+    stock = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=3).eval()
+    enc = AutoTokenizer.from_pretrained(adapter)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        stock_logits = stock(**enc).logits
+    torch.testing.assert_close(Classifier(run.run_dir, merge=False).logits(texts), stock_logits, rtol=1e-5, atol=1e-5)
+    assert [p["label"] for p in predict(texts, run.run_dir)] == ["pos", "neg", "mid"]
+    assert set(predict(texts, run.run_dir)[0]["probabilities"]) == {"mid", "neg", "pos"}
+    assert main(["evaluate", str(run.run_dir), "--output-dir", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "three-on-three-test" / "metrics.json").read_text())
+    assert result["metrics"]["confusion_matrix"] == run.metrics["test"]["confusion_matrix"]
