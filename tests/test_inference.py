@@ -146,3 +146,66 @@ def test_a_run_written_before_peft_and_quantize_still_predicts(trained_tiny_run,
     assert main(["predict", str(old), *TEXTS, "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [json.loads(line)["label"] for line in lines] == ["pos", "neg", "pos", "neg"]
+
+
+def test_truncation_is_recorded_and_reused_by_predict_and_serve(tiny_config, tmp_path):
+    """A tail-truncated run keeps the end of long texts in prediction and serving; old runs load as head."""
+    from lightune.serving import AdapterRegistry
+    from lightune.training import run_training
+
+    run = run_training(tiny_config(truncation="tail", max_length=8, epochs=1, run_name="tail"), progress=False)
+    assert json.loads((run.run_dir / "config.json").read_text())["truncation"] == "tail"
+    long_texts = ["the movie was " * 6 + "awful boring mess", "the film and story " * 5 + "superb loved great"]
+    tail = Classifier(run.run_dir)
+    assert tail.truncation == "tail"
+    as_head = Classifier(run.run_dir, truncation="head")
+    assert not torch.allclose(tail.logits(long_texts), as_head.logits(long_texts))
+    # max_length 8 is [CLS], the last 6 words (one token each) and [SEP]: the same as those words alone
+    torch.testing.assert_close(tail.logits(long_texts), tail.logits([" ".join(t.split()[-6:]) for t in long_texts]))
+    registry = AdapterRegistry()
+    registry.add("tail", run.run_dir)
+    torch.testing.assert_close(registry.logits(long_texts, "tail")[1], Classifier(run.run_dir, merge=False).logits(
+        long_texts), rtol=1e-5, atol=1e-5)
+    old = tmp_path / "old"
+    shutil.copytree(run.run_dir, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["config"]["truncation"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    assert Classifier(old).truncation == "head"
+
+
+def test_three_labels_end_to_end(tiny_config, tmp_path):
+    """Train on 3 labels, save, reload the adapter in stock peft (same logits), predict and evaluate by name."""
+    import random
+
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from conftest import NEGATIVE, NEUTRAL, POSITIVE, write_csv
+    from lightune.cli import main
+    from lightune.training import run_training
+
+    rng = random.Random(3)
+    cues = {"pos": POSITIVE, "neg": NEGATIVE, "mid": ["plot", "actors", "story", "scenes"]}
+    rows = []
+    for i in range(450):
+        label = ("neg", "mid", "pos")[i % 3]
+        words = rng.choices(NEUTRAL[:3], k=2) + rng.choices(cues[label], k=3)
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", label))
+    data = write_csv(tmp_path / "three.csv", rows)
+    run = run_training(tiny_config(data=str(data), run_name="three", epochs=3), progress=False)
+    assert run.metrics["data"]["label_names"] == ["mid", "neg", "pos"]
+    assert run.metrics["test"]["accuracy"] > 0.6 and len(run.metrics["test"]["per_class"]) == 3
+    texts = ["great superb loved", "awful boring mess", "the plot actors story"]
+    adapter = run.run_dir / "adapter"
+    stock = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=3).eval()
+    enc = AutoTokenizer.from_pretrained(adapter)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        stock_logits = stock(**enc).logits
+    torch.testing.assert_close(Classifier(run.run_dir, merge=False).logits(texts), stock_logits, rtol=1e-5, atol=1e-5)
+    assert [p["label"] for p in predict(texts, run.run_dir)] == ["pos", "neg", "mid"]
+    assert set(predict(texts, run.run_dir)[0]["probabilities"]) == {"mid", "neg", "pos"}
+    assert main(["evaluate", str(run.run_dir), "--output-dir", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "three-on-three-test" / "metrics.json").read_text())
+    assert result["metrics"]["confusion_matrix"] == run.metrics["test"]["confusion_matrix"]

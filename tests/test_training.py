@@ -76,7 +76,7 @@ def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_epoch", explode)
+    monkeypatch.setattr(training, "train_steps", explode)
     cfg = tiny_config(run_name="boom")
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, progress=False)
@@ -246,3 +246,124 @@ def test_optimizer_decays_the_same_parameters_as_the_trainer(tiny_model_dir, tmp
     assert any("lora_A" in n for n in decayed) and any(n.endswith("bias") for n in not_decayed)
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
     assert decayed == set(trainer.get_decay_parameter_names(model)) & trainable
+
+
+def test_weighted_loss_equals_hand_computed_weighted_cross_entropy():
+    import math
+
+    import torch
+
+    from lightune.training import weighted_cross_entropy
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0], [1.0, -2.0, 0.5]])
+    labels = torch.tensor([0, 2, 1, 2, 1])
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    by_hand_terms, by_hand_weight = 0.0, 0.0
+    for row, label in zip(logits.tolist(), labels.tolist()):
+        log_softmax = row[label] - math.log(sum(math.exp(v) for v in row))
+        by_hand_terms += -weights[label].item() * log_softmax
+        by_hand_weight += weights[label].item()
+    total_weight = weights[labels].sum()
+    whole = weighted_cross_entropy(logits, labels, weights, total_weight)
+    assert whole.item() == pytest.approx(by_hand_terms / by_hand_weight, rel=1e-6)
+    assert whole.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels, weight=weights).item())
+    chunks = weighted_cross_entropy(logits[:2], labels[:2], weights, total_weight) + weighted_cross_entropy(
+        logits[2:], labels[2:], weights, total_weight)
+    assert chunks.item() == pytest.approx(whole.item(), rel=1e-6)  # chunks of a batch add up to the batch's loss
+    unweighted = weighted_cross_entropy(logits, labels, None, len(labels))
+    assert unweighted.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+
+
+def test_balanced_class_weights_are_n_over_classes_times_count():
+    import torch
+
+    from lightune.training import class_weight_tensor
+
+    weights = class_weight_tensor("balanced", [0, 0, 0, 1, 2, 2], 4, torch.device("cpu"))  # class 3 has no rows
+    assert weights.tolist() == pytest.approx([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2), 1.0])
+    assert class_weight_tensor("none", [0, 1], 2, torch.device("cpu")) is None
+    assert class_weight_tensor([1.0, 3.0], [0, 1], 2, torch.device("cpu")).tolist() == [1.0, 3.0]
+
+
+def test_binary_metrics_per_class_balanced_accuracy_and_aucs():
+    import numpy as np
+
+    from lightune.evaluation import classification_metrics
+
+    labels = np.array([0, 0, 0, 1])
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    metrics = classification_metrics(labels, probabilities.argmax(1), 2, probabilities, ["neg", "pos"])
+    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics["per_class"]["neg"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": 0.8, "support": 3}
+    assert metrics["per_class"]["pos"]["precision"] == 0.5 and metrics["per_class"]["pos"]["support"] == 1
+    assert metrics["roc_auc"] == 1.0 and metrics["pr_auc"] == 1.0  # the one positive has the highest score
+    one_class = classification_metrics(np.array([0, 0]), np.array([0, 1]), 2, probabilities[:2], ["neg", "pos"])
+    assert one_class["roc_auc"] is None and one_class["pr_auc"] is None
+    three = classification_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), 3, np.eye(3))
+    assert "roc_auc" not in three and set(three["per_class"]) == {"0", "1", "2"}
+
+
+def test_class_weights_train_and_are_checked_before_the_model_loads(tiny_config, monkeypatch):
+    from lightune import models
+
+    run = run_training(tiny_config(class_weights="balanced", epochs=1, run_name="balanced"), progress=False)
+    test = run.metrics["test"]
+    assert set(test["per_class"]) == {"neg", "pos"} and 0 <= test["roc_auc"] <= 1 and 0 <= test["pr_auc"] <= 1
+    assert run.metrics["config"]["class_weights"] == "balanced"
+    report = (run.run_dir / "report.md").read_text()
+    assert "Balanced accuracy" in report and "| pos |" in report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_base_model", refuse)
+    with pytest.raises(ConfigError, match=r"class_weights gives 3 weight\(s\) for 2 labels \(neg, pos\)"):
+        run_training(tiny_config(class_weights=[1.0, 2.0, 3.0], run_name="three"), progress=False)
+    with pytest.raises(ConfigError, match="class_weights must be > 0"):
+        tiny_config(class_weights=[1.0, 0.0])
+
+
+def test_eval_steps_keep_the_best_checkpoint_and_stop_early(tiny_config, monkeypatch):
+    """Evaluations every 4 steps; from the third on they are reported worse, so the best is an early one: the
+    saved run gives that evaluation's validation loss (not the last one's), and patience 2 stops training."""
+    import torch
+
+    import lightune.training as training
+    from lightune.data import build_splits
+    from lightune.inference import Classifier
+
+    real_evaluate, true_losses = training.evaluate, []
+
+    def evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs):
+        metrics = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
+        if desc.startswith("validation"):
+            true_losses.append(metrics["loss"])
+            if len(true_losses) > 2:
+                metrics = {**metrics, "loss": metrics["loss"] + 10}
+        return metrics
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    cfg = tiny_config(run_name="best", eval_steps=4, early_stopping_patience=2, epochs=3)
+    result = run_training(cfg, progress=False)
+    metrics = result.metrics
+    history, best = metrics["history"], metrics["best"]
+    assert [h["step"] for h in history] == [4, 8, 12, 16] and metrics["training"]["steps"] == 16
+    assert metrics["training"]["stopped_early"] and best["metric"] == "loss" and best["step"] in (4, 8)
+    assert best["value"] == min(h["validation"]["loss"] for h in history)
+    on_disk = json.loads((result.run_dir / "metrics.json").read_text())
+    assert on_disk["best"] == best
+    splits = build_splits(cfg)
+    logits = Classifier(result.run_dir, merge=False).logits(list(splits.validation["text"]))
+    saved_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(splits.validation["label"])).item()
+    assert saved_loss == pytest.approx(true_losses[best["step"] // 4 - 1], abs=1e-5)
+    assert saved_loss != pytest.approx(true_losses[-1], abs=1e-4)
+    assert _is_png(result.run_dir / "plots" / "history.png")
+
+
+def test_bad_evaluation_options_fail_before_loading(tiny_config):
+    with pytest.raises(ConfigError, match="metric_for_best must be one of loss, accuracy, f1"):
+        tiny_config(metric_for_best="precision")
+    with pytest.raises(ConfigError, match="eval_steps must be >= 1"):
+        tiny_config(eval_steps=0)
+    with pytest.raises(ConfigError, match="early_stopping_patience must be >= 1"):
+        tiny_config(early_stopping_patience=0)

@@ -1,4 +1,4 @@
-"""Command line: `lightune train`, `predict`, `compare`, `serve`; user errors end in one line and a non-zero exit."""
+"""Command line: `lightune train`, `evaluate`, `predict`, `compare`, `serve`; user errors end in one line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import methods
-from .config import BIASES, DEVICES, HEAD_INITS, POOLINGS, PRECISIONS, SETTING_NAMES, TrainConfig, load_config
+from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, POOLINGS, PRECISIONS, SETTING_NAMES,
+                     TRUNCATIONS, TrainConfig, load_config)
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
 CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
-           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS}
+           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
+           "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
@@ -40,6 +42,15 @@ HELP = {
                "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
     "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
                  "training features, then fine-tune) or random",
+    "truncation": "which tokens of a text longer than --max-length are kept: head (the first; default), tail (the "
+                  "last) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
+                  "run and reused by evaluate, predict and serve",
+    "eval_steps": "evaluate on the validation split every N optimizer steps (default: after every epoch); the "
+                  "weights saved are the best evaluation's",
+    "early_stopping_patience": "stop after K evaluations in a row without improvement (default: never)",
+    "metric_for_best": "what picks the best evaluation: loss (lowest; default), accuracy or f1 (highest)",
+    "class_weights": "weights of the classes in the training loss: none (default), balanced (n / (classes x "
+                     "count) on the training split) or W1,W2,... one per label in class-index order",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",
@@ -71,10 +82,20 @@ def _parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _parse_class_weights(text: str) -> str | list[float]:
+    """none, balanced, or comma-separated numbers (checked for range in config.validate)."""
+    if text.strip().lower() in ("none", "balanced"):
+        return text.strip().lower()
+    try:
+        return [float(part) for part in _parse_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, balanced or comma-separated numbers, got {text!r}") from None
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field; unset flags keep the config file's or the default value."""
     parsers = {"int": int, "float": float, "str": str, "int | None": _parse_optional_int, "float | None": float,
-               "str | None": str, "list[str] | None": _parse_list}
+               "str | None": str, "list[str] | None": _parse_list, "str | list[float]": _parse_class_weights}
     for f in fields(TrainConfig):
         if f.name == "peft":  # the alias beside the two settings it names
             parser.add_argument("--method", choices=methods.method_names(), default=None, help=HELP["method"],
@@ -85,6 +106,39 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, type=parsers[f.type], default=None,
                             choices=CHOICES.get(f.name), help=HELP.get(f.name), metavar=f.name.upper())
+
+
+def _parse_size(text: str) -> int | str:
+    """An integer, or 'all'."""
+    return "all" if text.lower() == "all" else _parse_optional_int(text)
+
+
+def _add_evaluate_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="score a finished run on a data source",
+        description="Score a finished run (any method) on a data source, its labels matched to the run's by name; "
+                    "writes metrics.json, confusion_matrix.png and report.md to evaluations/<name>/ beside the run "
+                    "and prints the table. Data settings not given are the run's own (column names and --labels "
+                    "only when the source is the run's own data).")
+    evaluate.add_argument("run_dir", help="a run directory written by `lightune train`")
+    evaluate.add_argument("--data", help="source to evaluate on (default: the run's own); " + HELP["data"])
+    evaluate.add_argument("--split", choices=("test", "all"), default="test",
+                          help="test: the source's test split, carved as training carves it (default); all: "
+                               "every distinct row")
+    evaluate.add_argument("--text-column", help="text column of a file source")
+    evaluate.add_argument("--label-column", help="label column of a file source")
+    evaluate.add_argument("--labels", dest="label_names", type=_parse_list, metavar="LABEL_NAMES",
+                          help="the source's label names in class-index order (names integer labels)")
+    evaluate.add_argument("--eval-size", type=_parse_size, metavar="EVAL_SIZE",
+                          help="texts to sample (stratified); 'all' for every one (default: the run's eval_size "
+                               "with --split test, all with --split all)")
+    evaluate.add_argument("--split-seed", type=int)
+    evaluate.add_argument("--validation-fraction", type=float)
+    evaluate.add_argument("--test-fraction", type=float)
+    evaluate.add_argument("--output-dir", help="write to OUTPUT_DIR/<name>/ (default: evaluations/ beside the run)")
+    evaluate.add_argument("--name", help="the evaluation's directory name (default: <run>-on-<source>-<split>)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    evaluate.add_argument("--truncation", choices=TRUNCATIONS, help="override the run's truncation (see train)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
+    predict.add_argument("--truncation", choices=TRUNCATIONS, help="override the run's truncation (see train)")
+    _add_evaluate_parser(sub)
     compare = sub.add_parser("compare", help="train a grid of configurations and compare them",
                              description="Train every cell of a grid (same data, split and steps), skipping cells "
                                          "finished earlier, then write results.csv, results.md, plots and "
@@ -193,6 +249,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     test, base = result.metrics["test"], result.metrics["base"]
     print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate_run import EvaluationOptions, run_evaluation
+    from .reporting import evaluation_table
+
+    size = args.eval_size
+    options = EvaluationOptions(
+        run_dir=args.run_dir, data=args.data, split=args.split, text_column=args.text_column,
+        label_column=args.label_column, label_names=args.label_names, eval_size=None if size == "all" else size,
+        all_rows=size == "all", validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
+        split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device,
+        truncation=args.truncation)
+    evaluation = run_evaluation(options)
+    result = evaluation.result
+    print(f"{result['run_name']} on {printable(result['data']['source'])}, {args.split} split")
+    print("\n".join(evaluation_table(result)))
+    print(f"report: {evaluation.out_dir / 'report.md'}")
     return 0
 
 
@@ -304,7 +379,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import Classifier
 
     texts = None if args.interactive else _texts_to_classify(args)  # bad input fails before the model loads
-    classifier = Classifier(args.run_dir, device=args.device)
+    classifier = Classifier(args.run_dir, device=args.device, truncation=args.truncation)
     if args.interactive:
         print(f"labels: {printable(', '.join(classifier.label_names))}. Type a text and press Enter; an empty line "
               "quits.", file=sys.stderr)
@@ -417,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command != "train":
             _silence_library_output()
-        commands = {"train": cmd_train, "predict": cmd_predict, "compare": cmd_compare, "serve": cmd_serve}
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
+                    "serve": cmd_serve}
         return commands[args.command](args)
     except LightuneError as exc:
         _report_failure(f"error: {exc}", exc)

@@ -18,6 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
+METRICS_FOR_BEST = ("loss", "accuracy", "f1")  # validation loss is lowest-best, the others highest-best
+TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
 # `.<name>.<random>.partial`. Run names that look like these are refused, so no run can take another's place.
@@ -61,6 +63,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     split_seed: int = 42
     max_length: int = 256
+    truncation: str = "head"  # which tokens of a longer text are kept: head, tail or head_tail (data.encode_texts)
     # optimisation
     seed: int = 42
     epochs: float = 1.0
@@ -71,7 +74,16 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    # weights of the classes in the training loss (weighted cross-entropy): none, balanced (n / (classes x count),
+    # scikit-learn's) or one positive number per label in class-index order
+    class_weights: str | list[float] = "none"
     group_by_length: bool = True
+    # evaluation on the validation split: every eval_steps optimizer steps (None: after every epoch) and after the
+    # last step; the weights saved are those of the best evaluation by metric_for_best; training stops after
+    # early_stopping_patience evaluations in a row without improvement (None: never)
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    metric_for_best: str = "loss"
     # train even when the label checks find a label with very few rows, a label name without rows, or numbers
     # mixed with names (see data.check_classes); one class is always refused
     allow_unusual_labels: bool = False
@@ -143,16 +155,21 @@ def _check_text(name: str, value: Any, optional: bool = False) -> None:
 
 def _check_run_name(name: str | None) -> None:
     """A plain, visible directory name that cannot be mistaken for a failed or staged run."""
-    if name is None:
-        return
-    _check_text("run_name", name)
+    if name is not None:
+        check_directory_name("run_name", name)
+
+
+def check_directory_name(what: str, name: str) -> None:
+    """ConfigError unless name is a plain, visible directory name that cannot be mistaken for a failed or staged
+    run (what: the setting's name in the message)."""
+    _check_text(what, name)
     separators = {"/", "\\"} & set(name)
     if name.startswith(".") or separators or name != name.strip() or len(name.encode()) > 255 or any(
             not ch.isprintable() for ch in name):
-        raise ConfigError(f"run_name must be a plain directory name (no path separators, control characters, "
+        raise ConfigError(f"{what} must be a plain directory name (no path separators, control characters, "
                           f"leading dot or surrounding spaces); got {name!r}")
     if RESERVED_RUN_NAME.search(name):
-        raise ConfigError(f"run_name must not end in {INCOMPLETE_SUFFIX} or .partial (reserved for failed and "
+        raise ConfigError(f"{what} must not end in {INCOMPLETE_SUFFIX} or .partial (reserved for failed and "
                           f"unfinished runs); got {name!r}")
 
 
@@ -214,6 +231,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
+    _check_choice("truncation", cfg.truncation, TRUNCATIONS)
+    _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))
     _check_text("test_data", cfg.test_data, optional=True)
@@ -230,7 +249,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_number(name, value, float, 0, 1)
         if value >= 1:
             raise ConfigError(f"{name} must be < 1; got {value!r}")
-    for name in ("train_size", "eval_size", "max_steps"):
+    for name in ("train_size", "eval_size", "max_steps", "eval_steps", "early_stopping_patience"):
         if getattr(cfg, name) is not None:
             _check_number(name, getattr(cfg, name), int, 1)
     _check_number("validation_fraction", cfg.validation_fraction, float, 0, 0.5, low_inclusive=False)
@@ -259,9 +278,33 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         or len(set(cfg.label_names)) != len(cfg.label_names)
     ):
         raise ConfigError(f"label_names must list at least two distinct names; got {cfg.label_names!r}")
+    _check_class_weights(cfg.class_weights)
+    if cfg.label_names is not None:
+        check_class_weight_count(cfg.class_weights, cfg.label_names)
     _check_run_name(cfg.run_name)
     _check_output_dir(cfg.output_dir)
     return cfg
+
+
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def _check_class_weights(weights: Any) -> None:
+    """ConfigError unless weights is none, balanced or a list of finite positive numbers."""
+    if isinstance(weights, str):
+        _check_choice("class_weights", weights, CLASS_WEIGHTS)
+        return
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ConfigError(f"class_weights must be none, balanced or one number per label; got {weights!r}")
+    for weight in weights:
+        _check_number("class_weights", weight, float, 0, low_inclusive=False)
+
+
+def check_class_weight_count(weights: Any, label_names: list[str]) -> None:
+    """ConfigError when a list of class weights does not give one weight per label."""
+    if not isinstance(weights, str) and len(weights) != len(label_names):
+        raise ConfigError(f"class_weights gives {len(weights)} weight(s) for {len(label_names)} labels "
+                          f"({', '.join(label_names)}); give one per label in this order")
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
@@ -300,7 +343,7 @@ def saved_config(config: dict[str, Any]) -> dict[str, Any]:
     Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
     way the method name decides peft and quantize, and LoRA options missing from older runs were off.
     """
-    out = {"rslora": False, "init": "default", **config}
+    out = {"rslora": False, "init": "default", "truncation": "head", **config}
     if "method" in config:
         out["peft"], out["quantize"] = methods.split_method(config["method"])
     else:

@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 from datasets import ClassLabel, Dataset, concatenate_datasets
 
+from .config import TRUNCATIONS  # noqa: F401  (which tokens of a long text are kept: encode_texts)
 from .errors import DataError
 
 PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
@@ -305,11 +306,12 @@ def deduplicate(ds: Dataset) -> Dataset:
 
 
 def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
-                   known_names: list[str] | None = None, allow_unusual_labels: bool = False) -> tuple[Dataset, list[str]]:
+                   known_names: list[str] | None = None, allow_unusual_labels: bool = False,
+                   check_labels: bool = True) -> tuple[Dataset, list[str]]:
     """Load, validate, clean, encode and de-duplicate one source.
 
     known_names: the training source's label names, for a test source (whose labels may be a subset);
-    without them this is a training source and its labels must pass check_classes.
+    without them this is a training source and its labels must pass check_classes (unless not check_labels).
     """
     ds, source_names = load_source(spec, text_column, label_column)
     check_texts(ds, spec)
@@ -317,7 +319,7 @@ def prepare_source(spec: str, text_column: str, label_column: str, label_names: 
                                 allow_unusual_labels)
     ds = ds.map(lambda b: {"text": [clean_text(t) for t in b["text"]]}, batched=True)
     ds = encode_labels(ds, names, spec)
-    if known_names is None:
+    if known_names is None and check_labels:
         check_classes(ds, names, spec, allow_unusual_labels)
     return deduplicate(ds), names
 
@@ -384,10 +386,82 @@ def build_splits(cfg) -> SplitData:
     return SplitData(splits["train"], splits["validation"], splits["test"], names, info)
 
 
-def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
+def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str) -> Dataset:
+    """ds with its labels (class indices into names) mapped by name onto run_names' indices; DataError naming
+    both sets when the source has a label the run does not know."""
+    unknown = [name for name in names if name not in run_names]
+    if unknown:
+        raise DataError(f"{where} has the labels {', '.join(names)} but the run was trained on "
+                        f"{', '.join(run_names)}; labels are matched by name (--labels names a source's classes "
+                        "in index order)")
+    index = [run_names.index(name) for name in names]
+    ds = ds.map(lambda b: {"label": [index[label] for label in b["label"]]}, batched=True)
+    return ds.cast_column("label", ClassLabel(names=list(run_names)))
+
+
+def evaluation_rows(spec: str, run_names: list[str], split: str, text_column: str = "text",
+                    label_column: str = "label", label_names: list[str] | None = None, eval_size: int | None = None,
+                    validation_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 42
+                    ) -> tuple[Dataset, dict[str, Any]]:
+    """The rows `lightune evaluate` scores, labelled with the run's class indices, and a description of them.
+
+    split "test": the source's test split, carved as training carves it (the same split seed and fractions give
+    the same rows); "all": every distinct row. eval_size takes a seeded stratified subsample, as in training.
+    """
+    ds, names = prepare_source(spec, text_column, label_column, label_names, check_labels=False)
+    ds = match_labels(ds, names, run_names, spec)
+    described = "all"
+    if split == "test":
+        ds = carve_splits(ds, validation_fraction, test_fraction, split_seed)["test"]
+        described = f"{spec}:seed{split_seed}:val{validation_fraction:g}:test{test_fraction:g}:test"
+    ds = _stratified_take(ds, eval_size, split_seed)
+    info = {"source": spec, "split": described, "size": len(ds), "fingerprint": fingerprint(ds),
+            "source_label_names": names, "label_names": list(run_names)}
+    return ds, info
+
+
+HEAD_SHARE = 0.25  # head_tail: the share of the token budget kept from the start (Sun et al. 2019: 128 of 510)
+
+
+def kept_positions(n_tokens: int, n_prefix: int, n_suffix: int, max_length: int, truncation: str) -> list[int]:
+    """Positions of a tokenized text (special tokens at both ends included) to keep within max_length tokens.
+
+    head keeps the first tokens, tail the last ones, head_tail a quarter of the budget from the start and the
+    rest from the end; the special tokens ([CLS] ... [SEP]) are always kept.
+    """
+    budget = max(0, max_length - n_prefix - n_suffix)
+    content = n_tokens - n_prefix - n_suffix
+    if content <= budget:
+        return list(range(n_tokens))
+    head = {"head": budget, "tail": 0, "head_tail": int(budget * HEAD_SHARE)}[truncation]
+    tail = budget - head
+    return list(range(n_prefix + head)) + list(range(n_tokens - n_suffix - tail, n_tokens))
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, list]:
+    """Token ids (and the tokenizer's other fields) of each text, at most max_length tokens, no padding.
+
+    The one place texts are tokenized, for training, evaluation, predict and serve. head is the tokenizer's own
+    truncation; tail and head_tail tokenize the whole text, then keep the positions kept_positions gives.
+    """
+    if truncation == "head":
+        return dict(tokenizer(texts, truncation=True, max_length=max_length))
+    enc = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
+    out: dict[str, list] = {key: [] for key in enc.keys() if key != "special_tokens_mask"}
+    for i, special in enumerate(enc["special_tokens_mask"]):
+        n_prefix = next((j for j, s in enumerate(special) if not s), len(special))
+        n_suffix = next((j for j, s in enumerate(reversed(special)) if not s), 0) if n_prefix < len(special) else 0
+        keep = kept_positions(len(special), n_prefix, n_suffix, max_length, truncation)
+        for key in out:
+            values = enc[key][i]
+            out[key].append([values[j] for j in keep])
+    return out
+
+
+def tokenize(ds: Dataset, tokenizer, max_length: int, truncation: str = "head") -> Dataset:
     """Tokenized copy (no padding: batches are padded on the fly) with a `length` column for grouping."""
     def encode(batch):
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc = encode_texts(tokenizer, batch["text"], max_length, truncation)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 

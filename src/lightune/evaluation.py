@@ -6,22 +6,38 @@ import time
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix,
+                             precision_recall_fscore_support, roc_auc_score)
 from tqdm.auto import tqdm
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> dict:
-    """Accuracy, macro F1/precision/recall and the confusion matrix (rows: true, columns: predicted)."""
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classes: int,
+                           probabilities: np.ndarray | None = None, label_names: list[str] | None = None) -> dict:
+    """Accuracy, balanced accuracy, macro F1/precision/recall, per-class precision/recall/F1/support, the
+    confusion matrix (rows: true, columns: predicted) and, for two classes with probabilities, ROC-AUC and
+    PR-AUC (average precision) of the second class; an AUC is None when the labels hold one class only
+    (or the probabilities are not finite)."""
+    classes = list(range(n_classes))
+    names = label_names or [str(i) for i in classes]
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, average="macro", labels=list(range(n_classes)), zero_division=0
+        labels, predictions, average="macro", labels=classes, zero_division=0
     )
-    return {
+    per_class = precision_recall_fscore_support(labels, predictions, average=None, labels=classes, zero_division=0)
+    metrics = {
         "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
         "f1": float(f1),
         "precision": float(precision),
         "recall": float(recall),
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=list(range(n_classes))).tolist(),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for name, p, r, f, n in zip(names, *per_class)},
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
     }
+    if n_classes == 2 and probabilities is not None:
+        both = len(set(labels.tolist())) == 2 and bool(np.isfinite(probabilities).all())  # NaN: broken weights
+        metrics["roc_auc"] = float(roc_auc_score(labels, probabilities[:, 1])) if both else None
+        metrics["pr_auc"] = float(average_precision_score(labels, probabilities[:, 1])) if both else None
+    return metrics
 
 
 @torch.no_grad()
@@ -45,12 +61,21 @@ def predict_logits(model, loader, accelerator=None, desc: str = "evaluating", pr
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating", progress: bool = True) -> dict:
-    """Loss, accuracy, F1, precision, recall, confusion matrix and throughput on one split."""
+def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_names: list[str] | None = None) -> dict:
+    """Loss (unweighted cross-entropy) and the classification metrics of logits against labels."""
+    probabilities = torch.softmax(logits.float(), dim=-1).numpy()
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes, probabilities,
+                                     label_names)
+    metrics["loss"] = torch.nn.functional.cross_entropy(logits, labels).item()
+    return metrics
+
+
+def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating", progress: bool = True,
+             label_names: list[str] | None = None) -> dict:
+    """The metrics of score (see classification_metrics) and throughput on one split."""
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, accelerator, desc, progress)
     seconds = time.perf_counter() - start
-    loss = torch.nn.functional.cross_entropy(logits, labels).item()
-    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes)
-    metrics.update(loss=loss, examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
+    metrics = score(logits, labels, n_classes, label_names)
+    metrics.update(examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
     return metrics

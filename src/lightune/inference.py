@@ -13,9 +13,9 @@ from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, methods, models, quantization
-from .config import saved_config
-from .data import clean_text, eval_chunk_tokens, token_budget_batches
-from .errors import DataError, ModelError
+from .config import TRUNCATIONS, saved_config
+from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
+from .errors import ConfigError, DataError, ModelError
 from .reporting import is_complete_run
 
 
@@ -65,6 +65,8 @@ def _metrics_problem(metrics) -> str | None:
     names = data.get("label_names") if isinstance(data, dict) else None
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
         return "'data.label_names' is not a list of label names"
+    if config.get("truncation", "head") not in TRUNCATIONS:
+        return f"'config.truncation' is {config.get('truncation')!r}, not one of {', '.join(TRUNCATIONS)}"
     length = metrics.get("max_length")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         return f"'max_length' is {length!r}, not a positive integer"
@@ -85,13 +87,16 @@ class Classifier:
     """A fine-tuned classifier ready for batched prediction."""
 
     def __init__(self, run_dir: str | Path, device: str = "auto", merge: bool = True, batch_size: int = 64,
-                 chunk_tokens: int | None = None):
+                 chunk_tokens: int | None = None, truncation: str | None = None):
+        if truncation is not None and truncation not in TRUNCATIONS:
+            raise ConfigError(f"truncation must be one of {', '.join(TRUNCATIONS)}; got {truncation!r}")
         run_dir, metrics = read_run(run_dir)
         self.run_dir = run_dir
         self.metrics = metrics
         self.config = saved_config(metrics["config"])
         self.label_names: list[str] = metrics["data"]["label_names"]
         self.max_length: int = metrics["max_length"]
+        self.truncation: str = truncation or run_truncation(metrics)
         self.batch_size = batch_size
         self.device = models.resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (see batched_logits)
@@ -124,7 +129,7 @@ class Classifier:
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
         return batched_logits(self.model, self.tokenizer, texts, self.max_length, len(self.label_names),
-                              self.batch_size, self.device, self.chunk_tokens)
+                              self.batch_size, self.device, self.chunk_tokens, self.truncation)
 
     def predict(self, texts: list[str]) -> list[dict]:
         """[{text, label, probabilities: {label name: probability}}] for each text, in input order."""
@@ -134,12 +139,13 @@ class Classifier:
 
 @torch.no_grad()
 def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labels: int, batch_size: int,
-                   device: torch.device, chunk_tokens: int | None = None) -> torch.Tensor:
+                   device: torch.device, chunk_tokens: int | None = None, truncation: str = "head") -> torch.Tensor:
     """Logits of a classifier in input order; texts are sorted by length into batches of at most batch_size
-    texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU)."""
+    texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU); longer texts are cut to
+    max_length tokens as `truncation` says (data.encode_texts)."""
     texts = [clean_text(t) for t in check_texts(texts)]
     chunk_tokens = eval_chunk_tokens(device.type, chunk_tokens)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    encoded = encode_texts(tokenizer, texts, max_length, truncation)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     out = torch.empty(len(texts), num_labels)
     for idx in token_budget_batches(lengths, chunk_tokens, batch_size):
@@ -147,6 +153,11 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labe
         batch = tokenizer.pad(features, return_tensors="pt").to(device)
         out[idx] = model(**batch).logits.float().cpu()
     return out
+
+
+def run_truncation(metrics: dict) -> str:
+    """The truncation a run was trained with (runs from before it was recorded cut the tail off: head)."""
+    return saved_config(metrics["config"])["truncation"]
 
 
 def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str]) -> list[dict]:

@@ -145,8 +145,9 @@ def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
 
 
 def plot_history(metrics: dict, path: Path) -> None:
-    """Left: validation accuracy/F1 per epoch against the base model's test accuracy.
-    Right: training loss per step (with a running mean) and validation loss per epoch."""
+    """Left: validation accuracy/F1 per evaluation against the base model's test accuracy.
+    Right: training loss per step (with a running mean) and validation loss per evaluation.
+    A dotted line (and a star) marks the best evaluation, whose weights the run saved."""
     history, training = metrics["history"], metrics["training"]
     per_epoch = training["steps_per_epoch"]
     epochs = [h["epoch"] for h in history]
@@ -168,6 +169,14 @@ def plot_history(metrics: dict, path: Path) -> None:
     ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", color="tab:orange",
                  linestyle="none" if len(history) == 1 else "-", label="validation loss")
     ax_loss.set_xlabel("epoch")
+    best = metrics.get("best")  # runs from before the best evaluation was kept have none
+    if best:
+        for ax in (ax_acc, ax_loss):
+            ax.axvline(best["epoch"], color="tab:green", linestyle=":", label=f"best (step {best['step']}, saved)")
+        chosen = next(h for h in history if h["step"] == best["step"])["validation"]
+        ax_acc.plot([best["epoch"]], [chosen["accuracy"]], marker="*", markersize=14, color="tab:green",
+                    linestyle="none")
+        ax_acc.legend(loc="lower right")
     ax_loss.legend()
     save_figure(fig, path)
 
@@ -178,6 +187,20 @@ def megabytes(n_bytes: float | None) -> float:
 
 def _mb(n_bytes: float) -> str:
     return f"{megabytes(n_bytes):,.1f} MB"
+
+
+def per_class_lines(metrics: dict) -> list[str]:
+    """Markdown: balanced accuracy, ROC-AUC and PR-AUC (two classes) and a per-class table, for the metrics of
+    one split (runs from before these were recorded have none: no lines)."""
+    if "per_class" not in metrics:
+        return []
+    aucs = "".join(f", {label} {metrics[key]:.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"))
+                   if metrics.get(key) is not None)
+    lines = [f"Balanced accuracy {metrics['balanced_accuracy']:.4f}{aucs}.", "",
+             "| label | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
+    return lines + [""]
 
 
 def report_markdown(metrics: dict) -> str:
@@ -211,6 +234,7 @@ def report_markdown(metrics: dict) -> str:
         f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
         f"{tuned['confusion_matrix']}",
         "",
+        *(["Fine-tuned on the test split, per class:", "", *per_class_lines(tuned)] if "per_class" in tuned else []),
         "![base vs fine-tuned](plots/before_after.png)",
         "![history](plots/history.png)",
         "",
@@ -226,6 +250,88 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
     plot_history(metrics, plots / "history.png")
     (run_dir / "report.md").write_text(report_markdown(metrics))
     write_json(run_dir / COMPLETE_MARKER, metrics)
+
+
+# -- `lightune evaluate`: one finished run scored on a data source ------------------------------------------------
+
+def free_output_dir(root: Path, name: str, explicit: bool) -> Path:
+    """root/name, or for a default name the first free root/name-2, -3, ...; ConfigError if an explicitly named
+    directory exists (results are never overwritten)."""
+    path = Path(root) / name
+    if explicit and path.exists():
+        raise ConfigError(f"{path} already exists; choose another --name")
+    suffix = 2
+    while path.exists():
+        path = Path(root) / f"{name}-{suffix}"
+        suffix += 1
+    return path
+
+
+def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as a heat map with its counts (rows: true label, columns: predicted)."""
+    size = max(3.5, 0.8 * len(label_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(label_names)), label_names, rotation=45 if len(label_names) > 3 else 0)
+    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    save_figure(fig, path)
+
+
+METRIC_ROWS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1 (macro)"),
+               ("precision", "precision (macro)"), ("recall", "recall (macro)"), ("roc_auc", "ROC-AUC"),
+               ("pr_auc", "PR-AUC"), ("loss", "loss"))
+
+
+def evaluation_table(result: dict) -> list[str]:
+    """Markdown rows: each metric on the evaluated data beside the run's own test split."""
+    scored, own = result["metrics"], result["run_test"]
+    lines = [f"| metric | {result['data']['source']} ({result['data']['size']} texts) | the run's own test split |",
+             "| --- | ---: | ---: |"]
+    def cell(metrics: dict, key: str) -> str:
+        return f"{metrics[key]:.4f}" if isinstance(metrics.get(key), (int, float)) else "-"
+
+    for key, label in METRIC_ROWS:
+        if key in scored:
+            lines.append(f"| {label} | {cell(scored, key)} | {cell(own, key)} |")
+    return lines
+
+
+def evaluation_report_markdown(result: dict) -> str:
+    """A short report of one evaluation."""
+    data = result["data"]
+    lines = [
+        f"# lightune evaluation: {result['name']}",
+        "",
+        f"Run `{result['run_dir']}` ({result['method']} on `{result['model']}`, {result['pooling']} pooling, "
+        f"max_length {result['max_length']}, {result['truncation']} truncation) on `{data['source']}`, split `{data['split']}`: {data['size']} texts "
+        f"(fingerprint `{data['fingerprint']}`), device {result['device']}.",
+        "",
+        *evaluation_table(result),
+        "",
+        f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
+        f"{result['metrics']['confusion_matrix']}",
+        "",
+        *per_class_lines(result["metrics"]),
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_evaluation_outputs(out_dir: Path, result: dict) -> None:
+    """confusion_matrix.png, report.md and finally metrics.json (the completion marker)."""
+    plot_confusion_matrix(result["metrics"]["confusion_matrix"], result["data"]["label_names"],
+                          out_dir / "confusion_matrix.png", f"{result['run_name']} on {result['data']['source']}")
+    write_text(out_dir / "report.md", evaluation_report_markdown(result))
+    write_json(out_dir / COMPLETE_MARKER, result)
 
 
 # -- `lightune compare`: one point or bar per configuration (the tables come from compare_report) ---------------

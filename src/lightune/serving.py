@@ -43,8 +43,8 @@ from transformers import AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
-from .data import clean_text, eval_chunk_tokens, token_budget_batches
-from .inference import batched_logits, check_texts, read_run, to_predictions
+from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
+from .inference import batched_logits, check_texts, read_run, run_truncation, to_predictions
 
 log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -127,6 +127,7 @@ class ServedAdapter:
     shown: str  # the run directory as errors and /adapters name it
     pooling: str = "cls"  # what the head reads (heads.py); runs from before it was recorded read [CLS]
     mixes: bool = False  # its rows can share a forward pass with other adapters' rows (AdapterRegistry._mixes)
+    truncation: str = "head"  # which tokens of a long text are kept (data.encode_texts)
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
@@ -240,7 +241,8 @@ class AdapterRegistry:
         return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=config["method"],
                              peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
                              max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
-                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"))
+                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
+                             truncation=run_truncation(metrics))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -343,7 +345,7 @@ class AdapterRegistry:
             served = self._get(adapter)
             self.model.set_adapter(served.name, inference_mode=True)
             out = batched_logits(self.model, served.tokenizer, texts, served.max_length, len(served.label_names),
-                                 self.batch_size, self.device)
+                                 self.batch_size, self.device, truncation=served.truncation)
         return served, out
 
     def predict(self, texts: list[str], adapter: str | None = None) -> tuple[ServedAdapter, list[dict]]:
@@ -372,8 +374,9 @@ class AdapterRegistry:
         with self._lock:
             served = self._get(adapter)
         with self._tokenizing:
-            encoded = served.tokenizer([clean_text(t) for t in texts], truncation=True, max_length=served.max_length)
-        return Encoded(served, texts, [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(texts))])
+            encoded = encode_texts(served.tokenizer, [clean_text(t) for t in texts], served.max_length,
+                                   served.truncation)
+        return Encoded(served, texts, [{key: encoded[key][i] for key in encoded} for i in range(len(texts))])
 
     @torch.no_grad()
     def forward_batch(self, requests: list[Encoded]) -> list[torch.Tensor | UnknownAdapterError]:

@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_na
 
 from . import data as data_mod
 from . import heads, methods, models
-from .config import TrainConfig, validate
+from .config import TrainConfig, check_class_weight_count, validate
 from .errors import TrainingError
 from .evaluation import evaluate
 from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
@@ -74,23 +74,52 @@ def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
     return chunks
 
 
-def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None) -> float:
-    """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss.
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                           denominator) -> torch.Tensor:
+    """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by
+    denominator. With the batch's total weight as denominator this is torch's weighted mean cross-entropy of
+    the batch, and the chunks of a batch add up to it."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
 
-    Each chunk's mean loss is weighted by its share of the rows, so the summed gradient equals the
-    whole batch's; gradients are synchronised across processes on the last chunk only.
+
+def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
+                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss as a
+    detached tensor on the device (reading it is a host sync: left to the evaluation points).
+
+    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights), so the
+    summed gradient equals the whole batch's; gradients are synchronised across processes on the last chunk only.
     """
     chunks = split_batch(batch, max_tokens)
-    n_rows = batch["input_ids"].shape[0]
-    total = 0.0
+    labels = batch["labels"]
+    denominator = labels.shape[0] if class_weights is None else class_weights[labels].sum()
+    total = torch.zeros((), device=labels.device)
     for i, chunk in enumerate(chunks):
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
+        inputs = {k: v for k, v in chunk.items() if k != "labels"}
         with sync:
             with accelerator.autocast():
-                loss = model(**chunk).loss * (chunk["input_ids"].shape[0] / n_rows)
+                logits = model(**inputs).logits
+            loss = weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator)
             accelerator.backward(loss)
-        total += loss.item()
+        total += loss.detach()
     return total
+
+
+def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
+    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
+    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(train_labels)
+        weights = np.ones(n_classes)
+        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+    return torch.tensor(setting, dtype=torch.float32, device=device)
 
 
 def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool) -> None:
@@ -126,36 +155,64 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, steps_left: int, desc: str,
-                chunk_tokens: int | None = None, progress: bool = True) -> tuple[list[float], int]:
-    """One pass (or fewer steps) over the loader; returns (loss of each step, examples seen).
-
-    TrainingError as soon as a step's loss is NaN or infinite, so diverged weights are never saved as a run.
-    """
-    model.train()
-    losses, examples = [], 0
-    bar = tqdm(total=min(steps_left, len(loader)), desc=desc, leave=False,
-               disable=not (progress and accelerator.is_local_main_process))
+def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
+                class_weights: torch.Tensor | None = None):
+    """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
+    examples seen). No host sync: losses are read (and checked to be finite) at the evaluation points."""
     for batch in loader:
-        if len(losses) >= steps_left:
-            break
+        model.train()  # again after each evaluation
         batch.pop("length", None)
-        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens)
-        if not math.isfinite(loss):  # a Python float already: no extra device sync
-            bar.close()
-            raise TrainingError(f"training diverged: the loss is {loss} at step {len(losses) + 1} of {desc}; "
-                                "lower --lr or keep gradient clipping on (--max-grad-norm)")
+        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-        examples += batch["labels"].shape[0] * accelerator.num_processes
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-    bar.close()
-    return losses, examples
+        yield loss, batch["labels"].shape[0] * accelerator.num_processes
+
+
+def finite_losses(pending: list[tuple[torch.Tensor, int, int]]) -> list[float]:
+    """The losses of the steps since the last evaluation, read in one host sync; TrainingError naming the first
+    step whose loss is NaN or infinite, so diverged weights are never saved as a run."""
+    values = torch.stack([loss for loss, _, _ in pending]).tolist() if pending else []
+    for value, (_, epoch, step) in zip(values, pending):
+        if not math.isfinite(value):
+            raise TrainingError(f"training diverged: the loss is {value} at step {step} of epoch {epoch}; "
+                                "lower --lr or keep gradient clipping on (--max-grad-norm)")
+    return values
+
+
+class BestCheckpoint:
+    """The best validation evaluation so far (by metric_for_best) with a copy of the trainable weights at it,
+    and early stopping: stop after `patience` evaluations in a row without improvement."""
+
+    def __init__(self, metric: str, patience: int | None):
+        self.metric, self.patience = metric, patience
+        self.entry: dict | None = None  # the history entry of the best evaluation
+        self.weights: dict[str, torch.Tensor] = {}
+        self.stale = 0
+
+    def improves(self, validation: dict) -> bool:
+        if self.entry is None:
+            return True
+        new, best = validation[self.metric], self.entry["validation"][self.metric]
+        return new < best if self.metric == "loss" else new > best
+
+    def update(self, model, entry: dict) -> bool:
+        """Record one evaluation (copying the weights when it is the best); True when training should stop."""
+        if self.improves(entry["validation"]):
+            self.entry, self.stale = entry, 0
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+    @torch.no_grad()
+    def restore(self, model) -> None:
+        """Put the best evaluation's weights back into model."""
+        params = dict(model.named_parameters())
+        for name, weight in self.weights.items():
+            params[name].copy_(weight)
 
 
 # the parameter names that get no weight decay, as in transformers' Trainer
@@ -208,11 +265,12 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     set_seed(cfg.seed)
 
     splits = data_mod.build_splits(cfg)
+    check_class_weight_count(cfg.class_weights, splits.label_names)  # before the model loads
     tokenizer = models.load_tokenizer(cfg.model)
     max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
     if max_length < cfg.max_length:
         log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {max_length}", accelerator)
-    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length)
+    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length, cfg.truncation)
                  for name in ("train", "validation", "test")}
 
     model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device)
@@ -241,31 +299,71 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
         get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
     forward_model = torch.compile(model) if cfg.compile else model
     n_classes = len(splits.label_names)
+    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
 
     with output_dir_for(final, accelerator) as work:
         write_json(work / "config.json", cfg.to_dict())
-        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress)
+        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
+                        splits.label_names)
         start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
         log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
             f"F1 {base['f1']:.4f}", accelerator)
-        history, step_losses, seen, train_seconds, epoch = [], [], 0, 0.0, 0
-        while len(step_losses) < steps:
+        history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
+        pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, epoch, step in the epoch) since the last evaluation
+        best = BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        segment_start = time.perf_counter()
+
+        def evaluation_point() -> bool:
+            """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
+            nonlocal train_seconds, segment_start
+            losses = finite_losses(pending)  # the host sync of the training loop
+            train_seconds += time.perf_counter() - segment_start
+            pending.clear()
+            step_losses.extend(losses)
+            where = f"step {done}" if cfg.eval_steps else f"epoch {epoch}"
+            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation, {where}", progress,
+                           splits.label_names)
+            check_finite_loss(val, f"validation split after {where}")
+            entry = {"epoch": round(done / len(train_loader), 3), "step": done,
+                     "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
+            history.append(entry)
+            stop = best.update(model, entry)
+            log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
+                f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if best.entry is entry else ""),
+                accelerator)
+            segment_start = time.perf_counter()
+            return stop
+
+        stopped_early = False
+        while done < steps and not stopped_early:
             epoch += 1
-            start = time.perf_counter()
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
-            losses, n_examples = train_epoch(forward_model, train_loader, optimizer, scheduler, accelerator, cfg,
-                                             steps - len(step_losses), f"epoch {epoch}", train_chunk, progress)
-            train_seconds += time.perf_counter() - start
-            step_losses, seen = step_losses + losses, seen + n_examples
-            done, loss = len(step_losses), sum(losses) / max(len(losses), 1)
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation {epoch}", progress)
-            check_finite_loss(val, f"validation split after epoch {epoch}")
-            history.append({"epoch": round(done / len(train_loader), 3), "step": done, "train_loss": loss,
-                            "validation": val})
-            log(f"epoch {epoch}: train loss {loss:.4f}, validation accuracy {val['accuracy']:.4f}, "
-                f"F1 {val['f1']:.4f}", accelerator)
-        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress)
+            bar = tqdm(total=min(steps - done, len(train_loader)), desc=f"epoch {epoch}", leave=False,
+                       disable=not (progress and accelerator.is_local_main_process))
+            evaluated = False
+            for in_epoch, (loss, n_examples) in enumerate(
+                    train_steps(forward_model, train_loader, optimizer, scheduler, accelerator, cfg, train_chunk,
+                                class_weights), 1):
+                done, seen = done + 1, seen + n_examples
+                pending.append((loss, epoch, in_epoch))
+                bar.update(1)
+                if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0)
+                if evaluated:
+                    stopped_early = evaluation_point()
+                if done >= steps or stopped_early:
+                    break
+            bar.close()
+            if not evaluated and not cfg.eval_steps:
+                stopped_early = evaluation_point()
+        if best.entry is not history[-1]:
+            best.restore(model)
+            log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
+                f"{cfg.metric_for_best} {best.entry['validation'][cfg.metric_for_best]:.4f})", accelerator)
+        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
+                        splits.label_names)
         check_finite_loss(test, "fine-tuned model on the test split")
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {base['accuracy']:.4f})", accelerator)
@@ -287,7 +385,10 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
             "training": {"steps": done, "examples": seen, "seconds": train_seconds,
                          "samples_per_s": seen / train_seconds if train_seconds else 0.0,
-                         "step_losses": step_losses, "steps_per_epoch": len(train_loader)},
+                         "step_losses": step_losses, "steps_per_epoch": len(train_loader),
+                         "stopped_early": stopped_early},
+            "best": {"step": best.entry["step"], "epoch": best.entry["epoch"], "metric": cfg.metric_for_best,
+                     "value": best.entry["validation"][cfg.metric_for_best]},
             "base": base,
             "history": history,
             "test": test,

@@ -1,0 +1,118 @@
+"""`lightune evaluate`: score a finished run on a data source and write evaluations/<name>/ beside the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("test", "all")
+# data options that default to the run's own only when the source is the run's own data
+SOURCE_OPTIONS = ("text_column", "label_column", "label_names")
+# data options that default to the run's for any source: how its test split was carved and sized
+SPLIT_OPTIONS = ("eval_size", "validation_fraction", "test_fraction", "split_seed")
+
+
+@dataclass
+class EvaluationOptions:
+    """What to evaluate and where to write it; None means the run's own setting (see resolve)."""
+
+    run_dir: str
+    data: str | None = None
+    split: str = "test"
+    text_column: str | None = None
+    label_column: str | None = None
+    label_names: list[str] | None = None
+    eval_size: int | None = None
+    validation_fraction: float | None = None
+    test_fraction: float | None = None
+    split_seed: int | None = None
+    all_rows: bool = False  # eval_size was given as 'all'
+    output_dir: str | None = None  # None: evaluations/ beside the run directory
+    name: str | None = None  # None: <run>-on-<source>-<split>
+    device: str = "auto"
+    truncation: str | None = None  # None: the run's
+
+
+def _source_stem(spec: str) -> str:
+    return spec[4:].replace("/", "-") if spec.startswith("hub:") else Path(spec).stem
+
+
+def resolve(options: EvaluationOptions, run_config: dict[str, Any]) -> EvaluationOptions:
+    """options with every None data setting taken from the run's configuration, validated (ConfigError)."""
+    from .config import TrainConfig, check_directory_name, from_dict
+    from .errors import ConfigError
+
+    if options.split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {options.split!r}")
+    data = options.data or run_config.get("data", TrainConfig.data)
+    own = data == run_config.get("data")
+    values = {"data": data}
+    for key in SOURCE_OPTIONS + SPLIT_OPTIONS:
+        given = getattr(options, key)
+        if given is not None:
+            values[key] = given
+        elif key in SPLIT_OPTIONS or own:
+            values[key] = run_config.get(key, getattr(TrainConfig, key))
+    if options.all_rows or (options.split == "all" and options.eval_size is None):
+        values["eval_size"] = None
+    values["output_dir"] = options.output_dir or str(Path(options.run_dir).parent / "evaluations")
+    # the training configuration's checks for these settings: numbers in range, usable texts and label names,
+    # an output directory that is not inside a run
+    checked = from_dict(values)
+    resolved = dataclasses.replace(options, **{k: getattr(checked, k) for k in (*values, *SOURCE_OPTIONS)})
+    resolved.name = options.name or f"{Path(options.run_dir).name}-on-{_source_stem(data)}-{options.split}"
+    check_directory_name("name", resolved.name)
+    return resolved
+
+
+@dataclass
+class EvaluationResult:
+    out_dir: Path
+    result: dict
+
+
+def run_evaluation(options: EvaluationOptions, progress: bool = True) -> EvaluationResult:
+    """Check the run and the options, load the data, then the model; score it and write the evaluation."""
+    import time
+
+    from . import data as data_mod
+    from .evaluation import score
+    from .inference import Classifier, read_run
+    from .reporting import free_output_dir, staged_run_dir, write_evaluation_outputs
+
+    run_dir, metrics = read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
+    explicit_name = options.name is not None
+    options = resolve(options, metrics["config"])
+    final = free_output_dir(Path(options.output_dir), options.name, explicit=explicit_name)
+    rows, info = data_mod.evaluation_rows(
+        options.data, metrics["data"]["label_names"], options.split, options.text_column, options.label_column,
+        options.label_names, options.eval_size, options.validation_fraction, options.test_fraction,
+        options.split_seed)
+    classifier = Classifier(run_dir, device=options.device, truncation=options.truncation)
+    start = time.perf_counter()
+    logits = classifier.logits(list(rows["text"]))
+    seconds = time.perf_counter() - start
+    import torch
+
+    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names)
+    scored.update(examples=len(rows), seconds=seconds, samples_per_s=len(rows) / seconds)
+    config = classifier.config
+    result = {
+        "name": final.name,
+        "run_dir": str(run_dir),
+        "run_name": run_dir.name,
+        "model": config["model"],
+        "method": config["method"],
+        "pooling": metrics.get("pooling", "cls"),
+        "max_length": classifier.max_length,
+        "truncation": classifier.truncation,
+        "device": classifier.device.type,
+        "data": info,
+        "metrics": scored,
+        "run_test": metrics.get("test", {}),
+    }
+    with staged_run_dir(final) as work:
+        write_evaluation_outputs(work, result)
+    return EvaluationResult(final, result)
