@@ -22,9 +22,10 @@ TEXTS = ["great superb film loved", "awful boring mess hated"]
 # -- names and settings --------------------------------------------------------------------------------------------
 
 def test_registry_names_and_method_names():
-    assert methods.names() == ["lora", "full", "head", "dora", "ia3"]
+    assert methods.names() == ["lora", "full", "head", "dora", "ia3", "loha", "lokr", "vera", "prompt"]
     assert methods.method_names()[:5] == ["lora", "qlora", "int8", "full", "head"]
     assert "dora+nf4" in methods.method_names() and "full+nf4" not in methods.method_names()
+    assert {"vera+nf4", "prompt+int8"} <= set(methods.method_names()) and "loha+nf4" not in methods.method_names()
     for name in methods.method_names():  # every name is one (peft, quantize) pair and back
         assert methods.method_label(*methods.split_method(name)) == name
     assert methods.split_method("qlora") == ("lora", "nf4") and methods.split_method("ia3") == ("ia3", "none")
@@ -71,6 +72,14 @@ def test_flags_override_the_method_of_a_config_file(tmp_path):
     ({"init": "pissa", "quantize": "nf4"}, "init 'pissa' needs a full-precision base"),
     ({"init": "svd"}, "init must be one of default, pissa, olora, gaussian"),
     ({"rslora": "yes"}, "rslora must be true or false"),
+    ({"peft": "loha", "quantize": "nf4"},
+     "peft 'loha' cannot sit on a nf4 base (peft's LoHa and LoKr have no bitsandbytes layers); use quantize 'none'"),
+    ({"peft": "lokr", "quantize": "int8"}, "peft 'lokr' cannot sit on a int8 base (peft's LoHa and LoKr have no"),
+    ({"peft": "ia3", "loraplus_lr_ratio": 16}, "loraplus_lr_ratio is an option of lora, dora; peft 'ia3' does not"),
+    ({"loraplus_lr_ratio": 0.5}, "loraplus_lr_ratio must be a number from 1 to 1000"),
+    ({"loraplus_lr_ratio": float("nan")}, "loraplus_lr_ratio must be a number from 1 to 1000"),
+    ({"peft": "vera", "virtual_tokens": 8}, "virtual_tokens is an option of prompt; peft 'vera' does not use it"),
+    ({"peft": "prompt", "virtual_tokens": 0}, "virtual_tokens must be an integer from 1 to 512; got 0"),
 ])
 def test_impossible_combinations_are_one_line(values, message):
     with pytest.raises(ConfigError) as err:
@@ -86,10 +95,16 @@ def test_cli_method_is_peft_and_quantize(capsys):
     assert settings("--method", "int8") == settings("--peft", "lora", "--quantize", "int8")
     lora = settings("--peft", "dora", "--rslora", "--init", "gaussian")
     assert (lora["peft"], lora["rslora"], lora["init"]) == ("dora", True, "gaussian")
+    assert settings("--loraplus-lr-ratio", "16")["loraplus_lr_ratio"] == 16
+    assert settings("--peft", "prompt", "--virtual-tokens", "8")["virtual_tokens"] == 8
     assert main(["train", "--peft", "full", "--quantize", "nf4"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "lightune: error: quantize 'nf4' needs an adapter method: peft 'full' trains the model's own weights, which "
         "cannot be quantized; use quantize 'none'"]
+    assert main(["train", "--peft", "lokr", "--quantize", "nf4"]) == 2  # refused before any model or data loads
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lightune: error: peft 'lokr' cannot sit on a nf4 base (peft's LoHa and LoKr have no bitsandbytes layers); "
+        "use quantize 'none'"]
 
 
 def test_saved_configs_old_and_new():
@@ -101,14 +116,36 @@ def test_saved_configs_old_and_new():
 
 # -- what each method trains ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("peft, marker", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l")])
+@pytest.mark.parametrize("peft, marker", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l"), ("loha", "hada_w"),
+                                          ("lokr", "lokr_w"), ("vera", "vera_lambda_"), ("prompt", "prompt_encoder")])
 def test_adapter_methods_train_their_adapter_and_the_head(tiny_model_dir, peft, marker):
-    cfg = from_dict({"model": str(tiny_model_dir), "peft": peft})
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": peft, "max_length": 32})
     model = models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(marker in n for n in names) and any("classifier" in n for n in names)
     assert any("pooler" in n for n in names)
     assert all(marker in n or "lora_" in n or "classifier" in n or "pooler" in n for n in names)
+
+
+def test_loraplus_trains_b_at_the_ratio_of_the_rate(tiny_model_dir):
+    from lightune.training import build_optimizer
+
+    cfg = from_dict({"model": str(tiny_model_dir), "loraplus_lr_ratio": 16, "learning_rate": 1e-3})
+    model = models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+    rates = {id(p): group["lr"] for group in build_optimizer(model, cfg, torch.device("cpu")).param_groups
+             for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert {rates[id(p)] for n, p in named.items() if "lora_B" in n} == {1e-3 * 16}
+    assert {rates[id(p)] for n, p in named.items() if "lora_A" in n} == {1e-3}
+    assert len(rates) == sum(p.requires_grad for p in named.values())  # every trained weight, once
+
+
+def test_prompt_tuning_that_does_not_fit_the_positions_is_one_line(tiny_model_dir):
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": "prompt", "virtual_tokens": 40, "max_length": 32})
+    with pytest.raises(ConfigError) as err:  # the tiny BERT has 64 positions
+        models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+    assert str(err.value) == ("prompt tuning puts 40 virtual tokens before each text of up to max_length 32 tokens, "
+                              "more than the 64 positions of bert; lower max_length or virtual_tokens")
 
 
 def test_dora_on_an_int8_base_on_cpu_is_refused_in_one_line(tiny_model_dir):
@@ -138,6 +175,9 @@ def stock_model(run_dir, cfg):
     if saved.name == "model":
         return AutoModelForSequenceClassification.from_pretrained(saved).eval()
     kwargs = {}
+    if cfg.quantize == "int8":
+        kwargs = dict(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=models.UNQUANTIZED_MODULES))
     if cfg.quantize == "nf4":
         kwargs = dict(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -153,6 +193,11 @@ CASES = [pytest.param(name, {}, id=name) for name in methods.names()] + [
     pytest.param("lora", {"init": "gaussian"}, id="lora-gaussian"),
     pytest.param("dora", {"quantize": "nf4"}, id="dora-nf4"),
     pytest.param("ia3", {"quantize": "nf4"}, id="ia3-nf4"),
+    pytest.param("lora", {"loraplus_lr_ratio": 16}, id="lora-loraplus"),
+    pytest.param("vera", {"quantize": "nf4"}, id="vera-nf4"),
+    pytest.param("vera", {"quantize": "int8"}, id="vera-int8"),
+    pytest.param("prompt", {"quantize": "nf4"}, id="prompt-nf4"),
+    pytest.param("prompt", {"virtual_tokens": 4}, id="prompt-4-tokens"),
 ]
 
 

@@ -29,6 +29,7 @@ class PeftMethod:
     # (parameter name, head module names) -> whether it trains; only for methods without a peft config.
     trains: Callable[[str, set[str]], bool] | None = None
     quantize: tuple[str, ...] = QUANTIZE  # the base storages it can sit on
+    quantize_note: str = ""  # why it cannot sit on the others, for the error message
     merges: bool = True  # prediction merges the adapter into the (unquantized) base weights
     # Several runs can be served as named adapters on one shared base; only adapters of one peft kind (`kind`)
     # can share a base model (peft cannot mix LoRA and IA3 adapters in one model).
