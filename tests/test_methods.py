@@ -232,3 +232,56 @@ def test_every_method_trains_saves_reloads_and_predicts(tiny_config, peft, optio
     torch.testing.assert_close(classifier.logits(texts), stock_logits, rtol=1e-4, atol=1e-4)
     predictions = classifier.predict(TEXTS)
     assert [p["text"] for p in predictions] == TEXTS and all(p["label"] in LABELS for p in predictions)
+
+
+# -- several runs of one method on one served base -----------------------------------------------------------------
+
+@pytest.mark.parametrize("peft, second", [
+    ("loha", {"rank": 4}), ("lokr", {"rank": 4}), ("vera", {}), ("prompt", {"virtual_tokens": 6}),
+])
+def test_adapters_of_one_kind_share_a_served_base(tiny_config, peft, second):
+    from lightune.serving import AdapterRegistry
+
+    runs = [run_training(tiny_config(peft=peft, run_name=f"{peft}-{i}", seed=i, max_steps=3, **extra),
+                         progress=False).run_dir for i, extra in enumerate([{}, second])]
+    registry = AdapterRegistry(device="cpu")
+    for name, run in zip("ab", runs):
+        registry.add(name, run)
+    for name, run in zip("ab", runs):  # each adapter is its own run, also after the other was loaded
+        torch.testing.assert_close(registry.logits(TEXTS, name)[1], Classifier(run, merge=False).logits(TEXTS),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_vera_runs_of_another_rank_do_not_share_a_base(tiny_config):
+    from lightune.serving import AdapterRegistry
+
+    registry = AdapterRegistry(device="cpu")
+    registry.add("r8", run_training(tiny_config(peft="vera", run_name="vera-8", max_steps=2), progress=False).run_dir)
+    other = run_training(tiny_config(peft="vera", rank=4, run_name="vera-4", max_steps=2), progress=False).run_dir
+    with pytest.raises(ModelError) as err:
+        registry.add("r4", other)
+    assert "is a run of kind vera r=4 on default targets (vera), but the served adapters are of kind vera r=8 on " \
+           "default targets" in str(err.value) and "\n" not in str(err.value)
+    assert registry.names() == ["r8"]
+
+
+def test_prompt_tuning_with_mean_pooling_averages_over_the_virtual_tokens_too(tiny_config):
+    """peft extends the attention mask over the virtual tokens; lightune's mean pooler reads that mask, so the
+    classifier reads the mean over prompt and text, in training, stock peft and lightune's prediction alike."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightune import heads
+
+    cfg = tiny_config(peft="prompt", pooling="mean", virtual_tokens=4, run_name="prompt-mean", max_steps=4)
+    run_dir = run_training(cfg, progress=False).run_dir
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(LABELS))
+    heads.use_mean_pooling(base)
+    masks = []
+    base.bert.pooler.register_forward_hook(lambda module, args, out: masks.append(module.attention_mask))
+    stock = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    enc = AutoTokenizer.from_pretrained(run_dir / "adapter")(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = stock(**enc).logits
+    assert masks[-1].shape == (2, 4 + enc["input_ids"].shape[1]) and bool(masks[-1][:, :4].all())
+    torch.testing.assert_close(Classifier(run_dir).logits(TEXTS), logits, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,13 @@ def vera_config(cfg, model):
                       modules_to_save=head_layer_names(model))
 
 
+def sharing(config: dict) -> str:
+    """VeRA adapters share a base only at one rank on the same layers: peft sizes the shared projections for the
+    first adapter loaded, and a later one of another rank or on larger layers does not fit them."""
+    targets = config.get("target_modules")
+    return f"r={config['rank']} on {','.join(targets) if targets else 'default targets'}"
+
+
 def describe(config: dict) -> list[str]:
     return [f"r={config['rank']}"]
 
@@ -30,4 +37,4 @@ def describe(config: dict) -> list[str]:
 # VeRA trains only scaling vectors (and the head), which take a larger rate than LoRA's matrices; not tuned.
 register(PeftMethod(name="vera", title="VeRA", help="shared frozen random projections (rank --rank) and trained "
                     "per-layer scaling vectors", learning_rate=1e-2, peft_config=vera_config, kind="vera",
-                    describe=describe))
+                    sharing=sharing, describe=describe))
