@@ -285,3 +285,34 @@ def test_prompt_tuning_with_mean_pooling_averages_over_the_virtual_tokens_too(ti
         logits = stock(**enc).logits
     assert masks[-1].shape == (2, 4 + enc["input_ids"].shape[1]) and bool(masks[-1][:, :4].all())
     torch.testing.assert_close(Classifier(run_dir).logits(TEXTS), logits, rtol=1e-5, atol=1e-5)
+
+
+# -- the methods comparison ----------------------------------------------------------------------------------------
+
+def test_the_methods_comparison_plans_every_method_with_three_seeds():
+    from pathlib import Path
+
+    from lightune.compare_plan import load_plan
+
+    plan = load_plan(Path(__file__).parents[1] / "examples" / "compare-methods.toml")
+    configs = {cell.values["method"]: cell.cfg for cell in plan.cells}
+    assert list(configs) == ["lora", "dora", "rslora", "ia3", "vera", "prompt", "full", "head"]
+    assert len(plan.cells) == 24 and {cell.cfg.seed for cell in plan.cells} == {1, 2, 3}
+    assert (configs["rslora"].peft, configs["rslora"].rslora, configs["lora"].rslora) == ("lora", True, False)
+    assert (configs["vera"].peft, configs["vera"].rank, configs["lora"].rank) == ("vera", 256, 8)
+    assert "method=rslora_seed=2" in {cell.name for cell in plan.cells}
+    assert len({cell.cfg.data for cell in plan.cells}) == 1  # one data set, split and step count for all
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "lora", "rslora": True}, "[grid] method: a table of settings needs a label"),
+    ({"label": "x", "method": "lora", "train_size": 10}, "[grid] method: table 'x' cannot set train_size"),
+    ({"label": "x", "method": "lora", "colour": 1}, "[grid] method: table 'x' cannot set colour"),
+    ({"label": "x", "method": "ia3", "rslora": True}, "grid cell method=x: rslora is an option of lora, dora"),
+])
+def test_bad_tables_in_a_grid_are_one_line(value, message):
+    from lightune.compare_plan import plan_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        plan_from_dict({"grid": {"method": ["lora", value]}})
+    assert message in str(err.value) and "\n" not in str(err.value)
