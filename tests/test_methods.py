@@ -109,7 +109,8 @@ def test_cli_method_is_peft_and_quantize(capsys):
 
 def test_saved_configs_old_and_new():
     old = {"model": "m", "method": "qlora", "rank": 8}
-    assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default"}
+    assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default",
+                                 "loraplus_lr_ratio": None, "virtual_tokens": 20}
     new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
     assert saved_config(new) == new and new["method"] == "dora+nf4"
 

@@ -344,9 +344,11 @@ def saved_config(config: dict[str, Any]) -> dict[str, Any]:
     """A run's saved configuration (config.json, or metrics.json's "config") in today's terms.
 
     Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
-    way the method name decides peft and quantize, and LoRA options missing from older runs were off.
+    way the method name decides peft and quantize, and settings missing from older runs (LoRA's
+    options, truncation, ...) were at their defaults.
     """
-    out = {"rslora": False, "init": "default", "truncation": "head", **config}
+    out = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
+           **config}
     if "method" in config:
         out["peft"], out["quantize"] = methods.split_method(config["method"])
     else:
