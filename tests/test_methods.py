@@ -110,7 +110,7 @@ def test_cli_method_is_peft_and_quantize(capsys):
 def test_saved_configs_old_and_new():
     old = {"model": "m", "method": "qlora", "rank": 8}
     assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default",
-                                 "loraplus_lr_ratio": None, "virtual_tokens": 20}
+                                 "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20}
     new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
     assert saved_config(new) == new and new["method"] == "dora+nf4"
 
@@ -248,9 +248,12 @@ def test_adapters_of_one_kind_share_a_served_base(tiny_config, peft, second):
     registry = AdapterRegistry(device="cpu")
     for name, run in zip("ab", runs):
         registry.add(name, run)
-    for name, run in zip("ab", runs):  # each adapter is its own run, also after the other was loaded
-        torch.testing.assert_close(registry.logits(TEXTS, name)[1], Classifier(run, merge=False).logits(TEXTS),
-                                   rtol=1e-5, atol=1e-5)
+    expected = [Classifier(run, merge=False).logits(TEXTS) for run in runs]
+    for name, want in zip("ab", expected):  # each adapter is its own run, also after the other was loaded
+        torch.testing.assert_close(registry.logits(TEXTS, name)[1], want, rtol=1e-5, atol=1e-5)
+    batched = registry.forward_batch([registry.encode(TEXTS, name) for name in "ab"])  # the server's batched path
+    for got, want in zip(batched, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_vera_runs_of_another_rank_do_not_share_a_base(tiny_config):
