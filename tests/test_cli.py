@@ -29,7 +29,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
     [
         (["train", "--data", "no/such/file.csv"], "data not found: 'no/such/file.csv'"),
         (["train", "--rank", "0"], "rank must be >= 1"),
-        (["train", "--method", "prompt"], "invalid choice: 'prompt'"),
+        (["train", "--method", "prefix"], "invalid choice: 'prefix'"),  # not offered: see README, Methods
         (["train", "--config", "missing.toml"], "config file not found: missing.toml"),
         (["train", "--model", "/definitely/not/a/model"], "cannot load"),
         (["predict", "no-such-run", "great film"], "run directory not found: no-such-run"),

@@ -22,9 +22,10 @@ TEXTS = ["great superb film loved", "awful boring mess hated"]
 # -- names and settings --------------------------------------------------------------------------------------------
 
 def test_registry_names_and_method_names():
-    assert methods.names() == ["lora", "full", "head", "dora", "ia3"]
+    assert methods.names() == ["lora", "full", "head", "dora", "ia3", "loha", "lokr", "vera", "prompt"]
     assert methods.method_names()[:5] == ["lora", "qlora", "int8", "full", "head"]
     assert "dora+nf4" in methods.method_names() and "full+nf4" not in methods.method_names()
+    assert {"vera+nf4", "prompt+int8"} <= set(methods.method_names()) and "loha+nf4" not in methods.method_names()
     for name in methods.method_names():  # every name is one (peft, quantize) pair and back
         assert methods.method_label(*methods.split_method(name)) == name
     assert methods.split_method("qlora") == ("lora", "nf4") and methods.split_method("ia3") == ("ia3", "none")
@@ -71,6 +72,14 @@ def test_flags_override_the_method_of_a_config_file(tmp_path):
     ({"init": "pissa", "quantize": "nf4"}, "init 'pissa' needs a full-precision base"),
     ({"init": "svd"}, "init must be one of default, pissa, olora, gaussian"),
     ({"rslora": "yes"}, "rslora must be true or false"),
+    ({"peft": "loha", "quantize": "nf4"},
+     "peft 'loha' cannot sit on a nf4 base (peft's LoHa and LoKr have no bitsandbytes layers); use quantize 'none'"),
+    ({"peft": "lokr", "quantize": "int8"}, "peft 'lokr' cannot sit on a int8 base (peft's LoHa and LoKr have no"),
+    ({"peft": "ia3", "loraplus_lr_ratio": 16}, "loraplus_lr_ratio is an option of lora, dora; peft 'ia3' does not"),
+    ({"loraplus_lr_ratio": 0.5}, "loraplus_lr_ratio must be a number from 1 to 1000"),
+    ({"loraplus_lr_ratio": float("nan")}, "loraplus_lr_ratio must be a number from 1 to 1000"),
+    ({"peft": "vera", "virtual_tokens": 8}, "virtual_tokens is an option of prompt; peft 'vera' does not use it"),
+    ({"peft": "prompt", "virtual_tokens": 0}, "virtual_tokens must be an integer from 1 to 512; got 0"),
 ])
 def test_impossible_combinations_are_one_line(values, message):
     with pytest.raises(ConfigError) as err:
@@ -86,29 +95,58 @@ def test_cli_method_is_peft_and_quantize(capsys):
     assert settings("--method", "int8") == settings("--peft", "lora", "--quantize", "int8")
     lora = settings("--peft", "dora", "--rslora", "--init", "gaussian")
     assert (lora["peft"], lora["rslora"], lora["init"]) == ("dora", True, "gaussian")
+    assert settings("--loraplus-lr-ratio", "16")["loraplus_lr_ratio"] == 16
+    assert settings("--peft", "prompt", "--virtual-tokens", "8")["virtual_tokens"] == 8
     assert main(["train", "--peft", "full", "--quantize", "nf4"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "lightune: error: quantize 'nf4' needs an adapter method: peft 'full' trains the model's own weights, which "
         "cannot be quantized; use quantize 'none'"]
+    assert main(["train", "--peft", "lokr", "--quantize", "nf4"]) == 2  # refused before any model or data loads
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lightune: error: peft 'lokr' cannot sit on a nf4 base (peft's LoHa and LoKr have no bitsandbytes layers); "
+        "use quantize 'none'"]
 
 
 def test_saved_configs_old_and_new():
     old = {"model": "m", "method": "qlora", "rank": 8}
-    assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default"}
+    assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default",
+                                 "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20}
     new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
     assert saved_config(new) == new and new["method"] == "dora+nf4"
 
 
 # -- what each method trains ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("peft, marker", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l")])
+@pytest.mark.parametrize("peft, marker", [("dora", "lora_magnitude_vector"), ("ia3", "ia3_l"), ("loha", "hada_w"),
+                                          ("lokr", "lokr_w"), ("vera", "vera_lambda_"), ("prompt", "prompt_encoder")])
 def test_adapter_methods_train_their_adapter_and_the_head(tiny_model_dir, peft, marker):
-    cfg = from_dict({"model": str(tiny_model_dir), "peft": peft})
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": peft, "max_length": 32})
     model = models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(marker in n for n in names) and any("classifier" in n for n in names)
     assert any("pooler" in n for n in names)
     assert all(marker in n or "lora_" in n or "classifier" in n or "pooler" in n for n in names)
+
+
+def test_loraplus_trains_b_at_the_ratio_of_the_rate(tiny_model_dir):
+    from lightune.training import build_optimizer
+
+    cfg = from_dict({"model": str(tiny_model_dir), "loraplus_lr_ratio": 16, "learning_rate": 1e-3})
+    model = models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+    rates = {id(p): group["lr"] for group in build_optimizer(model, cfg, torch.device("cpu")).param_groups
+             for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert {rates[id(p)] for n, p in named.items() if "lora_B" in n} == {1e-3 * 16}
+    assert {rates[id(p)] for n, p in named.items() if "lora_A" in n} == {1e-3}
+    assert len(rates) == sum(p.requires_grad for p in named.values())  # every trained weight, once
+
+
+def test_prompt_tuning_that_does_not_fit_the_positions_is_one_line(tiny_model_dir):
+    cfg = from_dict({"model": str(tiny_model_dir), "peft": "prompt", "virtual_tokens": 40, "max_length": 32})
+    with pytest.raises(ConfigError) as err:  # the tiny BERT has 64 positions
+        models.prepare_for_training(models.load_base_model(cfg.model, LABELS), cfg)
+    assert str(err.value) == ("prompt tuning puts 40 virtual tokens before each text of up to max_length 32 tokens, "
+                              "more than the 64 positions of bert; lower max_length or virtual_tokens")
 
 
 def test_dora_on_an_int8_base_on_cpu_is_refused_in_one_line(tiny_model_dir):
@@ -138,6 +176,9 @@ def stock_model(run_dir, cfg):
     if saved.name == "model":
         return AutoModelForSequenceClassification.from_pretrained(saved).eval()
     kwargs = {}
+    if cfg.quantize == "int8":
+        kwargs = dict(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_skip_modules=models.UNQUANTIZED_MODULES))
     if cfg.quantize == "nf4":
         kwargs = dict(device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -153,6 +194,11 @@ CASES = [pytest.param(name, {}, id=name) for name in methods.names()] + [
     pytest.param("lora", {"init": "gaussian"}, id="lora-gaussian"),
     pytest.param("dora", {"quantize": "nf4"}, id="dora-nf4"),
     pytest.param("ia3", {"quantize": "nf4"}, id="ia3-nf4"),
+    pytest.param("lora", {"loraplus_lr_ratio": 16}, id="lora-loraplus"),
+    pytest.param("vera", {"quantize": "nf4"}, id="vera-nf4"),
+    pytest.param("vera", {"quantize": "int8"}, id="vera-int8"),
+    pytest.param("prompt", {"quantize": "nf4"}, id="prompt-nf4"),
+    pytest.param("prompt", {"virtual_tokens": 4}, id="prompt-4-tokens"),
 ]
 
 
@@ -187,3 +233,90 @@ def test_every_method_trains_saves_reloads_and_predicts(tiny_config, peft, optio
     torch.testing.assert_close(classifier.logits(texts), stock_logits, rtol=1e-4, atol=1e-4)
     predictions = classifier.predict(TEXTS)
     assert [p["text"] for p in predictions] == TEXTS and all(p["label"] in LABELS for p in predictions)
+
+
+# -- several runs of one method on one served base -----------------------------------------------------------------
+
+@pytest.mark.parametrize("peft, second", [
+    ("loha", {"rank": 4}), ("lokr", {"rank": 4}), ("vera", {}), ("prompt", {"virtual_tokens": 6}),
+])
+def test_adapters_of_one_kind_share_a_served_base(tiny_config, peft, second):
+    from lightune.serving import AdapterRegistry
+
+    runs = [run_training(tiny_config(peft=peft, run_name=f"{peft}-{i}", seed=i, max_steps=3, **extra),
+                         progress=False).run_dir for i, extra in enumerate([{}, second])]
+    registry = AdapterRegistry(device="cpu")
+    for name, run in zip("ab", runs):
+        registry.add(name, run)
+    expected = [Classifier(run, merge=False).logits(TEXTS) for run in runs]
+    for name, want in zip("ab", expected):  # each adapter is its own run, also after the other was loaded
+        torch.testing.assert_close(registry.logits(TEXTS, name)[1], want, rtol=1e-5, atol=1e-5)
+    batched = registry.forward_batch([registry.encode(TEXTS, name) for name in "ab"])  # the server's batched path
+    for got, want in zip(batched, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_vera_runs_of_another_rank_do_not_share_a_base(tiny_config):
+    from lightune.serving import AdapterRegistry
+
+    registry = AdapterRegistry(device="cpu")
+    registry.add("r8", run_training(tiny_config(peft="vera", run_name="vera-8", max_steps=2), progress=False).run_dir)
+    other = run_training(tiny_config(peft="vera", rank=4, run_name="vera-4", max_steps=2), progress=False).run_dir
+    with pytest.raises(ModelError) as err:
+        registry.add("r4", other)
+    assert "is a run of kind vera r=4 on default targets (vera), but the served adapters are of kind vera r=8 on " \
+           "default targets" in str(err.value) and "\n" not in str(err.value)
+    assert registry.names() == ["r8"]
+
+
+def test_prompt_tuning_with_mean_pooling_averages_over_the_virtual_tokens_too(tiny_config):
+    """peft extends the attention mask over the virtual tokens; lightune's mean pooler reads that mask, so the
+    classifier reads the mean over prompt and text, in training, stock peft and lightune's prediction alike."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lightune import heads
+
+    cfg = tiny_config(peft="prompt", pooling="mean", virtual_tokens=4, run_name="prompt-mean", max_steps=4)
+    run_dir = run_training(cfg, progress=False).run_dir
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=len(LABELS))
+    heads.use_mean_pooling(base)
+    masks = []
+    base.bert.pooler.register_forward_hook(lambda module, args, out: masks.append(module.attention_mask))
+    stock = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    enc = AutoTokenizer.from_pretrained(run_dir / "adapter")(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = stock(**enc).logits
+    assert masks[-1].shape == (2, 4 + enc["input_ids"].shape[1]) and bool(masks[-1][:, :4].all())
+    torch.testing.assert_close(Classifier(run_dir).logits(TEXTS), logits, rtol=1e-5, atol=1e-5)
+
+
+# -- the methods comparison ----------------------------------------------------------------------------------------
+
+def test_the_methods_comparison_plans_every_method_with_three_seeds():
+    from pathlib import Path
+
+    from lightune.compare_plan import load_plan
+
+    plan = load_plan(Path(__file__).parents[1] / "examples" / "compare-methods.toml")
+    configs = {cell.values["method"]: cell.cfg for cell in plan.cells}
+    assert list(configs) == ["lora", "dora", "rslora", "ia3", "vera", "prompt", "full", "head"]
+    assert len(plan.cells) == 24 and {cell.cfg.seed for cell in plan.cells} == {1, 2, 3}
+    assert (configs["rslora"].peft, configs["rslora"].rslora, configs["lora"].rslora) == ("lora", True, False)
+    assert (configs["vera"].peft, configs["vera"].rank, configs["lora"].rank) == ("vera", 256, 8)
+    assert "method=rslora_seed=2" in {cell.name for cell in plan.cells}
+    assert len({cell.cfg.data for cell in plan.cells}) == 1  # one data set, split and step count for all
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "lora", "rslora": True}, "[grid] method: a table of settings needs a label"),
+    ({"label": "x", "method": "lora", "train_size": 10}, "[grid] method: table 'x' cannot set train_size"),
+    ({"label": "x", "method": "lora", "colour": 1}, "[grid] method: table 'x' cannot set colour"),
+    ({"label": "x", "method": "ia3", "rslora": True}, "grid cell method=x: rslora is an option of lora, dora"),
+])
+def test_bad_tables_in_a_grid_are_one_line(value, message):
+    from lightune.compare_plan import plan_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        plan_from_dict({"grid": {"method": ["lora", value]}})
+    assert message in str(err.value) and "\n" not in str(err.value)

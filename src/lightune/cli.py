@@ -34,6 +34,9 @@ HELP = {
     "rslora": "LoRA/DoRA: scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank",
     "init": "LoRA/DoRA initialisation: default (B = 0), pissa, olora (both rewrite the base weights under the "
             "adapter) or gaussian",
+    "loraplus_lr_ratio": "LoRA/DoRA: LoRA+, the B matrices learn at this multiple of --lr, e.g. 16 (peft's "
+                         "create_loraplus_optimizer)",
+    "virtual_tokens": "prompt tuning: trained virtual tokens put before each text (default 20)",
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (default 2 * rank)",
     "attention_dropout": "dropout on attention probabilities while training (default 0: the fused attention "

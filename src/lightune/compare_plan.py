@@ -18,6 +18,9 @@ A comparison file (TOML, or YAML when PyYAML is installed) has three tables:
     method = ["lora", "qlora"]   # or peft = [...] and quantize = [...]: method names both (qlora: lora on nf4)
     seed = [1, 2, 3]
 
+A grid value may also be a table of settings applied together, named by its `label`:
+`method = ["lora", {label = "rslora", method = "lora", rslora = true}, "ia3"]`.
+
 Each cell is named after its grid values (`rank=4_method=qlora_seed=1`); compare.py trains them.
 """
 
@@ -60,6 +63,15 @@ def _targets(value: Any, where: str) -> list[str] | None:
 
 
 def _normalise(key: str, value: Any, where: str) -> Any:
+    if isinstance(value, dict):  # several settings at once, named by their label
+        label = value.get("label")
+        if not isinstance(label, str) or not label.strip():
+            raise ConfigError(f"{where}: a table of settings needs a label (a name for the table); got {value!r}")
+        settings = {k: v for k, v in value.items() if k != "label"}
+        bad = sorted((set(settings) - SETTING_NAMES) | (set(settings) & (FIXED_KEYS | RESERVED_KEYS)))
+        if bad:
+            raise ConfigError(f"{where}: table {label!r} cannot set {', '.join(bad)}")
+        return {"label": label, **{k: _normalise(k, v, where) for k, v in settings.items()}}
     if key in ("target_modules", "label_names"):
         return _targets(value, where) if key == "target_modules" else (
             [v.strip() for v in value.split(",")] if isinstance(value, str) else value)
@@ -67,8 +79,11 @@ def _normalise(key: str, value: Any, where: str) -> Any:
 
 
 def label_value(value: Any) -> str:
-    """A grid value as it appears in a cell name: lists joined with '+', no path separators or spaces."""
-    if isinstance(value, (list, tuple)):
+    """A grid value as it appears in a cell name: lists joined with '+', a table by its label, no path separators
+    or spaces."""
+    if isinstance(value, dict):
+        text = value["label"]
+    elif isinstance(value, (list, tuple)):
         text = "+".join(str(v) for v in value)
     elif isinstance(value, float):
         text = f"{value:g}"
@@ -171,12 +186,17 @@ def plan_from_dict(raw: dict[str, Any], default_name: str = "compare", output_di
     cells, names = [], {}
     for combo in itertools.product(*norm_grid.values()) if norm_grid else [()]:
         values = dict(zip(norm_grid, combo))
+        settings = {}
+        for key, value in values.items():
+            settings.update({k: v for k, v in value.items() if k != "label"} if isinstance(value, dict)
+                            else {key: value})
+        values = {k: label_value(v) if isinstance(v, dict) else v for k, v in values.items()}
         cell_name = _cell_name(values)
         if cell_name in names:
             raise ConfigError(f"grid cells {names[cell_name]} and {values} get the same name {cell_name!r}")
         names[cell_name] = values
         try:
-            cfg = from_dict({**values, "output_dir": str(root / "runs"), "run_name": cell_name}, base=base)
+            cfg = from_dict({**settings, "output_dir": str(root / "runs"), "run_name": cell_name}, base=base)
         except ConfigError as exc:
             raise ConfigError(f"grid cell {cell_name}: {exc}") from None
         cells.append(Cell(cell_name, _config_label(values), values, cfg))

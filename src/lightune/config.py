@@ -51,6 +51,8 @@ class TrainConfig:
     head_init: str = "probe"
     rslora: bool = False  # LoRA: scale by alpha / sqrt(rank) instead of alpha / rank
     init: str = "default"  # LoRA initialisation: default, pissa, olora, gaussian
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn at this multiple of the rate (None: off)
+    virtual_tokens: int = 20  # prompt tuning: trained tokens put before each text
     # data
     data: str = "imdb"
     test_data: str | None = None
@@ -210,7 +212,8 @@ def _check_method(cfg: TrainConfig) -> None:
         if method.saves == "model":
             raise ConfigError(f"quantize {cfg.quantize!r} needs an adapter method: peft {cfg.peft!r} trains the "
                               f"model's own weights, which cannot be quantized; use quantize 'none'")
-        raise ConfigError(f"peft {cfg.peft!r} cannot sit on a {cfg.quantize} base; use quantize "
+        why = f" ({method.quantize_note})" if method.quantize_note else ""
+        raise ConfigError(f"peft {cfg.peft!r} cannot sit on a {cfg.quantize} base{why}; use quantize "
                           f"{' or '.join(repr(q) for q in method.quantize)}")
     for option in sorted(methods.option_names() - set(method.options)):
         if getattr(cfg, option) != DEFAULTS[option]:
@@ -341,9 +344,11 @@ def saved_config(config: dict[str, Any]) -> dict[str, Any]:
     """A run's saved configuration (config.json, or metrics.json's "config") in today's terms.
 
     Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
-    way the method name decides peft and quantize, and LoRA options missing from older runs were off.
+    way the method name decides peft and quantize, and settings missing from older runs (LoRA's
+    options, truncation, ...) were at their defaults.
     """
-    out = {"rslora": False, "init": "default", "truncation": "head", **config}
+    out = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
+           **config}
     if "method" in config:
         out["peft"], out["quantize"] = methods.split_method(config["method"])
     else:

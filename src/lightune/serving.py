@@ -128,6 +128,7 @@ class ServedAdapter:
     pooling: str = "cls"  # what the head reads (heads.py); runs from before it was recorded read [CLS]
     mixes: bool = False  # its rows can share a forward pass with other adapters' rows (AdapterRegistry._mixes)
     truncation: str = "head"  # which tokens of a long text are kept (data.encode_texts)
+    kind: str | None = None  # what adapters on one base must share (methods.sharing_kind): lora, ia3, vera r=8 ...
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
@@ -242,7 +243,7 @@ class AdapterRegistry:
                              peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
                              max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
                              saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
-                             truncation=run_truncation(metrics))
+                             truncation=run_truncation(metrics), kind=methods.sharing_kind(config))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -261,7 +262,7 @@ class AdapterRegistry:
             raise ModelError(f"{adapter.run_dir} is a {adapter.method} run (base quantization {adapter.quantize}), but "
                              f"the served base has quantization {self.quantization}; serve runs on the same base "
                              f"storage together")
-        kind = methods.get(adapter.peft).kind
+        kind = adapter.kind
         if kind != self.kind:
             raise ModelError(f"{adapter.run_dir} is a run of kind {kind} ({adapter.method}), but the served adapters "
                              f"are of kind {self.kind}; peft puts adapters of one kind on a shared base")
@@ -306,7 +307,7 @@ class AdapterRegistry:
                     quantization.allow_cpu_inference_layout(self.model)  # serving never trains
                     self.base_model = models.resolve_model_path(adapter.model)
                     self.quantization = adapter.quantize
-                    self.kind = methods.get(adapter.peft).kind
+                    self.kind = adapter.kind
                     self.pooling = adapter.pooling
                     self.num_labels = len(adapter.label_names)
                 else:

@@ -221,7 +221,9 @@ NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, no weight decay on biases and norms (Trainer's grouping); fused
-    kernels on CUDA."""
+    kernels on CUDA. LoRA+ (--loraplus-lr-ratio) builds peft's optimizer instead."""
+    if cfg.loraplus_lr_ratio:
+        return methods.lora.loraplus_optimizer(model, cfg, fused=device.type == "cuda")
     decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": cfg.weight_decay},
@@ -370,6 +372,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
         peak_bytes, peak_kind = peak_memory(device)
         saved_as = save_model(accelerator.unwrap_model(model), tokenizer, work, cfg)
         adapter = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
+        adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
         metrics = {
             "run_name": final.name,
             "config": cfg.to_dict(),

@@ -6,9 +6,10 @@ identical logits, predict). Registration order is the order of the --peft and --
 """
 
 from .registry import (ALIASES, QUANTIZE, REGISTRY, PeftMethod, get, method_label, method_names, names,
-                       option_names, quantize_of, register, split_method, takers)
+                       option_names, quantize_of, register, sharing_kind, split_method, takers)
 
-from . import lora, baselines, dora, ia3  # noqa: E402,F401,I001  (each registers its methods, in this order)
+from . import lora, baselines, dora, ia3, lycoris, vera, prompt  # noqa: E402,F401,I001  (each registers its methods, in this order)
 
 __all__ = ["ALIASES", "QUANTIZE", "REGISTRY", "PeftMethod", "get", "method_label", "method_names", "names",
-           "option_names", "quantize_of", "register", "split_method", "takers"]
+           "option_names", "quantize_of", "register", "sharing_kind", "split_method",
+           "takers"]

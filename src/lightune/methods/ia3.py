@@ -4,22 +4,7 @@ from __future__ import annotations
 
 from ..errors import ModelError
 from .registry import PeftMethod, register
-
-
-def head_layer_names(model) -> list[str]:
-    """The classification head as modules_to_save names of modules that hold weights: BERT's pooler becomes
-    pooler.dense, because IA3's merge_and_unload cannot unwrap a container module (peft 0.21)."""
-    from ..models import head_module_names
-
-    modules = dict(model.named_modules())
-    out = []
-    for name in head_module_names(model):
-        module = next(m for path, m in modules.items() if path == name or path.endswith("." + name))
-        if any(True for _ in module.parameters(recurse=False)):
-            out.append(name)
-        else:
-            out += [f"{name}.{child}" for child, sub in module.named_children() if any(True for _ in sub.parameters())]
-    return out
+from .targets import head_layer_names
 
 
 def ia3_config(cfg, model):

@@ -15,7 +15,7 @@ INITS = {"default": True, "pissa": "pissa", "olora": "olora", "gaussian": "gauss
 # adapter (they are deterministic), so a stock reload is exact; but a second adapter on that base would see the
 # rewritten weights, so such runs are not served beside others.
 BASE_REWRITING_INITS = ("pissa", "olora")
-OPTIONS = ("rslora", "init")
+OPTIONS = ("rslora", "init", "loraplus_lr_ratio")
 
 
 def lora_config(cfg, model, **extra):
@@ -40,6 +40,11 @@ def lora_config(cfg, model, **extra):
 
 
 def check(cfg) -> None:
+    ratio = cfg.loraplus_lr_ratio
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not 1 <= ratio <= 1000):
+        raise ConfigError(f"loraplus_lr_ratio must be a number from 1 to 1000 (LoRA+ trains B faster than A); "
+                          f"got {ratio!r}")
     if cfg.init == "pissa" and cfg.quantize != "none":
         raise ConfigError(f"init 'pissa' needs a full-precision base (peft takes the SVD of its weights); use quantize "
                           f"'none', not {cfg.quantize!r}")
@@ -60,7 +65,19 @@ def describe(config: dict) -> list[str]:
         out.append("rsLoRA")
     if config.get("init", "default") != "default":
         out.append(f"init {config['init']}")
+    if config.get("loraplus_lr_ratio"):
+        out.append(f"LoRA+ ratio {config['loraplus_lr_ratio']:g}")
     return out
+
+
+def loraplus_optimizer(model, cfg, fused: bool):
+    """peft's LoRA+ optimizer (AdamW): lora_B and the 1-d parameters (biases, DoRA's magnitudes) at
+    loraplus_lr_ratio times the rate, the rest at the rate; weight decay as the run's, off for biases and norms."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                                     loraplus_weight_decay=cfg.weight_decay, fused=fused)
 
 
 # What LoRA and DoRA share. The rate suits the short default job (one epoch of 2,500 reviews); for long runs on

@@ -29,11 +29,14 @@ class PeftMethod:
     # (parameter name, head module names) -> whether it trains; only for methods without a peft config.
     trains: Callable[[str, set[str]], bool] | None = None
     quantize: tuple[str, ...] = QUANTIZE  # the base storages it can sit on
+    quantize_note: str = ""  # why it cannot sit on the others, for the error message
     merges: bool = True  # prediction merges the adapter into the (unquantized) base weights
     # Several runs can be served as named adapters on one shared base; only adapters of one peft kind (`kind`)
     # can share a base model (peft cannot mix LoRA and IA3 adapters in one model).
     shares_base: bool = True
     kind: str | None = None
+    # (saved run config) -> what else must match for adapters of this kind to share a base (VeRA: its rank)
+    sharing: Callable[[dict], str] | None = None
     options: tuple[str, ...] = ()  # method-specific TrainConfig fields it reads (rslora, init)
     check: Callable[[Any], None] | None = None  # extra validation of a TrainConfig: ConfigError in one line
     # (saved run config) -> why this run cannot share a served base, or None
@@ -104,6 +107,12 @@ def quantize_of(name: str) -> str:
 def option_names() -> set[str]:
     """The method-specific TrainConfig fields some method reads (LoRA's rslora and init)."""
     return {option for m in REGISTRY.values() for option in m.options}
+
+
+def sharing_kind(config: dict) -> str | None:
+    """The kind a run's adapter shares a served base with: the method's peft kind, plus what else must match."""
+    method = get(config["peft"])
+    return f"{method.kind} {method.sharing(config)}" if method.sharing else method.kind
 
 
 def takers(option: str) -> list[str]:
