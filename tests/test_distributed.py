@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ def test_two_processes_match_one_and_write_one_run(tiny_config):
     one = run_training(tiny_config(run_name="one", batch_size=16, **SETTINGS), progress=False)
     cfg = tiny_config(run_name="two", batch_size=8, **SETTINGS)
     # (`accelerate launch --cpu` starts one process unless MPI is set up; torchrun starts two, gloo on CPU)
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lightune", "train", "--quiet", "--device", "cpu", "--model", cfg.model, "--data", cfg.data,
-               "--train-size", "all", "--eval-size", "37", "--eval-batch-size", "4", "--max-length", "32",
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lightune", "train", "--quiet",
+               "--device", "cpu", "--model", cfg.model, "--data", cfg.data, "--train-size", "all", "--eval-size", "37", "--eval-batch-size", "4", "--max-length", "32",
                "--epochs", "1", "--batch-size", "8", "--lr", str(cfg.learning_rate), "--dropout", "0",
                "--no-group-by-length", "--head-init", "random", "--output-dir", cfg.output_dir, "--run-name", "two"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,7 +1,6 @@
 """Checkpoints (--save-every), SIGKILL/SIGTERM in the middle of training, and `lightune train --resume`."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -129,6 +128,8 @@ def test_resume_refuses_what_it_cannot_continue(unfinished_run, tmp_path, capsys
     plain.mkdir()
     assert "is not a lightune run that did not finish" in _refusal(capsys, "--resume", str(plain))
     assert "no such run directory" in _refusal(capsys, "--resume", str(tmp_path / "missing"))
+    with reporting.run_lock(unfinished_run):  # as a live training holds its run
+        assert "a training is still writing this run" in _refusal(capsys, "--resume", str(unfinished_run))
     (unfinished_run.parent / "halted").mkdir()
     assert f"run directory {unfinished_run.parent / 'halted'} already exists" in _refusal(
         capsys, "--resume", str(unfinished_run))

@@ -24,7 +24,8 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is not complete
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
-# a failed run kept by lightune (<name>.incomplete[-N]) or a staged one whose process was killed (.<name>.<random>.partial)
+# a failed run kept by lightune (<name>.incomplete[-N]) or a staged one whose process was killed
+# (.<name>.<random>.partial)
 KEPT_RUN = re.compile(r"(?P<name>[^.].*)\.incomplete(-\d+)?|\.(?P<staged>.+)\.[a-z0-9_]+\.partial")
 RESUME_MAY_CHANGE = {"save_every"}  # settings a resumed run may change: they do not change the weights
 
@@ -56,6 +57,13 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
     if (run.parent / name).exists():
         raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
+    from .reporting import run_lock
+
+    try:
+        with run_lock(run):
+            pass
+    except ConfigError:
+        raise ConfigError(f"--resume {run_dir}: a training is still writing this run") from None
     try:
         saved = saved_config(json.loads((run / "config.json").read_text()))
     except (OSError, ValueError) as exc:

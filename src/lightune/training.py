@@ -25,7 +25,7 @@ from . import checkpoints, heads, methods, models
 from .config import TrainConfig, check_class_weight_count, validate
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
-from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
+from .reporting import final_run_dir, run_lock, staged_run_dir, write_json, write_run_outputs
 
 
 @dataclass
@@ -323,7 +323,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
     checkpoints.register_trainable_hooks(accelerator)
 
-    with output_dir_for(final, accelerator) as work:
+    with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
+          contextlib.ExitStack() as signals):
         checkpoint_dir = shared_path(work, accelerator)
         write_json(work / "config.json", cfg.to_dict())
         history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
@@ -385,45 +386,46 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             """A checkpoint now: every save_every steps, and before stopping for SIGINT or SIGTERM."""
             return stop.requested(accelerator) or bool(cfg.save_every and done % cfg.save_every == 0)
 
-        with checkpoints.StopRequest() as stop:
-            while done < steps and not stopped_early:
-                if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
-                    epoch, in_epoch = epoch + 1, 0
-                # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
-                epoch_generator.manual_seed(cfg.seed + epoch - 1)
-                if hasattr(train_loader, "set_epoch"):
-                    train_loader.set_epoch(epoch)
-                loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
-                bar = tqdm(total=min(steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
-                           disable=not (progress and accelerator.is_local_main_process))
-                evaluated = False
-                for in_epoch, (loss, n_examples) in enumerate(
-                        train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
-                                    class_weights), in_epoch + 1):
-                    done, seen = done + 1, seen + n_examples
-                    pending.append((loss, epoch, in_epoch))
-                    bar.update(1)
-                    if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
-                        bar.set_postfix(loss=f"{loss.item():.4f}")
-                    evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0)
-                    if evaluated:
-                        stopped_early = evaluation_point()
-                    if done >= steps or stopped_early:
-                        break
-                    if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
-                        save_checkpoint()
-                        if stop.stopping:
-                            stop.act()
-                bar.close()
-                if not evaluated and not cfg.eval_steps:
+        stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
+        while done < steps and not stopped_early:
+            if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
+                epoch, in_epoch = epoch + 1, 0
+            # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
+            epoch_generator.manual_seed(cfg.seed + epoch - 1)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
+            bar = tqdm(total=min(steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
+                       disable=not (progress and accelerator.is_local_main_process))
+            evaluated = False
+            for in_epoch, (loss, n_examples) in enumerate(
+                    train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
+                                class_weights), in_epoch + 1):
+                done, seen = done + 1, seen + n_examples
+                pending.append((loss, epoch, in_epoch))
+                bar.update(1)
+                if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0)
+                if evaluated:
                     stopped_early = evaluation_point()
-                if done < steps and not stopped_early and checkpoint_due(stop):
+                if done >= steps or stopped_early:
+                    break
+                if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
                     save_checkpoint()
                     if stop.stopping:
                         stop.act()
-            if stop.requested(accelerator):  # a signal in the last step: resuming gives the final evaluation
+            bar.close()
+            if not evaluated and not cfg.eval_steps:
+                stopped_early = evaluation_point()
+            if done < steps and not stopped_early and checkpoint_due(stop):
                 save_checkpoint()
-                stop.act()
+                if stop.stopping:
+                    stop.act()
+        if stop.requested(accelerator):  # a signal in the last step: resuming gives the final evaluation
+            save_checkpoint()
+            stop.act()
+        signals.close()  # from here on Ctrl-C and SIGTERM act at once again
         if best.entry is not history[-1]:
             best.restore(accelerator.unwrap_model(model))
             log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
