@@ -498,8 +498,9 @@ def _report_failure(message: str, exc: BaseException, hint: str = "") -> None:
     if run and isinstance(exc, (KeyboardInterrupt, Terminated)):
         from .checkpoints import latest_checkpoint
 
-        if latest_checkpoint(run) is not None:
-            hint = f"stopped at {latest_checkpoint(run).name}; resume with: lightune train --resume {run}"
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is not None:
+            hint = f"stopped at {checkpoint.name}; resume with: lightune train --resume {run}"
     print(f"lightune: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
 
 
