@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import write_csv
+from lightune.checkpoints import latest_checkpoint
 from lightune.cli import main, read_texts_file
 
 
@@ -168,8 +169,10 @@ def test_sigterm_during_training_keeps_the_run_as_incomplete(tiny_model_dir, rev
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     kept = out / "term.incomplete"
-    assert stderr.splitlines()[-1] == (f"lightune: terminated (SIGTERM) (unfinished run kept in {kept}, "
-                                      "traceback in its error.txt)")
+    checkpoint = latest_checkpoint(kept)  # SIGTERM in the training loop: it stops after the step with a checkpoint
+    hint = f"stopped at {checkpoint.name}; resume with: lightune train --resume {kept}" if checkpoint else \
+        f"unfinished run kept in {kept}, traceback in its error.txt"  # (in the base model's evaluation)
+    assert stderr.splitlines()[-1] == f"lightune: terminated (SIGTERM) ({hint})"
     assert "Traceback" not in stderr
     assert "Terminated: terminated by SIGTERM" in (kept / "error.txt").read_text()
     assert (kept / "config.json").is_file() and not (kept / "metrics.json").exists()
@@ -182,7 +185,7 @@ def test_sigterm_handler_is_restored_after_training(monkeypatch, capsys):
     previous = signal.getsignal(signal.SIGTERM)
     seen = []
 
-    def fake_training(cfg, progress=True):
+    def fake_training(cfg, progress=True, resume=None):
         seen.append(signal.getsignal(signal.SIGTERM))
         raise KeyboardInterrupt
 

@@ -66,6 +66,8 @@ HELP = {
     "group_by_length": "batch texts of similar length together (less padding)",
     "compile": "torch.compile the model",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
+    "save_every": "write a checkpoint every N optimizer steps into the run in progress (default: only when Ctrl-C "
+                  "or SIGTERM stops training), for --resume",
     "allow_unusual_labels": "train even if a label has very few rows (under 1%% and 10 rows, or under 3), a label "
                             "name has no rows, or labels mix numbers and names (one label is always refused)",
 }
@@ -152,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with packaged IMDb reviews.")
     train.add_argument("--config", help="TOML file with the settings (top level or a [train] table)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run that did not finish (RUN.incomplete, or the hidden .RUN.*.partial of a "
+                            "killed process) from its latest checkpoint, with its own settings; the finished run "
+                            "takes its normal name and RUN_DIR is removed once it is complete")
     _add_config_arguments(train)
     predict = sub.add_parser("predict", help="classify texts with a finished run")
     predict.add_argument("run_dir", help="a run directory written by `lightune train`")
@@ -239,13 +245,18 @@ def _sigterm_raises_terminated():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, _cli_overrides(args))  # bad values fail here, before the heavy imports
+    if args.resume:
+        from .checkpoints import resume_config
+
+        cfg = resume_config(args.resume, args.config, _cli_overrides(args))
+    else:
+        cfg = load_config(args.config, _cli_overrides(args))  # bad values fail here, before the heavy imports
     _silence_library_output()
     from .training import run_training
 
     try:
         with _sigterm_raises_terminated():
-            result = run_training(cfg, progress=not args.quiet)
+            result = run_training(cfg, progress=not args.quiet, resume=Path(args.resume) if args.resume else None)
     except Terminated as exc:
         _report_failure("terminated (SIGTERM)", exc)
         return 128 + signal.SIGTERM
@@ -482,10 +493,17 @@ def _end_progress_bars() -> None:
 
 
 def _report_failure(message: str, exc: BaseException, hint: str = "") -> None:
-    """One line on standard error; it names the `.incomplete` run directory a failed training left behind."""
+    """One line on standard error; it names the `.incomplete` run directory a failed training left behind (and how
+    to resume it when an interruption left a checkpoint in it)."""
     _end_progress_bars()
     run = getattr(exc, "incomplete_run_dir", None)
     hint = f"unfinished run kept in {run}, traceback in its error.txt" if run else hint
+    if run and isinstance(exc, (KeyboardInterrupt, Terminated)):
+        from .checkpoints import latest_checkpoint
+
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is not None:
+            hint = f"stopped at {checkpoint.name}; resume with: lightune train --resume {run}"
     print(f"lightune: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
 
 

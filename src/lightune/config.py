@@ -101,6 +101,9 @@ class TrainConfig:
     # output
     output_dir: str = "runs"
     run_name: str | None = None
+    # write a checkpoint every save_every optimizer steps into the run in progress (None: only when SIGINT or
+    # SIGTERM stops training); `lightune train --resume` continues a run that did not finish from its latest one
+    save_every: int | None = None
 
     @property
     def lora_alpha(self) -> int:
@@ -252,7 +255,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_number(name, value, float, 0, 1)
         if value >= 1:
             raise ConfigError(f"{name} must be < 1; got {value!r}")
-    for name in ("train_size", "eval_size", "max_steps", "eval_steps", "early_stopping_patience"):
+    for name in ("train_size", "eval_size", "max_steps", "eval_steps", "early_stopping_patience", "save_every"):
         if getattr(cfg, name) is not None:
             _check_number(name, getattr(cfg, name), int, 1)
     _check_number("validation_fraction", cfg.validation_fraction, float, 0, 0.5, low_inclusive=False)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
 import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix,
                              precision_recall_fscore_support, roc_auc_score)
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 
@@ -42,23 +45,37 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classe
 
 @torch.no_grad()
 def predict_logits(model, loader, accelerator=None, desc: str = "evaluating", progress: bool = True):
-    """Logits and labels for every batch of a loader, in loader order; eval mode, no gradients."""
+    """Logits and labels of every example of a loader; eval mode, no gradients.
+
+    With an accelerator of several processes each runs its share of the loader's batches (accelerate's
+    split_between_processes: uneven shares, no padding rows) and the shares are gathered, so every example is
+    counted exactly once; every process gets all the rows.
+    """
     model.eval()
+    device = next(model.parameters()).device if accelerator is None else accelerator.device
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for batch in tqdm(own_share(loader, accelerator), desc=desc, leave=False, disable=not progress):
         labels = batch.pop("labels")
         batch.pop("length", None)
-        if accelerator is None:
-            device = next(model.parameters()).device
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**batch).logits
-        else:
-            with accelerator.autocast():
-                logits = model(**batch).logits
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        with autocast():
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         all_logits.append(logits.float().cpu())
         all_labels.append(labels.cpu())
+    if accelerator is not None and accelerator.num_processes > 1:
+        shares = gather_object([(all_logits, all_labels)])
+        all_logits = [t for share_logits, _ in shares for t in share_logits]
+        all_labels = [t for _, share_labels in shares for t in share_labels]
     return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def own_share(loader, accelerator):
+    """loader itself in one process; else a loader over this process's share of its batches."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return loader
+    with accelerator.split_between_processes(list(loader.batch_sampler)) as batches:
+        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_names: list[str] | None = None) -> dict:

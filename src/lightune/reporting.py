@@ -4,6 +4,7 @@ finished. The plots of `lightune compare` live here too, beside the run plots.""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -93,7 +94,8 @@ def staged_run_dir(final: Path):
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
-        yield work
+        with run_lock(work):  # `train --resume` refuses a run that a live process is writing
+            yield work
     except BaseException as exc:
         keep_incomplete(work, final, exc)
         raise
@@ -101,6 +103,24 @@ def staged_run_dir(final: Path):
         appeared = ConfigError(f"run directory {final} appeared while training")
         kept = keep_incomplete(work, final, appeared)
         raise ConfigError(f"run directory {final} appeared while training; this run is kept in {kept}")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path | None):
+    """Hold an exclusive lock on run_dir (none for None) while the block runs; ConfigError when another process
+    holds it. The operating system releases it when the process ends, even on SIGKILL."""
+    if run_dir is None:
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{run_dir} is in use by a running training") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def keep_incomplete(work: Path, final: Path, exc: BaseException) -> Path:

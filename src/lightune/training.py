@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -13,18 +14,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import heads, methods, models
+from . import checkpoints, heads, methods, models
 from .config import TrainConfig, check_class_weight_count, validate
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
-from .reporting import final_run_dir, staged_run_dir, write_json, write_run_outputs
+from .reporting import final_run_dir, run_lock, staged_run_dir, write_json, write_run_outputs
 
 
 @dataclass
@@ -36,12 +37,14 @@ class RunResult:
 
 
 def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int) -> DataLoader:
-    """Shuffled batches padded on the fly; with group_by_length, texts of similar length share a batch."""
+    """Shuffled batches padded on the fly; with group_by_length, texts of similar length share a batch. All the
+    randomness of an epoch's order comes from the loader's generator (reseeded per epoch by the training loop)."""
     collate = DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                          generator=generator)
     return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
                       num_workers=num_workers)
 
@@ -255,14 +258,31 @@ def log(message: str, accelerator: Accelerator | None = None) -> None:
         tqdm.write(message)
 
 
-def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
-    """Train one configuration end to end and save a complete run directory."""
+def resumed_run_dir(resume: Path) -> Path:
+    """Where a resumed run will live: the name the run it continues would have had."""
+    name = checkpoints.finished_name(resume)
+    if name is None or checkpoints.latest_checkpoint(resume) is None:
+        raise ConfigError(f"{resume} is not a lightune run with a checkpoint")
+    if (resume.parent / name).exists():
+        raise ConfigError(f"run directory {resume.parent / name} already exists")
+    return resume.parent / name
+
+
+def shared_path(path: Path, accelerator: Accelerator) -> Path:
+    """The main process's path on every process (the checkpoints of all processes go into the main's run)."""
+    return Path(broadcast_object_list([str(path)])[0]) if accelerator.num_processes > 1 else path
+
+
+def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
+    """Train one configuration end to end and save a complete run directory; with resume (a run that did not
+    finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
+    the new run is complete."""
     validate(cfg)
     device = models.resolve_device(cfg.device)
     precision = models.resolve_precision(cfg.precision, device)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     device = accelerator.device  # this process's GPU under `accelerate launch`
-    final = final_run_dir(cfg)
+    final = resumed_run_dir(Path(resume)) if resume else final_run_dir(cfg)
     model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
     set_seed(cfg.seed)
 
@@ -292,8 +312,9 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
     optimizer = build_optimizer(model, cfg, device)
-    model, train_loader, val_loader, test_loader, optimizer = accelerator.prepare(
-        model, train_loader, val_loader, test_loader, optimizer)
+    epoch_generator = train_loader.generator
+    # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
+    model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
     steps = total_steps(cfg, len(train_loader))  # optimizer steps of this process (its shard of the data)
     # a prepared scheduler steps once per process at each optimizer step
     scale = accelerator.num_processes
@@ -302,17 +323,34 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
     forward_model = torch.compile(model) if cfg.compile else model
     n_classes = len(splits.label_names)
     class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
+    checkpoints.register_trainable_hooks(accelerator)
 
-    with output_dir_for(final, accelerator) as work:
+    with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
+          contextlib.ExitStack() as signals):
+        checkpoint_dir = shared_path(work, accelerator)
         write_json(work / "config.json", cfg.to_dict())
-        base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
-                        splits.label_names)
-        start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
-        log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
-            f"F1 {base['f1']:.4f}", accelerator)
         history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
         pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, epoch, step in the epoch) since the last evaluation
         best = BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        in_epoch, stopped_early, resumed = 0, False, None  # batches done in the epoch in progress
+        if resume:
+            latest = checkpoints.latest_checkpoint(Path(resume))
+            if accelerator.is_main_process:  # the new run is resumable from its first moment
+                shutil.copytree(latest, work / latest.name)
+            state, best.weights = checkpoints.load_checkpoint(accelerator, latest)
+            base, history, step_losses = state["base"], state["history"], state["step_losses"]
+            done, epoch, in_epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"], state["examples"]
+            train_seconds, stopped_early, best.stale = state["train_seconds"], state["stopped_early"], state["stale"]
+            best.entry = history[state["best_index"]] if state["best_index"] is not None else None
+            pending = [(torch.tensor(v, device=device), e, s) for v, e, s in state["pending"]]
+            resumed = {"run": Path(resume).name, "step": done}
+            log(f"resuming {resume} at step {done} (epoch {epoch}, batch {in_epoch})", accelerator)
+        else:
+            base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
+                            splits.label_names)
+        start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
+        log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
+            f"F1 {base['f1']:.4f}", accelerator)
         segment_start = time.perf_counter()
 
         def evaluation_point() -> bool:
@@ -329,24 +367,42 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             entry = {"epoch": round(done / len(train_loader), 3), "step": done,
                      "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
             history.append(entry)
-            stop = best.update(model, entry)
+            stop = best.update(accelerator.unwrap_model(model), entry)
             log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
                 f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if best.entry is entry else ""),
                 accelerator)
             segment_start = time.perf_counter()
             return stop
 
-        stopped_early = False
+        def save_checkpoint() -> None:
+            """Checkpoint the run at this step, after its evaluation (see checkpoints)."""
+            state = {"step": done, "epoch": epoch, "batches_in_epoch": in_epoch, "examples": seen,
+                     "train_seconds": train_seconds + time.perf_counter() - segment_start,
+                     "stopped_early": stopped_early, "base": base, "history": history, "step_losses": step_losses,
+                     "pending": [(v, e, s) for v, (_, e, s) in zip(finite_losses(pending), pending)],
+                     "best_index": history.index(best.entry) if best.entry is not None else None, "stale": best.stale}
+            saved = checkpoints.save_checkpoint(accelerator, checkpoint_dir, done, state, best.weights)
+            log(f"checkpoint saved: {saved.name}", accelerator)
+
+        def checkpoint_due(stop: checkpoints.StopRequest) -> bool:
+            """A checkpoint now: every save_every steps, and before stopping for SIGINT or SIGTERM."""
+            return stop.requested(accelerator) or bool(cfg.save_every and done % cfg.save_every == 0)
+
+        stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
         while done < steps and not stopped_early:
-            epoch += 1
+            if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
+                epoch, in_epoch = epoch + 1, 0
+            # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
+            epoch_generator.manual_seed(cfg.seed + epoch - 1)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
-            bar = tqdm(total=min(steps - done, len(train_loader)), desc=f"epoch {epoch}", leave=False,
+            loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
+            bar = tqdm(total=min(steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
                        disable=not (progress and accelerator.is_local_main_process))
             evaluated = False
             for in_epoch, (loss, n_examples) in enumerate(
-                    train_steps(forward_model, train_loader, optimizer, scheduler, accelerator, cfg, train_chunk,
-                                class_weights), 1):
+                    train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
+                                class_weights), in_epoch + 1):
                 done, seen = done + 1, seen + n_examples
                 pending.append((loss, epoch, in_epoch))
                 bar.update(1)
@@ -357,11 +413,23 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     stopped_early = evaluation_point()
                 if done >= steps or stopped_early:
                     break
+                if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
+                    save_checkpoint()
+                    if stop.stopping:
+                        stop.act()
             bar.close()
             if not evaluated and not cfg.eval_steps:
                 stopped_early = evaluation_point()
+            if done < steps and not stopped_early and checkpoint_due(stop):
+                save_checkpoint()
+                if stop.stopping:
+                    stop.act()
+        if stop.requested(accelerator):  # a signal in the last step: resuming gives the final evaluation
+            save_checkpoint()
+            stop.act()
+        signals.close()  # from here on Ctrl-C and SIGTERM act at once again
         if best.entry is not history[-1]:
-            best.restore(model)
+            best.restore(accelerator.unwrap_model(model))
             log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
                 f"{cfg.metric_for_best} {best.entry['validation'][cfg.metric_for_best]:.4f})", accelerator)
         test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
@@ -389,13 +457,18 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> RunResult:
             "training": {"steps": done, "examples": seen, "seconds": train_seconds,
                          "samples_per_s": seen / train_seconds if train_seconds else 0.0,
                          "step_losses": step_losses, "steps_per_epoch": len(train_loader),
-                         "stopped_early": stopped_early},
+                         "stopped_early": stopped_early, "resumed_from": resumed,
+                         "processes": accelerator.num_processes},
             "best": {"step": best.entry["step"], "epoch": best.entry["epoch"], "metric": cfg.metric_for_best,
                      "value": best.entry["validation"][cfg.metric_for_best]},
             "base": base,
             "history": history,
             "test": test,
         }
+        checkpoints.remove_checkpoints(work)  # a finished run needs none
         write_run_outputs(work, metrics)
     log(f"run saved to {final}", accelerator)
+    if resume and accelerator.is_main_process:  # only now: the resumed run is complete
+        shutil.rmtree(resume)
+        log(f"removed {resume}, which this run continued", accelerator)
     return RunResult(final, metrics)

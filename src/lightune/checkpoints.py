@@ -1,0 +1,198 @@
+"""Checkpoints inside a staged run (--save-every) and resuming a run that did not finish (train --resume).
+
+A checkpoint is `checkpoint-<step>/` in the run directory: accelerate's save_state (optimizer, scheduler, the
+random states of every process) with the trainable weights only (the frozen base is rebuilt from the config),
+the best evaluation's weights and trainer_state.json (data position, history, best evaluation). It is written
+as a hidden `.checkpoint-<step>.tmp` and renamed when complete, and older checkpoints are removed after that,
+so a kill at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, expand_method, from_dict, read_toml, saved_config
+from .errors import ConfigError
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is not complete
+TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best.safetensors"
+# a failed run kept by lightune (<name>.incomplete[-N]) or a staged one whose process was killed
+# (.<name>.<random>.partial)
+KEPT_RUN = re.compile(r"(?P<name>[^.].*)\.incomplete(-\d+)?|\.(?P<staged>.+)\.[a-z0-9_]+\.partial")
+RESUME_MAY_CHANGE = {"save_every"}  # settings a resumed run may change: they do not change the weights
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the most steps in run_dir, or None."""
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("checkpoint-*")
+             if (m := CHECKPOINT.fullmatch(path.name)) and (path / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def finished_name(run_dir: Path) -> str | None:
+    """The name the run would have had when finished (None when run_dir is not a kept or staged run's name)."""
+    match = KEPT_RUN.fullmatch(Path(run_dir).name)
+    return match and (match.group("name") or match.group("staged"))
+
+
+def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved configuration of a run to resume; ConfigError (one line) when run_dir is not a lightune run that
+    did not finish, has no checkpoint, its finished name is taken, or the settings given contradict its own."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    name = finished_name(run)
+    if name is None or not (run / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir} is not a lightune run that did not finish (<name>.incomplete with "
+                          f"a config.json)")
+    if latest_checkpoint(run) is None:
+        raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
+    if (run.parent / name).exists():
+        raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
+    from .reporting import run_lock
+
+    try:
+        with run_lock(run):
+            pass
+    except ConfigError:
+        raise ConfigError(f"--resume {run_dir}: a training is still writing this run") from None
+    try:
+        saved = saved_config(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run_dir}: cannot read its config.json ({exc})") from None
+    saved.pop("method")
+    saved.pop("resolved", None)
+    cfg = from_dict(saved)
+    raw = read_toml(config_file) if config_file else {}
+    given = {**expand_method(raw.get("train", raw)), **expand_method(overrides)}
+    for key, value in sorted(given.items()):
+        if key not in RESUME_MAY_CHANGE and getattr(cfg, key) != value:
+            raise ConfigError(f"--resume {run_dir}: {key} {value!r} conflicts with the run's {getattr(cfg, key)!r}; "
+                              f"a resumed run keeps its settings")
+    return from_dict({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, base=cfg)
+
+
+def register_trainable_hooks(accelerator) -> None:
+    """Make accelerate's save_state/load_state store the trainable parameters only (TRAINABLE_FILE), not the
+    frozen base (as diffusers does for LoRA)."""
+    from safetensors.torch import load_file, save_file
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_file(trainable_weights(accelerator.unwrap_model(models[0])), Path(output_dir) / TRAINABLE_FILE)
+        weights.clear()
+
+    def load(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        model.load_state_dict(load_file(Path(input_dir) / TRAINABLE_FILE, device=str(accelerator.device)),
+                              strict=False)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def trainable_weights(model) -> dict:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(accelerator, work: Path, step: int, state: dict, best_weights: dict) -> Path:
+    """Write checkpoint-<step> atomically into work (called on every process; work is the main process's run)."""
+    from safetensors.torch import save_file
+
+    from .reporting import write_json
+
+    final, tmp = work / f"checkpoint-{step}", work / f".checkpoint-{step}.tmp"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's random states are written
+    if accelerator.is_main_process:
+        save_file({n: w.contiguous() for n, w in best_weights.items()}, tmp / BEST_FILE)
+        write_json(tmp / STATE_FILE, state)
+        os.rename(tmp, final)
+        remove_checkpoints(work, keep=final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
+    """Remove the checkpoints in run_dir but keep; each is renamed to a hidden name first, so one half-removed by
+    a kill is never taken for a checkpoint."""
+    for path in Path(run_dir).glob("checkpoint-*"):
+        if path != keep and CHECKPOINT.fullmatch(path.name):
+            hidden = path.with_name(f".{path.name}.old")
+            os.rename(path, hidden)
+            shutil.rmtree(hidden)
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
+    """Restore the prepared model's trainable weights, optimizer, scheduler and random states from checkpoint;
+    return (trainer state, best evaluation's weights)."""
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    return state, load_file(checkpoint / BEST_FILE, device=str(accelerator.device))
+
+
+class StopRequest:
+    """While training, SIGINT and SIGTERM ask to stop after the step in progress (so a checkpoint can be written);
+    a second signal acts at once. `act` then does what the first signal would have done without this."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None  # the first signal received
+        self.stopping = False  # set by requested: every process stops after this step
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous in (signal.SIG_IGN, None):
+                continue
+            try:
+                signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread: signals stay as they are
+                return self
+            self.previous[signum] = previous
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.act(signum)
+        self.signum = signum
+
+    def requested(self, accelerator) -> bool:
+        """True when a process got a signal (all processes agree, so they stop at the same step)."""
+        if accelerator.num_processes == 1:
+            self.stopping = self.signum is not None
+            return self.stopping
+        import torch
+
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=accelerator.device)
+        signum = int(accelerator.gather(flag).max())  # 0: none
+        self.signum = self.signum or signum or None
+        self.stopping = bool(signum)
+        return self.stopping
+
+    def act(self, signum: int | None = None) -> None:
+        """Restore the handlers and run the previous one for the signal (Ctrl-C: KeyboardInterrupt); SystemExit
+        when it was the default action."""
+        signum = signum or self.signum
+        previous = self.previous.get(signum)
+        self.__exit__()
+        if callable(previous):
+            previous(signum, None)
+        raise SystemExit(128 + signum)

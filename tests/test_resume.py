@@ -1,0 +1,136 @@
+"""Checkpoints (--save-every), SIGKILL/SIGTERM in the middle of training, and `lightune train --resume`."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightune import cli, reporting
+from lightune.checkpoints import STATE_FILE, latest_checkpoint
+
+SETTINGS = dict(epochs=2, learning_rate=1e-2, group_by_length=True)  # LoRA dropout 0.1: the random states matter
+
+
+def train_command(cfg, **extra) -> list[str]:
+    """`python -m lightune train` with cfg's settings (and extra flags)."""
+    args = [sys.executable, "-m", "lightune", "train", "--quiet", "--model", cfg.model, "--data", cfg.data,
+            "--train-size", "all", "--eval-size", "all", "--max-length", str(cfg.max_length),
+            "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.learning_rate),
+            "--output-dir", cfg.output_dir, "--run-name", cfg.run_name, "--head-init", cfg.head_init]
+    for key, value in extra.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
+def wait_for_checkpoint(process: subprocess.Popen, root: Path, timeout: float = 120) -> Path:
+    """The first checkpoint of the run in progress under root (its hidden staged directory)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [c for staged in root.glob(".*.partial") if (c := latest_checkpoint(staged))]
+        if found:
+            return found[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def assert_same_adapter(run_a: Path, run_b: Path) -> None:
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tiny_config, capsys):
+    from lightune.training import run_training
+
+    reference = run_training(tiny_config(run_name="straight", **SETTINGS), progress=False)
+    cfg = tiny_config(run_name="killed", **SETTINGS)
+    process = subprocess.Popen(train_command(cfg, save_every=3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = wait_for_checkpoint(process, Path(cfg.output_dir))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    staged = checkpoint.parent
+    state = json.loads((latest_checkpoint(staged) / STATE_FILE).read_text())
+    assert 0 < state["batches_in_epoch"] < 20 and state["step"] < 40  # mid-epoch, before the end
+    assert not (Path(cfg.output_dir) / "killed").exists()
+
+    assert cli.main(["train", "--resume", str(staged), "--quiet"]) == 0
+    resumed = Path(cfg.output_dir) / "killed"
+    assert reporting.is_complete_run(resumed) and not staged.exists()
+    assert sorted(p.name for p in resumed.parent.iterdir()) == ["killed", "straight"]  # nothing else left behind
+    assert_same_adapter(resumed, reference.run_dir)
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["training"]["resumed_from"] == {"run": staged.name, "step": state["step"]}
+    assert metrics["training"]["steps"] == 40 and len(metrics["history"]) == 2
+    assert metrics["test"]["accuracy"] == pytest.approx(reference.metrics["test"]["accuracy"])
+    assert not list(resumed.glob("*checkpoint*"))
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes(tiny_config, capsys):
+    cfg = tiny_config(run_name="stopped", **SETTINGS)
+    process = subprocess.Popen(train_command(cfg, save_every=1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_checkpoint(process, Path(cfg.output_dir))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    kept = Path(cfg.output_dir) / "stopped.incomplete"
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == (f"lightune: terminated (SIGTERM) (stopped at "
+                                            f"{latest_checkpoint(kept).name}; resume with: lightune train --resume "
+                                            f"{kept})")
+    assert (kept / "error.txt").is_file() and not reporting.is_complete_run(kept)
+    assert len(list(kept.glob("checkpoint-*"))) == 1  # older checkpoints are removed
+    assert not list(Path(cfg.output_dir).glob(".*"))  # no staged or temporary directory left
+
+    assert cli.main(["train", "--resume", str(kept), "--quiet", "--save-every", "7"]) == 0
+    done = Path(cfg.output_dir) / "stopped"
+    assert reporting.is_complete_run(done) and not kept.exists()
+    assert json.loads((done / "metrics.json").read_text())["training"]["steps"] == 40
+
+
+@pytest.fixture
+def unfinished_run(tiny_config):
+    """A run kept as `<name>.incomplete` with its config.json and error.txt, without a checkpoint."""
+    cfg = tiny_config(run_name="halted")
+    run = Path(cfg.output_dir) / "halted.incomplete"
+    run.mkdir(parents=True)
+    reporting.write_json(run / "config.json", cfg.to_dict())
+    (run / "error.txt").write_text("KeyboardInterrupt\n")
+    return run
+
+
+def _refusal(capsys, *args) -> str:
+    assert cli.main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lightune: error: --resume ")
+    return err
+
+
+def test_resume_refuses_what_it_cannot_continue(unfinished_run, tmp_path, capsys):
+    assert "the run has no checkpoint (train with --save-every N" in _refusal(capsys, "--resume", str(unfinished_run))
+    (unfinished_run / "checkpoint-3").mkdir()
+    (unfinished_run / "checkpoint-3" / STATE_FILE).write_text("{}")
+    assert "learning_rate 0.5 conflicts with the run's 0.01" in _refusal(
+        capsys, "--resume", str(unfinished_run), "--lr", "0.5")
+    config = tmp_path / "other.toml"
+    config.write_text('method = "full"\n')
+    assert "peft 'full' conflicts with the run's 'lora'" in _refusal(
+        capsys, "--resume", str(unfinished_run), "--config", str(config))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert "is not a lightune run that did not finish" in _refusal(capsys, "--resume", str(plain))
+    assert "no such run directory" in _refusal(capsys, "--resume", str(tmp_path / "missing"))
+    with reporting.run_lock(unfinished_run):  # as a live training holds its run
+        assert "a training is still writing this run" in _refusal(capsys, "--resume", str(unfinished_run))
+    (unfinished_run.parent / "halted").mkdir()
+    assert f"run directory {unfinished_run.parent / 'halted'} already exists" in _refusal(
+        capsys, "--resume", str(unfinished_run))
+    assert (unfinished_run / "config.json").is_file()  # a refusal changes nothing
