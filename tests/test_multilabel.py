@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import types
 
 import numpy as np
 import pytest
@@ -265,3 +266,43 @@ def test_evaluate_a_multi_label_run_reproduces_its_test_metrics(multi_label_run,
         assert result["metrics"][key] == test[key], key  # the same decisions from the same thresholds
     assert result["thresholds"] == multi_label_run.metrics["thresholds"]
     assert "F1 (micro)" in capsys.readouterr().out and not (out / "confusion_matrix.png").exists()
+
+
+def test_a_multi_label_probe_head_gives_each_labels_logistic_regression():
+    """--head-init probe on multi-hot labels: one logistic regression per label, loaded so that the sigmoid of each
+    logit is that regression's probability; a label on every row (or none) is refused."""
+    from lightune import heads
+    from lightune.errors import ModelError
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 4))
+    labels = np.stack([features[:, 0] > 0, features[:, 1] + features[:, 2] > 0, features[:, 3] > 0.5], 1).astype(float)
+    probe = heads.fit_probe(features, labels, 3)
+    model = types.SimpleNamespace(classifier=torch.nn.Linear(4, 3))  # final_linear reads model.classifier
+    heads.set_head_from_probe(model, probe)
+    with torch.no_grad():
+        ours = torch.sigmoid(model.classifier(torch.tensor(features, dtype=torch.float32))).numpy()
+    expected = np.stack([p[:, 1] for p in probe.predict_proba(features)], 1)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    labels[:, 2] = 1.0
+    with pytest.raises(ModelError, match="label index 2 is on every row or on none"):
+        heads.fit_probe(features, labels, 3)
+
+
+def test_a_probe_started_run_on_label_columns(tiny_config, tmp_path):
+    """The default head start (probe) on 0/1 label columns: the probe alone already reads the cue words."""
+    from lightune.training import run_training
+
+    data = columns_csv(tmp_path / "cols.csv", toy_rows(300, seed=2))
+    run = run_training(tiny_config(data=str(data), problem="multi_label", label_columns=LABELS, head_init="probe",
+                                   pooling="mean", max_steps=2, run_name="probe"), progress=False)
+    assert run.metrics["data"]["label_names"] == LABELS and run.metrics["thresholds"] == dict.fromkeys(LABELS, 0.5)
+    assert run.metrics["base"]["f1_micro"] > 0.7, run.metrics["base"]
+
+
+def test_evaluate_a_multi_label_run_on_single_label_data_is_one_line(multi_label_run, capsys):
+    from lightune.cli import main
+
+    assert main(["evaluate", str(multi_label_run.run_dir), "--data", "imdb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "multi-label data needs its labels" in err and "\n" not in err

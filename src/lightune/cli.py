@@ -257,7 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _report_failure("terminated (SIGTERM)", exc)
         return 128 + signal.SIGTERM
     test, base = result.metrics["test"], result.metrics["base"]
-    print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
+    accuracy = "subset accuracy" if "subset_accuracy" in test else "accuracy"  # multi-label: every label right
+    print(f"test {accuracy} {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
     return 0
 

@@ -59,6 +59,8 @@ def resolve(options: EvaluationOptions, run_config: dict[str, Any]) -> Evaluatio
             values[key] = run_config.get(key, getattr(TrainConfig, key))
     # a source's labels are read the run's way: multi-hot rows for a multi-label run (data.load_multi_label)
     values["problem"] = run_config.get("problem", "single_label")
+    if values["problem"] == "single_label" and (options.label_columns or options.label_delimiter):
+        raise ConfigError("--label-columns and --label-delimiter are for multi-label runs; this run is single-label")
     if options.all_rows or (options.split == "all" and options.eval_size is None):
         values["eval_size"] = None
     values["output_dir"] = options.output_dir or str(Path(options.run_dir).parent / "evaluations")
