@@ -306,3 +306,29 @@ def test_evaluate_a_multi_label_run_on_single_label_data_is_one_line(multi_label
     assert main(["evaluate", str(multi_label_run.run_dir), "--data", "imdb"]) == 2
     err = capsys.readouterr().err.strip()
     assert "multi-label data needs its labels" in err and "\n" not in err
+
+
+def test_predict_command_prints_each_label_with_its_probability(multi_label_run, capsys):
+    from lightune.cli import main
+
+    assert main(["predict", str(multi_label_run.run_dir), "awful boring", "the plot was"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("sad 0.") and first.endswith("\tawful boring")
+    assert second == "(no label)\tthe plot was"
+    assert main(["predict", str(multi_label_run.run_dir), "--json", "awful boring"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == ["sad"]
+
+
+def test_a_multi_label_run_without_its_thresholds_is_one_model_error(multi_label_run, tmp_path):
+    import shutil
+
+    from lightune.errors import ModelError
+    from lightune.inference import Classifier
+
+    broken = tmp_path / "broken"
+    shutil.copytree(multi_label_run.run_dir, broken)
+    metrics = json.loads((broken / "metrics.json").read_text())
+    metrics["thresholds"].pop("sad")
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ModelError, match="'thresholds' does not give a threshold between 0 and 1 for every label"):
+        Classifier(broken)

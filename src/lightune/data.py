@@ -376,8 +376,8 @@ def load_multi_label(spec: str, text_column: str, label_column: str, label_colum
     columns = list(label_columns or [label_column])
     missing = [c for c in [text_column, *columns] if c not in ds.column_names]
     if missing:
-        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); "
-                        "set --text-column and --label-columns or --label-column")
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
+                        f"{', '.join(ds.column_names)}); set --text-column and --label-columns or --label-column")
     if label_columns:
         names = list(label_names or label_columns)
         cells = [ds[c] for c in label_columns]
@@ -402,7 +402,8 @@ def check_label_sets(ds: Dataset, label_names: list[str], where: str, allow_unus
     """DataError when multi-label training data makes no sense: fewer than two labels, or (unless allow_unusual) a
     label that no row has."""
     if len(label_names) < 2:
-        raise DataError(f"{where}: multi-label data needs at least two labels; found {', '.join(label_names) or 'none'}")
+        raise DataError(f"{where}: multi-label data needs at least two labels; found "
+                        f"{', '.join(label_names) or 'none'}")
     counts = [sum(column) for column in zip(*ds["label"])]
     unused = [name for name, count in zip(label_names, counts) if not count]
     if len(unused) == len(label_names):

@@ -71,7 +71,8 @@ def _metrics_problem(metrics) -> str | None:
         return f"'config.problem' is {config.get('problem')!r}, not one of {', '.join(PROBLEMS)}"
     thresholds = metrics.get("thresholds")
     if config.get("problem") == "multi_label" and not (isinstance(thresholds, dict) and all(
-            isinstance(thresholds.get(n), (int, float)) and 0 <= thresholds[n] <= 1 for n in names)):
+            isinstance(thresholds.get(n), (int, float)) and not isinstance(thresholds[n], bool)
+            and 0 <= thresholds[n] <= 1 for n in names)):
         return "'thresholds' does not give a threshold between 0 and 1 for every label"
     length = metrics.get("max_length")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
