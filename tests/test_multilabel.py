@@ -332,3 +332,13 @@ def test_a_multi_label_run_without_its_thresholds_is_one_model_error(multi_label
     (broken / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ModelError, match="'thresholds' does not give a threshold between 0 and 1 for every label"):
         Classifier(broken)
+
+
+def test_runs_without_a_problem_are_single_label():
+    from lightune.config import saved_config
+    from lightune.inference import run_thresholds, to_predictions
+
+    old = {"config": {"model": "m", "method": "lora"}, "data": {"label_names": ["neg", "pos"]}}
+    assert saved_config(old["config"])["problem"] == "single_label" and run_thresholds(old) is None
+    single = to_predictions(["t"], torch.tensor([[0.0, 2.0]]), ["neg", "pos"])
+    assert single[0]["label"] == "pos" and sum(single[0]["probabilities"].values()) == pytest.approx(1.0)
