@@ -124,8 +124,8 @@ def _add_evaluate_parser(sub) -> None:
         "evaluate", help="score a finished run on a data source",
         description="Score a finished run (any method) on a data source, its labels matched to the run's by name; "
                     "writes metrics.json, confusion_matrix.png (single-label runs) and report.md to "
-                    "evaluations/<name>/ beside the run and prints the table. Data settings not given are the run's own (column names and --labels "
-                    "only when the source is the run's own data).")
+                    "evaluations/<name>/ beside the run and prints the table. Data settings not given are the run's "
+                    "own (column names and --labels only when the source is the run's own data).")
     evaluate.add_argument("run_dir", help="a run directory written by `lightune train`")
     evaluate.add_argument("--data", help="source to evaluate on (default: the run's own); " + HELP["data"])
     evaluate.add_argument("--split", choices=("test", "all"), default="test",
