@@ -16,14 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import methods
-from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, POOLINGS, PRECISIONS, SETTING_NAMES,
+from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, POOLINGS, PRECISIONS, PROBLEMS, SETTING_NAMES,
                      TRUNCATIONS, TrainConfig, load_config)
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
 CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
            "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
-           "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST}
+           "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
@@ -58,6 +58,12 @@ HELP = {
     "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
     "test_data": "evaluate on another source (default: the held-out test split of --data)",
     "label_names": "comma-separated label names in class-index order",
+    "problem": "single_label (one class per text; default) or multi_label (any set of labels per text: a sigmoid "
+               "and binary cross-entropy per label, micro/macro F1 and subset accuracy)",
+    "label_columns": "multi_label: comma-separated 0/1 columns, one per label (the column names name the labels)",
+    "label_delimiter": "multi_label: split --label-column at this string into each text's label names (e.g. ',')",
+    "tune_thresholds": "multi_label: per label, use the threshold that maximises F1 on the validation split "
+                       "(default: 0.5); recorded in the run and used by evaluate, predict and serve",
     "train_size": "train examples to sample (stratified); 'all' for every one",
     "eval_size": "validation and test examples each; 'all' for every one",
     "max_steps": "stop after this many optimizer steps (overrides epochs)",
@@ -122,9 +128,9 @@ def _add_evaluate_parser(sub) -> None:
     evaluate = sub.add_parser(
         "evaluate", help="score a finished run on a data source",
         description="Score a finished run (any method) on a data source, its labels matched to the run's by name; "
-                    "writes metrics.json, confusion_matrix.png and report.md to evaluations/<name>/ beside the run "
-                    "and prints the table. Data settings not given are the run's own (column names and --labels "
-                    "only when the source is the run's own data).")
+                    "writes metrics.json, confusion_matrix.png (single-label runs) and report.md to "
+                    "evaluations/<name>/ beside the run and prints the table. Data settings not given are the run's "
+                    "own (column names and --labels only when the source is the run's own data).")
     evaluate.add_argument("run_dir", help="a run directory written by `lightune train`")
     evaluate.add_argument("--data", help="source to evaluate on (default: the run's own); " + HELP["data"])
     evaluate.add_argument("--split", choices=("test", "all"), default="test",
@@ -132,6 +138,10 @@ def _add_evaluate_parser(sub) -> None:
                                "every distinct row")
     evaluate.add_argument("--text-column", help="text column of a file source")
     evaluate.add_argument("--label-column", help="label column of a file source")
+    evaluate.add_argument("--label-columns", type=_parse_list, metavar="LABEL_COLUMNS",
+                          help="multi-label run: the source's 0/1 label columns (default: the run's own)")
+    evaluate.add_argument("--label-delimiter", help="multi-label run: the delimiter of --label-column (default: the "
+                                                    "run's own)")
     evaluate.add_argument("--labels", dest="label_names", type=_parse_list, metavar="LABEL_NAMES",
                           help="the source's label names in class-index order (names integer labels)")
     evaluate.add_argument("--eval-size", type=_parse_size, metavar="EVAL_SIZE",
@@ -261,7 +271,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _report_failure("terminated (SIGTERM)", exc)
         return 128 + signal.SIGTERM
     test, base = result.metrics["test"], result.metrics["base"]
-    print(f"test accuracy {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
+    accuracy = "subset accuracy" if "subset_accuracy" in test else "accuracy"  # multi-label: every label right
+    print(f"test {accuracy} {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "
           f"report: {result.run_dir / 'report.md'}")
     return 0
 
@@ -273,7 +284,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     size = args.eval_size
     options = EvaluationOptions(
         run_dir=args.run_dir, data=args.data, split=args.split, text_column=args.text_column,
-        label_column=args.label_column, label_names=args.label_names, eval_size=None if size == "all" else size,
+        label_column=args.label_column, label_names=args.label_names, label_columns=args.label_columns,
+        label_delimiter=args.label_delimiter, eval_size=None if size == "all" else size,
         all_rows=size == "all", validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
         split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device,
         truncation=args.truncation)
@@ -357,8 +369,12 @@ def _print_predictions(predictions: list[dict], as_json: bool) -> None:
         if as_json:
             print(_json_line(p))
         else:
-            prob = p["probabilities"][p["label"]]
             preview = p["text"] if len(p["text"]) <= 70 else p["text"][:67] + "..."
+            if "labels" in p:  # multi-label: the label set, each with its probability
+                chosen = ", ".join(f"{printable(name)} {p['probabilities'][name]:.3f}" for name in p["labels"])
+                print(f"{chosen or '(no label)'}\t{printable(preview)}")
+                continue
+            prob = p["probabilities"][p["label"]]
             print(f"{printable(p['label'])}\t{prob:.3f}\t{printable(preview)}")
 
 

@@ -20,6 +20,9 @@ POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
 METRICS_FOR_BEST = ("loss", "accuracy", "f1")  # validation loss is lowest-best, the others highest-best
 TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
+# single_label: one class per text (softmax, cross-entropy); multi_label: any set of labels per text (one sigmoid
+# per label, binary cross-entropy, a threshold per label)
+PROBLEMS = ("single_label", "multi_label")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
 # `.<name>.<random>.partial`. Run names that look like these are refused, so no run can take another's place.
@@ -59,6 +62,13 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     label_names: list[str] | None = None
+    # multi_label: the labels as several 0/1 columns (label_columns), or as one column of delimited label names
+    # (label_column split at label_delimiter)
+    problem: str = "single_label"
+    label_columns: list[str] | None = None
+    label_delimiter: str | None = None
+    # multi_label: per label, the threshold that maximises F1 on the validation split (else 0.5 for every label)
+    tune_thresholds: bool = False
     train_size: int | None = 2500
     eval_size: int | None = 500
     validation_fraction: float = 0.1
@@ -239,10 +249,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
     _check_choice("truncation", cfg.truncation, TRUNCATIONS)
     _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
+    _check_problem(cfg)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))
     _check_text("test_data", cfg.test_data, optional=True)
-    for name in ("group_by_length", "compile", "allow_unusual_labels"):
+    for name in ("group_by_length", "compile", "allow_unusual_labels", "tune_thresholds"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name} must be true or false; got {getattr(cfg, name)!r}")
     _check_number("rank", cfg.rank, int, 1, 4096)
@@ -290,6 +301,36 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_run_name(cfg.run_name)
     _check_output_dir(cfg.output_dir)
     return cfg
+
+
+def _check_problem(cfg: TrainConfig) -> None:
+    """The multi-label settings: given together with problem multi_label, and only with it."""
+    _check_choice("problem", cfg.problem, PROBLEMS)
+    columns, delimiter = cfg.label_columns, cfg.label_delimiter
+    if columns is not None and (not isinstance(columns, (list, tuple)) or len(columns) < 2 or len(set(columns)) != len(
+            columns) or not all(isinstance(c, str) and c.strip() for c in columns)):
+        raise ConfigError(f"label_columns must list at least two distinct column names; got {columns!r}")
+    if delimiter is not None and (not isinstance(delimiter, str) or not delimiter or "\0" in delimiter):
+        raise ConfigError(f"label_delimiter must be a non-empty string such as ','; got {delimiter!r}")
+    if cfg.problem == "single_label":
+        given = [f"--{name.replace('_', '-')}" for name in ("label_columns", "label_delimiter", "tune_thresholds")
+                 if getattr(cfg, name) not in (None, False)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for multi-label data; "
+                              "add --problem multi_label")
+        return
+    if columns is None and delimiter is None:
+        raise ConfigError("multi-label data needs its labels: --label-columns A,B,C (one 0/1 column per label) or "
+                          "--label-column COLUMN --label-delimiter ',' (one column of delimited label names)")
+    if columns is not None and delimiter is not None:
+        raise ConfigError("give --label-columns (0/1 columns) or --label-delimiter (one delimited column), not both")
+    if columns is not None and cfg.label_names is not None and len(cfg.label_names) != len(columns):
+        raise ConfigError(f"label_names gives {len(cfg.label_names)} name(s) for {len(columns)} label columns; give "
+                          "one per column, in the same order")
+    # a weighted multi-label loss needs a positive weight per label (BCE pos_weight), not class weights
+    if cfg.class_weights != "none":
+        raise ConfigError("class_weights is for single-label data; multi-label training uses the unweighted "
+                          "binary cross-entropy (use --class-weights none)")
 
 
 CLASS_WEIGHTS = ("none", "balanced")
@@ -348,9 +389,10 @@ def saved_config(config: dict[str, Any]) -> dict[str, Any]:
 
     Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
     way the method name decides peft and quantize, and settings missing from older runs (LoRA's
-    options, truncation, ...) were at their defaults.
+    options, truncation, ...) were at their defaults (older runs are single-label).
     """
     out = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
+           "problem": "single_label", "label_columns": None, "label_delimiter": None, "tune_thresholds": False,
            **config}
     if "method" in config:
         out["peft"], out["quantize"] = methods.split_method(config["method"])

@@ -151,7 +151,8 @@ def _first_line_of_cause(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
+def _read_file(path: Path) -> Dataset:
+    """Every column of a local data file, read by `datasets`; DataError naming what is wrong with the file."""
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"unsupported data file type {path.suffix!r} for {path} (use .csv, .tsv, .jsonl, .json, .parquet)")
@@ -162,9 +163,13 @@ def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         with _datasets_quiet():
-            ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+            return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
         raise DataError(f"cannot read {path}: {_first_line_of_cause(exc)}") from None
+
+
+def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
+    ds = _read_file(path)
     missing = [c for c in (text_column, label_column) if c not in ds.column_names]
     if missing:
         raise DataError(
@@ -305,14 +310,127 @@ def deduplicate(ds: Dataset) -> Dataset:
     return ds.select(keep)
 
 
+MULTI_HOT = datasets.Sequence(datasets.Value("float32"))  # a multi-label row: 1.0 for each of its labels, else 0.0
+COMMON_DELIMITERS = (",", ";", "|", "/")
+
+
+def is_multi_label(ds: Dataset) -> bool:
+    """True when ds's labels are multi-hot rows (multi-label data) rather than class indices."""
+    return not isinstance(ds.features["label"], ClassLabel)
+
+
+def _binary(value: Any, where: str, row: int, column: str) -> float:
+    """A 0/1 cell of a multi-label column as 0.0 or 1.0; DataError naming the row for anything else."""
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return float(value)
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return float(value)
+    raise DataError(f"{where}: row {row} has {value!r} in the label column {column!r}; multi-label columns hold "
+                    "0 or 1")
+
+
+def split_label_sets(values: list[Any], delimiter: str, where: str, column: str) -> list[list[str]]:
+    """Each row's label names from a delimited column (an empty cell: a text without labels); DataError for a
+    value that is not text, an empty name ('a,,b'), or a delimiter that occurs in no row while the names hold
+    another common one."""
+    sets = []
+    for row, value in enumerate(values, 1):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            sets.append([])
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):  # a column of single numeric names
+            value = str(value)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: row {row} has {value!r} in the label column {column!r}; expected label "
+                            f"names separated by {delimiter!r}")
+        names = [name.strip() for name in value.split(delimiter)]
+        if "" in names:
+            raise DataError(f"{where}: row {row} has an empty label name in {value!r} (names separated by "
+                            f"{delimiter!r}); check --label-delimiter")
+        sets.append(names)
+    if all(len(names) <= 1 for names in sets):
+        other = next((d for d in COMMON_DELIMITERS if d != delimiter and any(d in n for s in sets for n in s)), None)
+        if other is not None:
+            row = next(i for i, s in enumerate(sets, 1) if any(other in n for n in s))
+            raise DataError(f"{where}: no row of {column!r} holds the delimiter {delimiter!r}, but row {row} has "
+                            f"{values[row - 1]!r}; is --label-delimiter {other!r} meant?")
+    return sets
+
+
+def load_multi_label(spec: str, text_column: str, label_column: str, label_columns: list[str] | None,
+                     delimiter: str | None, label_names: list[str] | None, known_names: list[str] | None = None
+                     ) -> tuple[Dataset, list[str]]:
+    """A multi-label file as (text and multi-hot label columns, label names in column order).
+
+    label_columns: one 0/1 column per label (named by the columns, or by label_names in the same order); else
+    label_column holds each row's label names separated by delimiter (names: label_names, known_names, or the
+    sorted names found).
+    """
+    path = Path(spec)
+    if spec in PACKAGED_SOURCES or spec.startswith("hub:"):
+        raise DataError(f"{spec} is single-label data; multi-label data comes from a .csv, .tsv, .jsonl, .json or "
+                        ".parquet file")
+    if not path.is_file():
+        raise DataError(f"data not found: {spec!r} is not a file")
+    ds = _read_file(path)
+    columns = list(label_columns or [label_column])
+    missing = [c for c in [text_column, *columns] if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
+                        f"{', '.join(ds.column_names)}); set --text-column and --label-columns or --label-column")
+    if label_columns:
+        names = list(label_names or label_columns)
+        cells = [ds[c] for c in label_columns]
+        hot = [[_binary(cells[j][i], spec, i + 1, c) for j, c in enumerate(label_columns)] for i in range(len(ds))]
+    else:
+        sets = split_label_sets(ds[label_column], delimiter, spec, label_column)
+        names = list(label_names or known_names or sorted({name for names in sets for name in names}))
+        index = {name: i for i, name in enumerate(names)}
+        hot = []
+        for row, found in enumerate(sets, 1):
+            unknown = [name for name in found if name not in index]
+            if unknown:
+                raise DataError(f"{spec}: row {row} has unknown label {unknown[0]!r} (labels: {', '.join(names)})")
+            hot.append([1.0 if name in found else 0.0 for name in names])
+    ds = ds.select_columns([text_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    return ds.add_column("label", hot).cast_column("label", MULTI_HOT), names
+
+
+def check_label_sets(ds: Dataset, label_names: list[str], where: str, allow_unusual: bool = False) -> None:
+    """DataError when multi-label training data makes no sense: fewer than two labels, or (unless allow_unusual) a
+    label that no row has."""
+    if len(label_names) < 2:
+        raise DataError(f"{where}: multi-label data needs at least two labels; found "
+                        f"{', '.join(label_names) or 'none'}")
+    counts = [sum(column) for column in zip(*ds["label"])]
+    unused = [name for name, count in zip(label_names, counts) if not count]
+    if len(unused) == len(label_names):
+        raise DataError(f"{where}: no row has any label; multi-label data needs rows with labels")
+    if unused and not allow_unusual:
+        raise DataError(f"{where}: no row has the label(s) {', '.join(map(repr, unused))} (labels: "
+                        f"{', '.join(label_names)}); check the data, or pass --allow-unusual-labels")
+
+
 def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
                    known_names: list[str] | None = None, allow_unusual_labels: bool = False,
-                   check_labels: bool = True) -> tuple[Dataset, list[str]]:
+                   check_labels: bool = True, label_columns: list[str] | None = None,
+                   label_delimiter: str | None = None) -> tuple[Dataset, list[str]]:
     """Load, validate, clean, encode and de-duplicate one source.
 
     known_names: the training source's label names, for a test source (whose labels may be a subset);
     without them this is a training source and its labels must pass check_classes (unless not check_labels).
+    label_columns or label_delimiter: multi-label data (load_multi_label), its labels multi-hot rows.
     """
+    if label_columns or label_delimiter:
+        ds, names = load_multi_label(spec, text_column, label_column, label_columns, label_delimiter, label_names,
+                                     known_names)
+        check_texts(ds, spec)
+        ds = ds.map(lambda b: {"text": [clean_text(t) for t in b["text"]]}, batched=True)
+        if known_names is None and check_labels:
+            check_label_sets(ds, names, spec, allow_unusual_labels)
+        return deduplicate(ds), names
     ds, source_names = load_source(spec, text_column, label_column)
     check_texts(ds, spec)
     names = resolve_label_names(list(ds["label"]), label_names, known_names or source_names, spec,
@@ -328,6 +446,8 @@ def _stratified_take(ds: Dataset, n: int | None, seed: int) -> Dataset:
     """A seeded, label-stratified subsample of n rows (all rows when n is None or >= len)."""
     if n is None or n >= len(ds):
         return ds
+    if is_multi_label(ds):  # no class column to stratify on (see carve_splits)
+        return ds.shuffle(seed=seed).select(range(n))
     n_classes = len(set(ds["label"]))
     if n < n_classes or len(ds) - n < n_classes:  # too few rows on one side to stratify: a seeded shuffle
         return ds.shuffle(seed=seed).select(range(n))
@@ -338,7 +458,11 @@ def carve_splits(ds: Dataset, validation_fraction: float, test_fraction: float, 
     """Fixed, seeded, stratified train/validation/test split of one de-duplicated dataset."""
     if len(ds) < 10:
         raise DataError(f"need at least 10 distinct labelled texts to split; got {len(ds)}")
-    stratify = "label" if min(ds.to_pandas()["label"].value_counts()) >= 3 else None
+    # datasets stratifies by one class column: multi-hot labels (multi-label data) get a seeded random split
+    if is_multi_label(ds):
+        stratify = None
+    else:
+        stratify = "label" if min(ds.to_pandas()["label"].value_counts()) >= 3 else None
     rest_test = ds.train_test_split(test_size=test_fraction, stratify_by_column=stratify, seed=seed)
     val_share = validation_fraction / (1 - test_fraction)
     train_val = rest_test["train"].train_test_split(test_size=val_share, stratify_by_column=stratify, seed=seed)
@@ -359,13 +483,14 @@ def _drop_texts(ds: Dataset, texts: set[str]) -> Dataset:
 
 def build_splits(cfg) -> SplitData:
     """The train/validation/test data a TrainConfig asks for (see README, 'Data')."""
+    multi = {"label_columns": cfg.label_columns, "label_delimiter": cfg.label_delimiter}
     train_source, names = prepare_source(cfg.data, cfg.text_column, cfg.label_column, cfg.label_names,
-                                         allow_unusual_labels=cfg.allow_unusual_labels)
+                                         allow_unusual_labels=cfg.allow_unusual_labels, **multi)
     splits = carve_splits(train_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
     test_spec = cfg.test_data or cfg.data
     if cfg.test_data and cfg.test_data != cfg.data:
         test_source, test_names = prepare_source(cfg.test_data, cfg.text_column, cfg.label_column,
-                                                 cfg.label_names, known_names=names)
+                                                 cfg.label_names, known_names=names, **multi)
         if test_names != names:
             raise DataError(f"{cfg.test_data} has labels {test_names}, but {cfg.data} has {names}")
         if cfg.test_data in PACKAGED_SOURCES or cfg.test_data.startswith("hub:"):
@@ -394,6 +519,10 @@ def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str
         raise DataError(f"{where} has the labels {', '.join(names)} but the run was trained on "
                         f"{', '.join(run_names)}; labels are matched by name (--labels names a source's classes "
                         "in index order)")
+    if is_multi_label(ds):  # each row's multi-hot values in the run's label order (a label the source lacks: 0)
+        ds = ds.map(lambda b: {"label": [[row[names.index(n)] if n in names else 0.0 for n in run_names]
+                                         for row in b["label"]]}, batched=True)
+        return ds.cast_column("label", MULTI_HOT)
     index = [run_names.index(name) for name in names]
     ds = ds.map(lambda b: {"label": [index[label] for label in b["label"]]}, batched=True)
     return ds.cast_column("label", ClassLabel(names=list(run_names)))
@@ -401,14 +530,16 @@ def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str
 
 def evaluation_rows(spec: str, run_names: list[str], split: str, text_column: str = "text",
                     label_column: str = "label", label_names: list[str] | None = None, eval_size: int | None = None,
-                    validation_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 42
+                    validation_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 42,
+                    label_columns: list[str] | None = None, label_delimiter: str | None = None
                     ) -> tuple[Dataset, dict[str, Any]]:
     """The rows `lightune evaluate` scores, labelled with the run's class indices, and a description of them.
 
     split "test": the source's test split, carved as training carves it (the same split seed and fractions give
     the same rows); "all": every distinct row. eval_size takes a seeded stratified subsample, as in training.
     """
-    ds, names = prepare_source(spec, text_column, label_column, label_names, check_labels=False)
+    ds, names = prepare_source(spec, text_column, label_column, label_names, check_labels=False,
+                               label_columns=label_columns, label_delimiter=label_delimiter)
     ds = match_labels(ds, names, run_names, spec)
     described = "all"
     if split == "test":

@@ -9,7 +9,7 @@ from typing import Any
 
 SPLITS = ("test", "all")
 # data options that default to the run's own only when the source is the run's own data
-SOURCE_OPTIONS = ("text_column", "label_column", "label_names")
+SOURCE_OPTIONS = ("text_column", "label_column", "label_names", "label_columns", "label_delimiter")
 # data options that default to the run's for any source: how its test split was carved and sized
 SPLIT_OPTIONS = ("eval_size", "validation_fraction", "test_fraction", "split_seed")
 
@@ -24,6 +24,8 @@ class EvaluationOptions:
     text_column: str | None = None
     label_column: str | None = None
     label_names: list[str] | None = None
+    label_columns: list[str] | None = None  # a multi-label run's source: 0/1 columns, or
+    label_delimiter: str | None = None  # one delimited column
     eval_size: int | None = None
     validation_fraction: float | None = None
     test_fraction: float | None = None
@@ -55,12 +57,17 @@ def resolve(options: EvaluationOptions, run_config: dict[str, Any]) -> Evaluatio
             values[key] = given
         elif key in SPLIT_OPTIONS or own:
             values[key] = run_config.get(key, getattr(TrainConfig, key))
+    # a source's labels are read the run's way: multi-hot rows for a multi-label run (data.load_multi_label)
+    values["problem"] = run_config.get("problem", "single_label")
+    if values["problem"] == "single_label" and (options.label_columns or options.label_delimiter):
+        raise ConfigError("--label-columns and --label-delimiter are for multi-label runs; this run is single-label")
     if options.all_rows or (options.split == "all" and options.eval_size is None):
         values["eval_size"] = None
     values["output_dir"] = options.output_dir or str(Path(options.run_dir).parent / "evaluations")
     # the training configuration's checks for these settings: numbers in range, usable texts and label names,
     # an output directory that is not inside a run
     checked = from_dict(values)
+    values.pop("problem")
     resolved = dataclasses.replace(options, **{k: getattr(checked, k) for k in (*values, *SOURCE_OPTIONS)})
     resolved.name = options.name or f"{Path(options.run_dir).name}-on-{_source_stem(data)}-{options.split}"
     check_directory_name("name", resolved.name)
@@ -89,14 +96,15 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     rows, info = data_mod.evaluation_rows(
         options.data, metrics["data"]["label_names"], options.split, options.text_column, options.label_column,
         options.label_names, options.eval_size, options.validation_fraction, options.test_fraction,
-        options.split_seed)
+        options.split_seed, options.label_columns, options.label_delimiter)
     classifier = Classifier(run_dir, device=options.device, truncation=options.truncation)
     start = time.perf_counter()
     logits = classifier.logits(list(rows["text"]))
     seconds = time.perf_counter() - start
     import torch
 
-    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names)
+    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names,
+                   classifier.thresholds)
     scored.update(examples=len(rows), seconds=seconds, samples_per_s=len(rows) / seconds)
     config = classifier.config
     result = {
@@ -108,6 +116,8 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
         "pooling": metrics.get("pooling", "cls"),
         "max_length": classifier.max_length,
         "truncation": classifier.truncation,
+        "problem": classifier.problem,
+        **({"thresholds": dict(zip(classifier.label_names, classifier.thresholds))} if classifier.thresholds else {}),
         "device": classifier.device.type,
         "data": info,
         "metrics": scored,

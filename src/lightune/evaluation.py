@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, confusion_matrix,
+                             f1_score, multilabel_confusion_matrix, precision_recall_curve,
                              precision_recall_fscore_support, roc_auc_score)
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -41,6 +42,52 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classe
         metrics["roc_auc"] = float(roc_auc_score(labels, probabilities[:, 1])) if both else None
         metrics["pr_auc"] = float(average_precision_score(labels, probabilities[:, 1])) if both else None
     return metrics
+
+
+DEFAULT_THRESHOLD = 0.5  # multi-label: a label is predicted when its probability reaches its threshold
+
+
+def multi_label_metrics(labels: np.ndarray, predictions: np.ndarray, label_names: list[str]) -> dict:
+    """Multi-label metrics of multi-hot labels and predictions (rows x labels): subset accuracy (every label of a
+    row right; also `accuracy`), micro and macro F1 (`f1` is the macro one, as for single-label runs), macro
+    precision/recall, per-label precision/recall/F1/support and each label's 2x2 confusion matrix."""
+    labels, predictions = labels.astype(int), predictions.astype(int)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="macro", zero_division=0)
+    per_label = precision_recall_fscore_support(labels, predictions, average=None, zero_division=0)
+    subset = float(accuracy_score(labels, predictions))
+    return {
+        "accuracy": subset,
+        "subset_accuracy": subset,
+        "f1": float(f1),
+        "f1_macro": float(f1),
+        "f1_micro": float(f1_score(labels, predictions, average="micro", zero_division=0)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for name, p, r, f, n in zip(label_names, *per_label)},
+        "label_confusion_matrices": {name: m.tolist() for name, m in
+                                     zip(label_names, multilabel_confusion_matrix(labels, predictions))},
+    }
+
+
+def tune_thresholds(probabilities: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Per label, the probability threshold that maximises F1 on these rows (validation): one of the rows'
+    probabilities (precision_recall_curve's candidates); DEFAULT_THRESHOLD for a label no row has."""
+    thresholds = []
+    for j in range(labels.shape[1]):
+        if not labels[:, j].any():
+            thresholds.append(DEFAULT_THRESHOLD)
+            continue
+        precision, recall, candidates = precision_recall_curve(labels[:, j], probabilities[:, j])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        thresholds.append(float(candidates[int(np.argmax(f1))]))
+    return thresholds
+
+
+def multi_label_predictions(probabilities: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    """Multi-hot predictions: each label whose probability reaches its threshold (DEFAULT_THRESHOLD without)."""
+    limits = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * probabilities.shape[1])
+    return (probabilities >= limits).astype(int)
 
 
 @torch.no_grad()
@@ -78,8 +125,16 @@ def own_share(loader, accelerator):
                           num_workers=loader.num_workers)
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_names: list[str] | None = None) -> dict:
-    """Loss (unweighted cross-entropy) and the classification metrics of logits against labels."""
+def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_names: list[str] | None = None,
+          thresholds: list[float] | None = None) -> dict:
+    """Loss (unweighted cross-entropy) and the classification metrics of logits against labels; for multi-hot
+    labels (multi-label) the mean binary cross-entropy and multi_label_metrics at the thresholds (0.5 without)."""
+    if labels.dim() == 2:
+        probabilities = torch.sigmoid(logits.float()).numpy()
+        names = label_names or [str(i) for i in range(n_classes)]
+        metrics = multi_label_metrics(labels.numpy(), multi_label_predictions(probabilities, thresholds), names)
+        metrics["loss"] = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float()).item()
+        return metrics
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
     metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes, probabilities,
                                      label_names)
@@ -88,11 +143,11 @@ def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_name
 
 
 def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating", progress: bool = True,
-             label_names: list[str] | None = None) -> dict:
+             label_names: list[str] | None = None, thresholds: list[float] | None = None) -> dict:
     """The metrics of score (see classification_metrics) and throughput on one split."""
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, accelerator, desc, progress)
     seconds = time.perf_counter() - start
-    metrics = score(logits, labels, n_classes, label_names)
+    metrics = score(logits, labels, n_classes, label_names, thresholds)
     metrics.update(examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
     return metrics

@@ -122,9 +122,18 @@ def head_features(model, loader, progress: bool = True) -> tuple[np.ndarray, np.
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int):
-    """A scikit-learn logistic regression on frozen features (L2, C=PROBE_C); every class must be present."""
+    """A scikit-learn logistic regression on frozen features (L2, C=PROBE_C); every class must be present.
+    Multi-hot labels (multi-label): one binary logistic regression per label, each needing rows with and without it."""
     from sklearn.linear_model import LogisticRegression
 
+    if labels.ndim == 2:
+        from sklearn.multioutput import MultiOutputClassifier
+
+        constant = [str(j) for j in range(labels.shape[1]) if len(np.unique(labels[:, j])) < 2]
+        if constant:
+            raise ModelError(f"--head-init probe needs training rows with and without each label; label index "
+                             f"{', '.join(constant)} is on every row or on none: use --head-init random")
+        return MultiOutputClassifier(LogisticRegression(C=PROBE_C, max_iter=2000)).fit(features, labels.astype(int))
     missing = sorted(set(range(n_classes)) - set(np.unique(labels).tolist()))
     if missing:
         raise ModelError(f"--head-init probe needs training examples of every class; none of class index "
@@ -138,8 +147,12 @@ def set_head_from_probe(model, probe) -> None:
     A binary probe has one weight vector w: logits (-z/2, z/2) with z = w.x + b give softmax = sigmoid(z).
     """
     layer = final_linear(model)
-    coef = torch.as_tensor(probe.coef_, dtype=layer.weight.dtype)
-    intercept = torch.as_tensor(probe.intercept_, dtype=layer.weight.dtype)
+    if hasattr(probe, "estimators_"):  # multi-label: one binary regression per label; sigmoid(w.x + b) is its own
+        coef = torch.as_tensor(np.concatenate([e.coef_ for e in probe.estimators_]), dtype=layer.weight.dtype)
+        intercept = torch.as_tensor(np.concatenate([e.intercept_ for e in probe.estimators_]), dtype=layer.weight.dtype)
+    else:
+        coef = torch.as_tensor(probe.coef_, dtype=layer.weight.dtype)
+        intercept = torch.as_tensor(probe.intercept_, dtype=layer.weight.dtype)
     if coef.shape[0] == 1:
         coef, intercept = torch.cat([-coef, coef]) / 2, torch.cat([-intercept, intercept]) / 2
     layer.weight.data.copy_(coef)

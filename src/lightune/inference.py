@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, methods, models, quantization
-from .config import TRUNCATIONS, saved_config
+from .config import PROBLEMS, TRUNCATIONS, saved_config
 from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
 from .errors import ConfigError, DataError, ModelError
 from .reporting import is_complete_run
@@ -67,6 +67,13 @@ def _metrics_problem(metrics) -> str | None:
         return "'data.label_names' is not a list of label names"
     if config.get("truncation", "head") not in TRUNCATIONS:
         return f"'config.truncation' is {config.get('truncation')!r}, not one of {', '.join(TRUNCATIONS)}"
+    if config.get("problem", "single_label") not in PROBLEMS:
+        return f"'config.problem' is {config.get('problem')!r}, not one of {', '.join(PROBLEMS)}"
+    thresholds = metrics.get("thresholds")
+    if config.get("problem") == "multi_label" and not (isinstance(thresholds, dict) and all(
+            isinstance(thresholds.get(n), (int, float)) and not isinstance(thresholds[n], bool)
+            and 0 <= thresholds[n] <= 1 for n in names)):
+        return "'thresholds' does not give a threshold between 0 and 1 for every label"
     length = metrics.get("max_length")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         return f"'max_length' is {length!r}, not a positive integer"
@@ -97,6 +104,8 @@ class Classifier:
         self.label_names: list[str] = metrics["data"]["label_names"]
         self.max_length: int = metrics["max_length"]
         self.truncation: str = truncation or run_truncation(metrics)
+        self.problem: str = self.config["problem"]
+        self.thresholds: list[float] | None = run_thresholds(metrics)  # multi-label only
         self.batch_size = batch_size
         self.device = models.resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (see batched_logits)
@@ -115,7 +124,7 @@ class Classifier:
         if not (saved / "adapter_config.json").is_file():
             raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
         quantize = self.config["quantize"]
-        base = models.load_base_on_device(self.config["model"], self.label_names, quantize, self.device)
+        base = models.load_base_on_device(self.config["model"], self.label_names, quantize, self.device, self.problem)
         heads.apply_pooling(base, pooling)
         with _damaged_files_as_model_error(f"adapter from {saved}"):
             model = PeftModel.from_pretrained(base, saved)
@@ -132,9 +141,10 @@ class Classifier:
                               self.batch_size, self.device, self.chunk_tokens, self.truncation)
 
     def predict(self, texts: list[str]) -> list[dict]:
-        """[{text, label, probabilities: {label name: probability}}] for each text, in input order."""
+        """[{text, label, probabilities: {label name: probability}}] for each text, in input order ({text, labels,
+        probabilities} for a multi-label run; see to_predictions)."""
         texts = check_texts(texts)
-        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names)
+        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names, self.thresholds)
 
 
 @torch.no_grad()
@@ -160,8 +170,24 @@ def run_truncation(metrics: dict) -> str:
     return saved_config(metrics["config"])["truncation"]
 
 
-def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str]) -> list[dict]:
-    """[{text, label, probabilities: {label name: probability}}] from logits in input order."""
+def run_thresholds(metrics: dict) -> list[float] | None:
+    """A multi-label run's threshold per label, in label order; None for single-label runs (older runs are)."""
+    if saved_config(metrics["config"])["problem"] != "multi_label":
+        return None
+    return [float(metrics["thresholds"][name]) for name in metrics["data"]["label_names"]]
+
+
+def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str],
+                   thresholds: list[float] | None = None) -> list[dict]:
+    """[{text, label, probabilities: {label name: probability}}] from logits in input order (softmax).
+
+    With thresholds (a multi-label run): [{text, labels: [each label whose sigmoid probability reaches its
+    threshold], probabilities: {label name: probability}}]; the probabilities do not sum to one.
+    """
+    if thresholds is not None:
+        probs = torch.sigmoid(logits.float()).tolist() if texts else []
+        return [{"text": text, "labels": [name for name, q, t in zip(label_names, p, thresholds) if q >= t],
+                 "probabilities": dict(zip(label_names, p))} for text, p in zip(texts, probs)]
     probs = torch.softmax(logits, dim=-1).tolist() if texts else []
     return [
         {"text": text, "label": label_names[max(range(len(p)), key=p.__getitem__)],

@@ -111,9 +111,11 @@ def quantization_config(quantize: str, device: torch.device) -> BitsAndBytesConf
     return None
 
 
-def load_base_model(name: str, label_names: list[str], quantize: str = "none", device: torch.device | None = None):
+def load_base_model(name: str, label_names: list[str], quantize: str = "none", device: torch.device | None = None,
+                    problem: str = "single_label"):
     """The pretrained backbone with a fresh classification head, its weights stored as `quantize` says (a method
-    name such as qlora is taken for the quantize it stands for)."""
+    name such as qlora is taken for the quantize it stands for); a multi_label problem sets the config's
+    problem_type, so transformers' own loss is BCEWithLogitsLoss."""
     _quiet_transformers()
     device = device or torch.device("cpu")
     path = resolve_model_path(name)
@@ -124,6 +126,8 @@ def load_base_model(name: str, label_names: list[str], quantize: str = "none", d
         label2id={n: i for i, n in enumerate(label_names)},
         attn_implementation="sdpa",
     )
+    if problem == "multi_label":
+        kwargs["problem_type"] = "multi_label_classification"
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
     try:
@@ -143,9 +147,10 @@ def load_base_model(name: str, label_names: list[str], quantize: str = "none", d
     return model
 
 
-def load_base_on_device(name: str, label_names: list[str], quantize: str, device: torch.device):
+def load_base_on_device(name: str, label_names: list[str], quantize: str, device: torch.device,
+                        problem: str = "single_label"):
     """The base model on `device` for prediction: bitsandbytes places quantized weights at load, others are moved."""
-    model = load_base_model(name, label_names, quantize, device)
+    model = load_base_model(name, label_names, quantize, device, problem)
     return model.to(device) if methods.quantize_of(quantize) == "none" else model
 
 

@@ -216,11 +216,27 @@ def per_class_lines(metrics: dict) -> list[str]:
         return []
     aucs = "".join(f", {label} {metrics[key]:.4f}" for key, label in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"))
                    if metrics.get(key) is not None)
-    lines = [f"Balanced accuracy {metrics['balanced_accuracy']:.4f}{aucs}.", "",
+    if "subset_accuracy" in metrics:  # multi-label
+        summary = (f"Subset accuracy {metrics['subset_accuracy']:.4f}, F1 micro {metrics['f1_micro']:.4f}, "
+                   f"F1 macro {metrics['f1_macro']:.4f}.")
+    else:
+        summary = f"Balanced accuracy {metrics['balanced_accuracy']:.4f}{aucs}."
+    lines = [summary, "",
              "| label | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, m in metrics["per_class"].items():
         lines.append(f"| {name} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
     return lines + [""]
+
+
+def confusion_lines(metrics: dict, label_names: list[str], thresholds: dict | None) -> list[str]:
+    """Markdown: the confusion matrix of a single-label split, or a multi-label run's thresholds."""
+    if "confusion_matrix" in metrics:
+        return [f"- Confusion matrix (rows true, columns predicted; {', '.join(label_names)}): "
+                f"{metrics['confusion_matrix']}"]
+    if thresholds:
+        return ["- Multi-label thresholds (a label is predicted when its probability reaches it): "
+                + ", ".join(f"{name} {value:.4f}" for name, value in thresholds.items())]
+    return []
 
 
 def report_markdown(metrics: dict) -> str:
@@ -251,8 +267,7 @@ def report_markdown(metrics: dict) -> str:
         f"- Weight memory: {_mb(mem['weights_bytes'])}; peak memory ({mem['peak_kind']}): {_mb(mem['peak_bytes'])}",
         f"- Training: {metrics['training']['steps']} steps, {metrics['training']['seconds']:.1f} s, "
         f"{metrics['training']['samples_per_s']:.1f} samples/s; evaluation {tuned['samples_per_s']:.1f} samples/s",
-        f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
-        f"{tuned['confusion_matrix']}",
+        *confusion_lines(tuned, data["label_names"], metrics.get("thresholds")),
         "",
         *(["Fine-tuned on the test split, per class:", "", *per_class_lines(tuned)] if "per_class" in tuned else []),
         "![base vs fine-tuned](plots/before_after.png)",
@@ -306,6 +321,7 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
 
 
 METRIC_ROWS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1 (macro)"),
+               ("f1_micro", "F1 (micro)"),
                ("precision", "precision (macro)"), ("recall", "recall (macro)"), ("roc_auc", "ROC-AUC"),
                ("pr_auc", "PR-AUC"), ("loss", "loss"))
 
@@ -336,20 +352,20 @@ def evaluation_report_markdown(result: dict) -> str:
         "",
         *evaluation_table(result),
         "",
-        f"- Confusion matrix (rows true, columns predicted; {', '.join(data['label_names'])}): "
-        f"{result['metrics']['confusion_matrix']}",
+        *confusion_lines(result["metrics"], data["label_names"], result.get("thresholds")),
         "",
         *per_class_lines(result["metrics"]),
-        "![confusion matrix](confusion_matrix.png)",
+        *(["![confusion matrix](confusion_matrix.png)"] if "confusion_matrix" in result["metrics"] else []),
         "",
     ]
     return "\n".join(lines)
 
 
 def write_evaluation_outputs(out_dir: Path, result: dict) -> None:
-    """confusion_matrix.png, report.md and finally metrics.json (the completion marker)."""
-    plot_confusion_matrix(result["metrics"]["confusion_matrix"], result["data"]["label_names"],
-                          out_dir / "confusion_matrix.png", f"{result['run_name']} on {result['data']['source']}")
+    """confusion_matrix.png (single-label runs), report.md and finally metrics.json (the completion marker)."""
+    if "confusion_matrix" in result["metrics"]:
+        plot_confusion_matrix(result["metrics"]["confusion_matrix"], result["data"]["label_names"],
+                              out_dir / "confusion_matrix.png", f"{result['run_name']} on {result['data']['source']}")
     write_text(out_dir / "report.md", evaluation_report_markdown(result))
     write_json(out_dir / COMPLETE_MARKER, result)
 

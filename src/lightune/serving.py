@@ -44,7 +44,7 @@ from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
 from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
-from .inference import batched_logits, check_texts, read_run, run_truncation, to_predictions
+from .inference import batched_logits, check_texts, read_run, run_thresholds, run_truncation, to_predictions
 
 log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -129,6 +129,7 @@ class ServedAdapter:
     mixes: bool = False  # its rows can share a forward pass with other adapters' rows (AdapterRegistry._mixes)
     truncation: str = "head"  # which tokens of a long text are kept (data.encode_texts)
     kind: str | None = None  # what adapters on one base must share (methods.sharing_kind): lora, ia3, vera r=8 ...
+    thresholds: list[float] | None = None  # a multi-label run's threshold per label (to_predictions)
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
@@ -243,7 +244,8 @@ class AdapterRegistry:
                              peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
                              max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
                              saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
-                             truncation=run_truncation(metrics), kind=methods.sharing_kind(config))
+                             truncation=run_truncation(metrics), kind=methods.sharing_kind(config),
+                             thresholds=run_thresholds(metrics))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -355,7 +357,7 @@ class AdapterRegistry:
         if not texts:
             return self._get(adapter), []
         served, logits = self.logits(texts, adapter)
-        return served, to_predictions(texts, logits, served.label_names)
+        return served, to_predictions(texts, logits, served.label_names, served.thresholds)
 
     # -- batched prediction: several requests, several adapters, shared forward passes ---------------------------
     def _mixes(self, name: str) -> bool:
@@ -730,8 +732,11 @@ class PredictRequest(BaseModel):
 
 class Prediction(BaseModel):
     text: str
-    label: str = Field(description="the most probable label")
-    probabilities: dict[str, float] = Field(description="probability of every label")
+    label: str | None = Field(default=None, description="the most probable label (single-label runs)")
+    labels: list[str] | None = Field(default=None, description="the labels whose probability reaches their "
+                                                               "threshold (multi-label runs)")
+    probabilities: dict[str, float] = Field(description="probability of every label (multi-label: each label's "
+                                                        "own sigmoid)")
 
 
 class PredictResponse(BaseModel):
@@ -958,7 +963,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
             raise AccessDenied("run-time adapter loading is off: start the server with --allow-adapter-loading ROOT")
         return access.adapter_root
 
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, response_model_exclude_none=True,
               summary="Classify texts with one adapter (batched with concurrent requests)")
     async def predict(body: PredictRequest) -> dict:
         start = time.perf_counter()
@@ -976,7 +981,8 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
             else:
                 request = await run_in_threadpool(registry.encode, texts, body.adapter)
                 logits = await asyncio.wrap_future(worker.submit(request))
-                served, predictions = request.adapter, to_predictions(texts, logits, request.adapter.label_names)
+                served, predictions = request.adapter, to_predictions(texts, logits, request.adapter.label_names,
+                                                                         request.adapter.thresholds)
         metrics.predictions.labels(served.name).inc()
         metrics.texts.labels(served.name).inc(len(texts))
         metrics.latency.labels(served.name).observe(time.perf_counter() - start)

@@ -85,17 +85,27 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
 
 
+def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, denominator) -> torch.Tensor:
+    """The binary cross-entropy of every (row, label) pair (transformers' BCEWithLogitsLoss for a
+    multi_label_classification model), summed and divided by denominator: rows x labels of the whole batch gives
+    the batch's mean, and its chunks add up to it."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(),
+                                                                reduction="sum") / denominator
+
+
 def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss as a
     detached tensor on the device (reading it is a host sync: left to the evaluation points).
 
-    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights), so the
-    summed gradient equals the whole batch's; gradients are synchronised across processes on the last chunk only.
+    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights; rows x labels
+    for multi-hot labels), so the summed gradient equals the whole batch's; gradients are synchronised across
+    processes on the last chunk only.
     """
     chunks = split_batch(batch, max_tokens)
     labels = batch["labels"]
-    denominator = labels.shape[0] if class_weights is None else class_weights[labels].sum()
+    multi_label = labels.dim() == 2  # multi-hot rows: binary cross-entropy per label
+    denominator = labels.numel() if class_weights is None else class_weights[labels].sum()
     total = torch.zeros((), device=labels.device)
     for i, chunk in enumerate(chunks):
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
@@ -103,7 +113,8 @@ def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens:
         with sync:
             with accelerator.autocast():
                 logits = model(**inputs).logits
-            loss = weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator)
+            loss = (multi_label_loss(logits, chunk["labels"], denominator) if multi_label
+                    else weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator))
             accelerator.backward(loss)
         total += loss.detach()
     return total
@@ -218,6 +229,20 @@ class BestCheckpoint:
             params[name].copy_(weight)
 
 
+def choose_thresholds(cfg: TrainConfig, n_labels: int, model, val_loader, accelerator,
+                      progress: bool) -> list[float] | None:
+    """Multi-label: each label's threshold, tuned on the validation split with tune_thresholds (the threshold
+    that maximises the label's F1 there), else 0.5; None for single-label runs."""
+    if cfg.problem != "multi_label":
+        return None
+    from .evaluation import DEFAULT_THRESHOLD, predict_logits, tune_thresholds
+
+    if not cfg.tune_thresholds:
+        return [DEFAULT_THRESHOLD] * n_labels
+    logits, labels = predict_logits(model, val_loader, accelerator, "tuning thresholds", progress)
+    return tune_thresholds(torch.sigmoid(logits).numpy(), labels.numpy())
+
+
 # the parameter names that get no weight decay, as in transformers' Trainer
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
@@ -295,7 +320,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length, cfg.truncation)
                  for name in ("train", "validation", "test")}
 
-    model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device)
+    model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device, cfg.problem)
     pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
     heads.apply_pooling(model, pooling)
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
@@ -432,8 +457,9 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             best.restore(accelerator.unwrap_model(model))
             log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
                 f"{cfg.metric_for_best} {best.entry['validation'][cfg.metric_for_best]:.4f})", accelerator)
+        thresholds = choose_thresholds(cfg, n_classes, forward_model, val_loader, accelerator, progress)
         test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
-                        splits.label_names)
+                        splits.label_names, thresholds)
         check_finite_loss(test, "fine-tuned model on the test split")
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {base['accuracy']:.4f})", accelerator)
@@ -465,6 +491,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             "history": history,
             "test": test,
         }
+        if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
+            metrics["thresholds"] = dict(zip(splits.label_names, thresholds))
         checkpoints.remove_checkpoints(work)  # a finished run needs none
         write_run_outputs(work, metrics)
     log(f"run saved to {final}", accelerator)
