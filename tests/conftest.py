@@ -89,7 +89,7 @@ def trained_tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("shared-run")
     data = write_csv(root / "reviews.csv", synthetic_reviews(400))
     cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
-                                     max_length=32, epochs=3, batch_size=16, learning_rate=1e-2,
+                                     max_length=32, epochs=5, batch_size=16, learning_rate=1e-2,
                                      output_dir=str(root / "runs"), run_name="lora", head_init="random"))
     # the model's own attention dropout (0.1): the non-default path; tiny_config runs cover the default (0)
     cfg.attention_dropout = None

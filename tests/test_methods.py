@@ -110,7 +110,9 @@ def test_cli_method_is_peft_and_quantize(capsys):
 def test_saved_configs_old_and_new():
     old = {"model": "m", "method": "qlora", "rank": 8}
     assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default",
-                                 "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20}
+                                 "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
+                                 "problem": "single_label", "label_columns": None, "label_delimiter": None,
+                                 "tune_thresholds": False}
     new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
     assert saved_config(new) == new and new["method"] == "dora+nf4"
 

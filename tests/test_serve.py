@@ -43,7 +43,7 @@ def train_tiny_run(tiny_model_dir, root: Path, name: str, rows: list[tuple[str, 
 
     data = write_csv(root / f"{name}.csv", rows)
     settings = dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None, max_length=32,
-                    epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(root / "runs"), run_name=name)
+                    epochs=5, batch_size=16, learning_rate=1e-2, output_dir=str(root / "runs"), run_name=name)
     return run_training(load_config(overrides={**settings, **overrides}), progress=False).run_dir
 
 
