@@ -347,7 +347,8 @@ def evaluation_report_markdown(result: dict) -> str:
         f"# lightune evaluation: {result['name']}",
         "",
         f"Run `{result['run_dir']}` ({result['method']} on `{result['model']}`, {result['pooling']} pooling, "
-        f"max_length {result['max_length']}, {result['truncation']} truncation) on `{data['source']}`, split `{data['split']}`: {data['size']} texts "
+        f"max_length {result['max_length']}, {result['truncation']} truncation) on `{data['source']}`, "
+        f"split `{data['split']}`: {data['size']} texts "
         f"(fingerprint `{data['fingerprint']}`), device {result['device']}.",
         "",
         *evaluation_table(result),
