@@ -56,8 +56,8 @@ def test_mean_pooling_is_refused_for_a_head_without_a_pooler(tiny_model_dir):
         heads.resolve_pooling("mean", str(tiny_model_dir), model)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_probe_head_equals_scikit_learn_on_the_same_features(tiny_config, pooling):
+@pytest.mark.parametrize("pooling,class_weights", [("cls", None), ("mean", None), ("mean", (0.25, 3.0))])
+def test_probe_head_equals_scikit_learn_on_the_same_features(tiny_config, pooling, class_weights):
     from lightune import data as data_mod
 
     cfg = tiny_config(pooling=pooling)
@@ -68,9 +68,12 @@ def test_probe_head_equals_scikit_learn_on_the_same_features(tiny_config, poolin
     heads.apply_pooling(model, pooling)
     loader = make_eval_loader(train, tokenizer, 64, 2048)
     features, labels = heads.head_features(model, loader, progress=False)
-    start_head_from_probe(model, loader, 2, torch.device("cpu"), progress=False)
+    weights = None if class_weights is None else torch.tensor(class_weights)
+    start_head_from_probe(model, loader, 2, torch.device("cpu"), progress=False, class_weights=weights)
 
-    reference = LogisticRegression(C=heads.PROBE_C, max_iter=2000).fit(features, labels)
+    # with class weights, the probe weighs the classes as the training loss does
+    class_weight = None if class_weights is None else dict(enumerate(class_weights))
+    reference = LogisticRegression(C=heads.PROBE_C, max_iter=2000, class_weight=class_weight).fit(features, labels)
     logits = []
     layer = heads.final_linear(model)
     handle = layer.register_forward_hook(lambda m, args, out: logits.append(out))

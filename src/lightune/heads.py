@@ -121,8 +121,9 @@ def head_features(model, loader, progress: bool = True) -> tuple[np.ndarray, np.
     return torch.cat(captured).numpy(), torch.cat(labels).numpy()
 
 
-def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int):
-    """A scikit-learn logistic regression on frozen features (L2, C=PROBE_C); every class must be present.
+def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, class_weight: dict[int, float] | None = None):
+    """A scikit-learn logistic regression on frozen features (L2, C=PROBE_C, classes weighted by class_weight as
+    in the training loss); every class must be present.
     Multi-hot labels (multi-label): one binary logistic regression per label, each needing rows with and without it."""
     from sklearn.linear_model import LogisticRegression
 
@@ -138,7 +139,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int):
     if missing:
         raise ModelError(f"--head-init probe needs training examples of every class; none of class index "
                          f"{', '.join(map(str, missing))}: use --head-init random")
-    return LogisticRegression(C=PROBE_C, max_iter=2000).fit(features, labels)
+    return LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=class_weight).fit(features, labels)
 
 
 def set_head_from_probe(model, probe) -> None:

@@ -136,12 +136,15 @@ def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device
     return torch.tensor(setting, dtype=torch.float32, device=device)
 
 
-def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool) -> None:
-    """Fit a logistic regression on the frozen pooled training features and start the classifier from it."""
+def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool,
+                          class_weights: torch.Tensor | None = None) -> None:
+    """Fit a logistic regression on the frozen pooled training features (weighting the classes as the training
+    loss does) and start the classifier from it."""
     if getattr(model, "hf_quantizer", None) is None:
         model.to(device)  # quantized models were loaded onto their device
     features, labels = heads.head_features(model, loader, progress)
-    heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes))
+    weights = None if class_weights is None else dict(enumerate(class_weights.tolist()))
+    heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes, weights))
 
 
 def check_finite_loss(metrics: dict, what: str) -> None:
@@ -324,9 +327,11 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
     heads.apply_pooling(model, pooling)
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
+    n_classes = len(splits.label_names)
+    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
     if cfg.head_init == "probe":
         probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
-        start_head_from_probe(model, probe_loader, len(splits.label_names), device, progress)
+        start_head_from_probe(model, probe_loader, n_classes, device, progress, class_weights)
     model = models.prepare_for_training(model, cfg)
     params = models.count_parameters(model)
     weights_bytes = models.weight_memory_bytes(model)
@@ -346,8 +351,6 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     scheduler = accelerator.prepare(
         get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
     forward_model = torch.compile(model) if cfg.compile else model
-    n_classes = len(splits.label_names)
-    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
     checkpoints.register_trainable_hooks(accelerator)
 
     with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
