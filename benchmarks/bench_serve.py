@@ -8,7 +8,9 @@ Each server is started as a real process on 127.0.0.1 (a free port) and driven b
 (httpx): C clients, each sending its next request when the last one is answered, until --requests are answered
 or --seconds have passed. For 1, 8 and 32 clients it prints requests/s, texts/s, p50/p95/p99 latency, errors
 (503s, the deliberate answer of a full queue, counted apart) and the server's peak RSS, then texts/s of batched
-over naive. Time it on an otherwise idle machine.
+over naive, and the most that batching can gain on this machine: the texts/s of the adapter alone (lightune's
+Classifier, no server) in passes of one request's texts against passes of the server's batch size (32). Time it
+on an otherwise idle machine.
 
     python benchmarks/bench_serve.py                              # trains two small MiniLM adapters first
     python benchmarks/bench_serve.py --run-dir runs/a --run-dir runs/b --json serve.json
@@ -149,6 +151,26 @@ async def drive(url: str, texts: list[str], clients: int, args, pid: int) -> dic
             "errors": {str(k): v for k, v in statuses.items() if k not in (200, 503)}, "peak_rss_mb": peak_rss}
 
 
+def model_alone(run_dir: str, texts: list[str], args, pass_texts: int = 32) -> dict:
+    """texts/s of one adapter without a server (Classifier, merged) in passes of one request's texts and in full
+    passes of the server's batch size: their ratio bounds what batching requests can gain on this machine."""
+    from lightune.inference import Classifier
+
+    classifier = Classifier(run_dir, device=args.device, batch_size=pass_texts)
+    sample = texts[:256]
+    classifier.predict(sample[:pass_texts])  # warm-up
+
+    def rate(size: int) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(sample), size):
+            classifier.predict(sample[i:i + size])
+        return len(sample) / (time.perf_counter() - start)
+
+    per_request, full = rate(args.texts_per_request), rate(pass_texts)
+    return {"pass_texts": pass_texts, "per_request_texts_per_s": per_request, "full_pass_texts_per_s": full,
+            "batching_gain_at_most": full / per_request}
+
+
 def bench_mode(run_dirs: list[str], mode: str, texts: list[str], args) -> list[dict]:
     server, url = start_server(run_dirs, mode, args)
     try:
@@ -186,13 +208,17 @@ def main(argv=None) -> None:
             sys.exit("bench_serve: give two --run-dir (or none, to train two small runs)")
         texts = request_texts(args.data)
         results = [r for mode in args.modes for r in bench_mode(run_dirs, mode, texts, args)]
+        alone = model_alone(run_dirs[0], texts, args)
     print(f"{args.texts_per_request} texts per request from {args.data}; two adapters, 50/50; at most "
           f"{args.requests} requests or {args.seconds:g} s per level")
     print_table(results)
+    print(f"model alone (Classifier, no server): {alone['per_request_texts_per_s']:.1f} texts/s in passes of "
+          f"{args.texts_per_request} texts, {alone['full_pass_texts_per_s']:.1f} in passes of {alone['pass_texts']}: "
+          f"batching can gain at most {alone['batching_gain_at_most']:.2f}x on this machine")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}, out,
-                      indent=2)
+            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results,
+                       "model_alone": alone}, out, indent=2)
 
 
 if __name__ == "__main__":
