@@ -119,8 +119,10 @@ def test_metrics_missing_a_needed_field_is_named(trained_tiny_run, tmp_path):
     shutil.copytree(trained_tiny_run.run_dir, broken)
     metrics = json.loads((broken / "metrics.json").read_text())
     for key, value, message in [("max_length", "64", "'max_length' is '64', not a positive integer"),
-                                ("data", {"label_names": ["only"]}, "'data.label_names' is not a list of label names"),
-                                ("config", {"model": "x"}, "'config' lacks the model or method")]:
+                                ("data", {"label_names": ["only"]}, "'data.label_names' is not a list of distinct"),
+                                ("data", {"label_names": ["neg", "neg"]}, "'data.label_names' is not a list of distinct"),
+                                ("config", {"model": "x"}, "'config' lacks the model or method"),
+                                ("config", {"model": "x", "method": ""}, "'config' lacks the model or method")]:
         (broken / "metrics.json").write_text(json.dumps({**metrics, key: value}))
         with pytest.raises(ModelError, match=message):
             Classifier(broken)

@@ -367,3 +367,41 @@ def test_bad_evaluation_options_fail_before_loading(tiny_config):
         tiny_config(eval_steps=0)
     with pytest.raises(ConfigError, match="early_stopping_patience must be >= 1"):
         tiny_config(early_stopping_patience=0)
+
+
+def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(tiny_model_dir):
+    """GPU batches are padded to a few fixed widths (data.pad_multiple): the extra padding changes nothing."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import DataCollatorWithPadding
+
+    from lightune import data, heads, models
+    from lightune.config import from_dict
+    from lightune.training import backward_in_chunks
+
+    assert data.pad_multiple("cpu", 256) is None
+    assert [data.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    texts = ["a wonderful film", "dull and far too long, with a plot that goes nowhere", "fine"]
+    features = [dict(tokenizer(t), labels=i % 2) for i, t in enumerate(texts)]
+    dynamic = DataCollatorWithPadding(tokenizer)(features)
+    fixed = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=data.pad_multiple("cuda", 128))(features)
+    assert dynamic["input_ids"].shape[1] < 64 and fixed["input_ids"].shape[1] == 64
+    for pooling in ("cls", "mean"):
+        cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})
+        torch.manual_seed(0)
+        base = models.load_base_model(cfg.model, ["neg", "pos"])
+        heads.apply_pooling(base, pooling)
+        model = models.prepare_for_training(base, cfg).eval()
+
+        def logits_and_grads(batch):
+            model.zero_grad()
+            backward_in_chunks(model, dict(batch), Accelerator(cpu=True), None)
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return logits, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+        (logits_a, grads_a), (logits_b, grads_b) = logits_and_grads(dynamic), logits_and_grads(fixed)
+        torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -602,6 +603,14 @@ def tokenize(ds: Dataset, tokenizer, max_length: int, truncation: str = "head") 
 
 CPU_CHUNK_TOKENS = 2048  # on small CPUs a smaller working set is faster
 GPU_EVAL_CHUNK_TOKENS = 65536
+GPU_PAD_MULTIPLE = 64
+
+
+def pad_multiple(device_type: str, max_length: int) -> int | None:
+    """What a batch's padded width is rounded up to: on GPUs the largest divisor of max_length up to 64 (64 for the
+    usual 128/256/512), so batches come in a few fixed widths, never wider than max_length, and each kernel is
+    planned once per width rather than once per batch; on CPUs nothing (every padded token costs time there)."""
+    return None if device_type == "cpu" else math.gcd(max_length, GPU_PAD_MULTIPLE)
 
 
 def eval_chunk_tokens(device_type: str, configured: int | None = None) -> int:

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, methods, models, quantization
 from .config import PROBLEMS, TRUNCATIONS, saved_config
-from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
+from .data import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, token_budget_batches
 from .errors import ConfigError, DataError, ModelError
 from .reporting import is_complete_run
 
@@ -60,11 +60,13 @@ def _metrics_problem(metrics) -> str | None:
     config, data = metrics.get("config"), metrics.get("data")
     if metrics.get("saved") not in ("adapter", "model"):
         return f"'saved' is {metrics.get('saved')!r}, not 'adapter' or 'model'"
-    if not isinstance(config, dict) or not all(isinstance(config.get(k), str) for k in ("model", "method")):
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), str) and config[k]
+                                               for k in ("model", "method")):
         return "'config' lacks the model or method"
     names = data.get("label_names") if isinstance(data, dict) else None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-        return "'data.label_names' is not a list of label names"
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names):
+        return "'data.label_names' is not a list of distinct label names"
     if config.get("truncation", "head") not in TRUNCATIONS:
         return f"'config.truncation' is {config.get('truncation')!r}, not one of {', '.join(TRUNCATIONS)}"
     if config.get("problem", "single_label") not in PROBLEMS:
@@ -151,16 +153,17 @@ class Classifier:
 def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labels: int, batch_size: int,
                    device: torch.device, chunk_tokens: int | None = None, truncation: str = "head") -> torch.Tensor:
     """Logits of a classifier in input order; texts are sorted by length into batches of at most batch_size
-    texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU); longer texts are cut to
-    max_length tokens as `truncation` says (data.encode_texts)."""
+    texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU; widths rounded up as
+    data.pad_multiple says); longer texts are cut to max_length tokens as `truncation` says (data.encode_texts)."""
     texts = [clean_text(t) for t in check_texts(texts)]
     chunk_tokens = eval_chunk_tokens(device.type, chunk_tokens)
     encoded = encode_texts(tokenizer, texts, max_length, truncation)
     lengths = [len(ids) for ids in encoded["input_ids"]]
+    pad = pad_multiple(device.type, max_length)
     out = torch.empty(len(texts), num_labels)
     for idx in token_budget_batches(lengths, chunk_tokens, batch_size):
         features = [{key: encoded[key][i] for key in encoded.keys()} for i in idx]
-        batch = tokenizer.pad(features, return_tensors="pt").to(device)
+        batch = tokenizer.pad(features, return_tensors="pt", pad_to_multiple_of=pad).to(device)
         out[idx] = model(**batch).logits.float().cpu()
     return out
 

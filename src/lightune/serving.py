@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
-from .data import clean_text, encode_texts, eval_chunk_tokens, token_budget_batches
+from .data import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, token_budget_batches
 from .inference import batched_logits, check_texts, read_run, run_thresholds, run_truncation, to_predictions
 
 log = logging.getLogger("lightune.serve")
@@ -64,28 +64,6 @@ def _first_line(exc: BaseException) -> str:
 def _with_shown_path(message: str, run_dir: Path, shown: str) -> str:
     """The message with the server's path of a run replaced by the name the client gave for it."""
     return message.replace(str(run_dir), shown)
-
-
-def run_fields(metrics: dict, shown: str) -> dict:
-    """What serving reads from a run's metrics.json, each value checked: ModelError naming the first bad one."""
-    def field(path: str, kind: type, valid=lambda value: True, default=None):
-        value = metrics
-        for key in path.split("."):
-            value = value.get(key, default) if isinstance(value, dict) else None
-        if not isinstance(value, kind) or isinstance(value, bool) or not valid(value):
-            raise ModelError(f"{shown}/metrics.json has no valid {path!r} (is it a lightune run?)")
-        return value
-
-    return {
-        "model": field("config.model", str, bool),
-        "method": field("config.method", str),
-        "label_names": field("data.label_names", list, lambda names: names and len(set(names)) == len(names)
-                             and all(isinstance(n, str) for n in names)),
-        "max_length": field("max_length", int, lambda n: n > 0),
-        # a folder of the run itself: never a path that leads out of it
-        "saved": field("saved", str, lambda n: n not in ("", ".", "..") and not re.search(r"[/\\\x00]", n),
-                       default="adapter"),
-    }
 
 
 def _tokenizer_key(saved: Path) -> str:
@@ -181,7 +159,10 @@ class AdapterRegistry:
         self.kind: str | None = None  # the peft kind of the served adapters (methods registry): lora, ia3
         self.pooling: str | None = None
         self.num_labels: int | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the model: forward passes, set_adapter, loading and unloading adapters
+        # the adapters table alone (changed under both locks): a request looks its adapter up without waiting for
+        # the forward pass in progress, so requests are tokenized and queued while the model runs
+        self._table = threading.Lock()
         # fast tokenizers set their truncation per call and fail ("Already borrowed") when two threads call one
         self._tokenizing = threading.Lock()
 
@@ -192,7 +173,7 @@ class AdapterRegistry:
         return next(iter(self.adapters), None)
 
     def names(self) -> list[str]:
-        with self._lock:
+        with self._table:
             return list(self.adapters)
 
     def check_run(self, name: str, run_dir: str | Path, shown: str | None = None) -> ServedAdapter:
@@ -212,13 +193,12 @@ class AdapterRegistry:
             run_dir, metrics = read_run(run_dir)
         except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the object lightune writes
             raise ModelError(f"{shown}/metrics.json is malformed: {_first_line(exc)}") from None
-        fields = run_fields(metrics, shown)
         try:
             config = saved_config(metrics["config"])
             method = methods.get(config["peft"])
         except (LightuneError, KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{shown}/metrics.json has no valid method: {_first_line(exc)}") from None
-        saved = run_dir / fields["saved"]
+        saved = run_dir / metrics["saved"]  # read_run: "adapter" or "model", a folder of the run itself
         if not method.shares_base or not (saved / "adapter_config.json").is_file():
             sharing = ", ".join(m.name for m in methods.REGISTRY.values() if m.shares_base)
             raise ModelError(f"{shown} is a {config['method']} run without a LoRA adapter (or another shareable peft "
@@ -231,18 +211,18 @@ class AdapterRegistry:
             if (saved / "adapter_model.bin").exists():
                 raise ModelError(f"{shown} has its adapter weights as adapter_model.bin, a pickle, which is never "
                                  f"loaded here; save them as adapter_model.safetensors")
-            raise ModelError(f"{shown} has no adapter weights ({fields['saved']}/adapter_model.safetensors)")
+            raise ModelError(f"{shown} has no adapter weights ({metrics['saved']}/adapter_model.safetensors)")
         try:
             tokenizer_key = _tokenizer_key(saved)
-            with self._lock:
+            with self._table:
                 tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key),
                                  None)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(saved)
         except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
             raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
-        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=fields["model"], method=config["method"],
-                             peft=config["peft"], quantize=config["quantize"], label_names=fields["label_names"],
-                             max_length=fields["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
+        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=config["method"],
+                             peft=config["peft"], quantize=config["quantize"], label_names=metrics["data"]["label_names"],
+                             max_length=metrics["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
                              saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
                              truncation=run_truncation(metrics), kind=methods.sharing_kind(config),
                              thresholds=run_thresholds(metrics))
@@ -321,7 +301,8 @@ class AdapterRegistry:
                     self.model.delete_adapter(name)
                 message = _with_shown_path(_first_line(exc), adapter.run_dir, adapter.shown)
                 raise ModelError(f"cannot load the adapter of {adapter.shown}: {message}") from None
-            self.adapters[name] = adapter
+            with self._table:
+                self.adapters[name] = adapter
             return adapter
 
     def remove(self, name: str) -> None:
@@ -331,7 +312,8 @@ class AdapterRegistry:
             if len(self.adapters) == 1:
                 raise AdapterConflictError(f"{name!r} is the only adapter loaded; add another before removing it")
             self.model.delete_adapter(name)
-            del self.adapters[name]
+            with self._table:
+                del self.adapters[name]
         _release_freed_memory()
 
     def _get(self, name: str | None) -> ServedAdapter:
@@ -374,7 +356,7 @@ class AdapterRegistry:
     def encode(self, texts: list[str], adapter: str | None = None) -> Encoded:
         """A request's texts tokenized for its adapter (default: the oldest loaded), for forward_batch."""
         texts = check_texts(texts)
-        with self._lock:
+        with self._table:
             served = self._get(adapter)
         with self._tokenizing:
             encoded = encode_texts(served.tokenizer, [clean_text(t) for t in texts], served.max_length,
@@ -408,7 +390,9 @@ class AdapterRegistry:
         lengths = [len(requests[r].rows[i]["input_ids"]) for r, i in members]
         for idx in token_budget_batches(lengths, eval_chunk_tokens(self.device.type), self.batch_size):
             chosen = [members[k] for k in idx]
-            batch = tokenizer.pad([requests[r].rows[i] for r, i in chosen], return_tensors="pt").to(self.device)
+            widest = max(requests[r].adapter.max_length for r, _ in chosen)
+            batch = tokenizer.pad([requests[r].rows[i] for r, i in chosen], return_tensors="pt",
+                                  pad_to_multiple_of=pad_multiple(self.device.type, widest)).to(self.device)
             names = [requests[r].adapter.name for r, _ in chosen]
             if mixed:
                 logits = self.model(**batch, adapter_names=names).logits
@@ -943,7 +927,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
 
     @app.get("/adapters", response_model=AdapterList, summary="The loaded adapters")
     def list_adapters() -> dict:
-        with registry._lock:
+        with registry._table:
             return {"default": registry.default, "adapters": [a.info() for a in registry.adapters.values()]}
 
     @app.post("/adapters", response_model=AdapterInfo, status_code=201, responses=ERRORS,

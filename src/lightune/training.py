@@ -36,10 +36,12 @@ class RunResult:
     metrics: dict
 
 
-def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int) -> DataLoader:
-    """Shuffled batches padded on the fly; with group_by_length, texts of similar length share a batch. All the
-    randomness of an epoch's order comes from the loader's generator (reseeded per epoch by the training loop)."""
-    collate = DataCollatorWithPadding(tokenizer)
+def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int,
+                      pad_multiple: int | None = None) -> DataLoader:
+    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see data.pad_multiple); with
+    group_by_length, texts of similar length share a batch. All the randomness of an epoch's order comes from the
+    loader's generator (reseeded per epoch by the training loop)."""
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
@@ -49,12 +51,13 @@ def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, see
                       num_workers=num_workers)
 
 
-def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0) -> DataLoader:
+def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0,
+                     pad_multiple: int | None = None) -> DataLoader:
     """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
-    for the metrics)."""
+    for the metrics), widths rounded up to pad_multiple."""
     batches = data_mod.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
-    return DataLoader(ds, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tokenizer),
-                      num_workers=num_workers)
+    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
 
 
 def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
@@ -329,8 +332,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
     n_classes = len(splits.label_names)
     class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
+    pad = data_mod.pad_multiple(device.type, max_length)
     if cfg.head_init == "probe":
-        probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
+        probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers,
+                                        pad)
         start_head_from_probe(model, probe_loader, n_classes, device, progress, class_weights)
     model = models.prepare_for_training(model, cfg)
     params = models.count_parameters(model)
@@ -338,9 +343,9 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
 
     log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
     train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
-                                     cfg.num_workers)
-    val_loader = make_eval_loader(tokenized["validation"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
-    test_loader = make_eval_loader(tokenized["test"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers)
+                                     cfg.num_workers, pad)
+    val_loader, test_loader = (make_eval_loader(tokenized[name], tokenizer, cfg.eval_batch_size, eval_chunk,
+                                                cfg.num_workers, pad) for name in ("validation", "test"))
     optimizer = build_optimizer(model, cfg, device)
     epoch_generator = train_loader.generator
     # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
