@@ -53,7 +53,8 @@ def lightune_config(args, seed: int, output_dir: str, recipe: str = "lightune"):
     cfg = load_config(overrides=dict(model=args.model, data=args.data, train_size=args.train_size,
                                      eval_size=args.eval_size, max_length=args.max_length,
                                      batch_size=args.batch_size, learning_rate=args.lr, rank=args.rank, seed=seed,
-                                     epochs=1, device=args.device, output_dir=output_dir, run_name="bench"))
+                                     epochs=1, device=args.device, output_dir=output_dir, run_name="bench",
+                                     truncation="head"))  # as the common recipe's tokenizer cuts: same tokens
     if recipe == "common":
         cfg.attention_dropout = None
     return cfg

@@ -45,8 +45,8 @@ HELP = {
                "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
     "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
                  "training features, then fine-tune) or random",
-    "truncation": "which tokens of a text longer than --max-length are kept: head (the first; default), tail (the "
-                  "last) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
+    "truncation": "which tokens of a text longer than --max-length are kept: tail (the last; default), head (the "
+                  "first) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
                   "run and reused by evaluate, predict and serve",
     "eval_steps": "evaluate on the validation split every N optimizer steps (default: after every epoch); the "
                   "weights saved are the best evaluation's",

@@ -75,7 +75,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     split_seed: int = 42
     max_length: int = 256
-    truncation: str = "head"  # which tokens of a longer text are kept: head, tail or head_tail (data.encode_texts)
+    truncation: str = "tail"  # which tokens of a longer text are kept: head, tail or head_tail (data.encode_texts)
     # optimisation
     seed: int = 42
     epochs: float = 1.0
