@@ -221,11 +221,11 @@ class AdapterRegistry:
         except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
             raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
         return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=config["method"],
-                             peft=config["peft"], quantize=config["quantize"], label_names=metrics["data"]["label_names"],
-                             max_length=metrics["max_length"], tokenizer=tokenizer, tokenizer_key=tokenizer_key,
-                             saved=saved, shown=shown, pooling=metrics.get("pooling", "cls"),
-                             truncation=run_truncation(metrics), kind=methods.sharing_kind(config),
-                             thresholds=run_thresholds(metrics))
+                             peft=config["peft"], quantize=config["quantize"],
+                             label_names=metrics["data"]["label_names"], max_length=metrics["max_length"],
+                             tokenizer=tokenizer, tokenizer_key=tokenizer_key, saved=saved, shown=shown,
+                             pooling=metrics.get("pooling", "cls"), truncation=run_truncation(metrics),
+                             kind=methods.sharing_kind(config), thresholds=run_thresholds(metrics))
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
