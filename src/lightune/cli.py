@@ -16,14 +16,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import methods
-from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, POOLINGS, PRECISIONS, PROBLEMS, SETTING_NAMES,
-                     TRUNCATIONS, TrainConfig, load_config)
+from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, OBJECTIVES, POOLINGS, PRECISIONS, PROBLEMS,
+                     SETTING_NAMES, TRUNCATIONS, TrainConfig, load_config)
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
 CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
            "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
-           "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS}
+           "objective": OBJECTIVES, "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
@@ -45,13 +45,17 @@ HELP = {
                "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
     "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
                  "training features, then fine-tune) or random",
+    "objective": "what training minimises: auto (default: contrastive for few-shot runs of at most 256 "
+                 "examples, else cross_entropy), cross_entropy (on the classifier's logits) or contrastive "
+                 "(SetFit's loss on pairs of texts' pooled embeddings, then the probe head refitted on them)",
     "truncation": "which tokens of a text longer than --max-length are kept: tail (the last; default), head (the "
                   "first) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
                   "run and reused by evaluate, predict and serve",
     "eval_steps": "evaluate on the validation split every N optimizer steps (default: after every epoch); the "
                   "weights saved are the best evaluation's",
     "early_stopping_patience": "stop after K evaluations in a row without improvement (default: never)",
-    "metric_for_best": "what picks the best evaluation: loss (lowest; default), accuracy or f1 (highest)",
+    "metric_for_best": "what picks the best evaluation: loss (lowest; default for cross-entropy), accuracy "
+                       "(highest; default for contrastive) or f1 (highest)",
     "class_weights": "weights of the classes in the training loss: none (default), balanced (n / (classes x "
                      "count) on the training split) or W1,W2,... one per label in class-index order",
     "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",

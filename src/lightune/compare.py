@@ -34,7 +34,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _comparable(cfg_dict: dict) -> dict:
     out = json.loads(json.dumps(cfg_dict, default=str))
-    for key in ("output_dir", "run_name"):
+    for key in ("output_dir", "run_name", "resolved"):  # resolved: what the other settings (and the data) imply
         out.pop(key, None)
     return out
 
@@ -46,8 +46,12 @@ def check_existing(plan: ComparePlan) -> None:
         run_dir = plan.runs_dir / cell.name
         if not is_complete_run(run_dir):
             continue
-        saved = _comparable(saved_config(json.loads((run_dir / "config.json").read_text())))
-        wanted = _comparable(cell.cfg.to_dict())
+        saved_raw = json.loads((run_dir / "config.json").read_text())
+        saved, wanted = _comparable(saved_config(saved_raw)), _comparable(cell.cfg.to_dict())
+        # settings left to the objective: a run trained as they resolved (older runs: cross-entropy, their metric)
+        for key, older in (("objective", "cross_entropy"), ("metric_for_best", saved.get("metric_for_best"))):
+            if wanted.get(key) in ("auto", None):
+                wanted[key] = saved[key] = saved_raw.get("resolved", {}).get(key, older)
         if saved != wanted:
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ConfigError(f"{run_dir} was trained with a different configuration ({', '.join(diff)}); remove it "

@@ -18,6 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
+# what training minimises (objectives.py): auto is contrastive for few-shot runs, else cross-entropy
+OBJECTIVES = ("auto", "cross_entropy", "contrastive")
 METRICS_FOR_BEST = ("loss", "accuracy", "f1")  # validation loss is lowest-best, the others highest-best
 TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
 # single_label: one class per text (softmax, cross-entropy); multi_label: any set of labels per text (one sigmoid
@@ -52,6 +54,9 @@ class TrainConfig:
     # probe starts the classifier from a logistic regression on the frozen pooled training features
     pooling: str = "auto"
     head_init: str = "probe"
+    # auto: contrastive (SetFit's pair loss on the pooled embeddings, then the probe head refitted on them) for
+    # few-shot runs (objectives.resolve_objective), else cross_entropy on the classifier's logits
+    objective: str = "auto"
     rslora: bool = False  # LoRA: scale by alpha / sqrt(rank) instead of alpha / rank
     init: str = "default"  # LoRA initialisation: default, pissa, olora, gaussian
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn at this multiple of the rate (None: off)
@@ -95,7 +100,7 @@ class TrainConfig:
     # early_stopping_patience evaluations in a row without improvement (None: never)
     eval_steps: int | None = None
     early_stopping_patience: int | None = None
-    metric_for_best: str = "loss"
+    metric_for_best: str | None = None  # None: loss for cross-entropy runs, accuracy for contrastive ones
     # train even when the label checks find a label with very few rows, a label name without rows, or numbers
     # mixed with names (see data.check_classes); one class is always refused
     allow_unusual_labels: bool = False
@@ -247,8 +252,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_choice("precision", cfg.precision, PRECISIONS)
     _check_choice("pooling", cfg.pooling, POOLINGS)
     _check_choice("head_init", cfg.head_init, HEAD_INITS)
+    _check_choice("objective", cfg.objective, OBJECTIVES)
     _check_choice("truncation", cfg.truncation, TRUNCATIONS)
-    _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
+    if cfg.metric_for_best is not None:
+        _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
     _check_problem(cfg)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import resource
 import shutil
@@ -21,7 +22,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import checkpoints, heads, methods, models
+from . import checkpoints, heads, methods, models, objectives
 from .config import TrainConfig, check_class_weight_count, validate
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
@@ -175,14 +176,29 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
+def backward_contrastive(model, batch: dict, accelerator: Accelerator,
+                         embeddings: objectives.PooledEmbeddings) -> torch.Tensor:
+    """Forward and backward one batch under the contrastive objective (all of its pairs at once, so the batch is
+    not split into chunks); returns the detached loss."""
+    with accelerator.autocast():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    loss = objectives.contrastive_loss(embeddings.value, batch["labels"])
+    accelerator.backward(loss)
+    return loss.detach()
+
+
 def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
-                class_weights: torch.Tensor | None = None):
+                class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
     """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
-    examples seen). No host sync: losses are read (and checked to be finite) at the evaluation points."""
+    examples seen). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
+    loss, else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
     for batch in loader:
         model.train()  # again after each evaluation
         batch.pop("length", None)
-        loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
+        if embeddings is not None:
+            loss = backward_contrastive(model, batch, accelerator, embeddings)
+        else:
+            loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -329,6 +345,13 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device, cfg.problem)
     pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
     heads.apply_pooling(model, pooling)
+    # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
+    objective = objectives.resolve_objective(cfg, len(splits.train), pooling)
+    resolved = objectives.resolved_settings(cfg, objective)
+    given, cfg = cfg, dataclasses.replace(cfg, **resolved)
+    saved_config = given.to_dict()
+    saved_config["resolved"].update(resolved, learning_rate=cfg.lr)
+    contrastive = objective == "contrastive"
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
     n_classes = len(splits.label_names)
     class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
@@ -338,6 +361,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
                                         pad)
         start_head_from_probe(model, probe_loader, n_classes, device, progress, class_weights)
     model = models.prepare_for_training(model, cfg)
+    embeddings = objectives.PooledEmbeddings(model) if contrastive else None
     params = models.count_parameters(model)
     weights_bytes = models.weight_memory_bytes(model)
 
@@ -350,7 +374,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     epoch_generator = train_loader.generator
     # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
     model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
-    steps = total_steps(cfg, len(train_loader))  # optimizer steps of this process (its shard of the data)
+    # optimizer steps of this process (its shard of the data)
+    steps = objectives.few_shot_steps(cfg, len(train_loader)) if contrastive else total_steps(cfg, len(train_loader))
     # a prepared scheduler steps once per process at each optimizer step
     scale = accelerator.num_processes
     scheduler = accelerator.prepare(
@@ -361,7 +386,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
           contextlib.ExitStack() as signals):
         checkpoint_dir = shared_path(work, accelerator)
-        write_json(work / "config.json", cfg.to_dict())
+        write_json(work / "config.json", saved_config)
         history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
         pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, epoch, step in the epoch) since the last evaluation
         best = BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
@@ -384,11 +409,21 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
         start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
         log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
             f"F1 {base['f1']:.4f}", accelerator)
+        if contrastive and not resume:  # the probe start is a candidate: the saved model is never worse on validation
+            val = evaluate(forward_model, val_loader, n_classes, accelerator, "validation, probe start", progress,
+                           splits.label_names)
+            history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
+            best.update(accelerator.unwrap_model(model), history[-1])
+            log(f"contrastive objective, {steps} steps of {cfg.batch_size} texts at learning rate {cfg.lr:g}; probe "
+                f"start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}", accelerator)
         segment_start = time.perf_counter()
 
         def evaluation_point() -> bool:
             """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
             nonlocal train_seconds, segment_start
+            if contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
+                start_head_from_probe(accelerator.unwrap_model(model), probe_loader, n_classes, device, progress,
+                                      class_weights)
             losses = finite_losses(pending)  # the host sync of the training loop
             train_seconds += time.perf_counter() - segment_start
             pending.clear()
@@ -422,6 +457,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             return stop.requested(accelerator) or bool(cfg.save_every and done % cfg.save_every == 0)
 
         stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
+        if embeddings is not None:
+            signals.enter_context(embeddings)
         while done < steps and not stopped_early:
             if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
                 epoch, in_epoch = epoch + 1, 0
@@ -435,13 +472,14 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             evaluated = False
             for in_epoch, (loss, n_examples) in enumerate(
                     train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
-                                class_weights), in_epoch + 1):
+                                class_weights, embeddings), in_epoch + 1):
                 done, seen = done + 1, seen + n_examples
                 pending.append((loss, epoch, in_epoch))
                 bar.update(1)
                 if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0)
+                # the contrastive objective evaluates once, at the end (the head is refitted there)
+                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0 and not contrastive)
                 if evaluated:
                     stopped_early = evaluation_point()
                 if done >= steps or stopped_early:
@@ -451,7 +489,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
                     if stop.stopping:
                         stop.act()
             bar.close()
-            if not evaluated and not cfg.eval_steps:
+            if not evaluated and not cfg.eval_steps and not contrastive:
                 stopped_early = evaluation_point()
             if done < steps and not stopped_early and checkpoint_due(stop):
                 save_checkpoint()
@@ -477,7 +515,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
         adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
         metrics = {
             "run_name": final.name,
-            "config": cfg.to_dict(),
+            "config": saved_config,
             "device": device.type,
             "precision": precision,
             "saved": saved_as,
@@ -490,7 +528,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
             "training": {"steps": done, "examples": seen, "seconds": train_seconds,
                          "samples_per_s": seen / train_seconds if train_seconds else 0.0,
-                         "step_losses": step_losses, "steps_per_epoch": len(train_loader),
+                         "step_losses": step_losses, "steps_per_epoch": len(train_loader), "objective": objective,
                          "stopped_early": stopped_early, "resumed_from": resumed,
                          "processes": accelerator.num_processes},
             "best": {"step": best.entry["step"], "epoch": best.entry["epoch"], "metric": cfg.metric_for_best,

@@ -1,0 +1,117 @@
+"""What training minimises: cross-entropy on the classifier's logits, or (few-shot) a contrastive loss on the
+pooled sentence embeddings followed by a refit of the linear-probe head, as SetFit does (Tunstall et al. 2022).
+
+With a few dozen examples, cross-entropy through a probe-started head memorises the training texts within a
+few steps; the contrastive objective instead learns from every pair of texts in a batch (same class: cosine
+similarity 1; different classes: 0), which is what makes SetFit accurate with 8-64 examples per class.
+lightune trains the adapters (not the whole body) on in-batch pairs, so a step reads each text once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError
+
+# auto picks the contrastive objective up to this many training examples (measured at 32 and 128 examples on
+# IMDb: README, "Few-shot"); above it, cross-entropy
+FEW_SHOT_MAX_EXAMPLES = 256
+# methods that leave the encoder's computation of a text's embedding as it was (the head alone; prompt tuning
+# changes it only through tokens that mean pooling does not see)
+ENCODER_FROZEN = ("head", "prompt")
+# the contrastive schedule's least number of optimizer steps (epochs are raised to reach it), and its least
+# batch size (a batch of 32 texts holds 496 pairs)
+FEW_SHOT_MIN_STEPS = 40
+FEW_SHOT_MIN_BATCH = 32
+# the contrastive objective's default learning rate: the method's own (set for one epoch of cross-entropy)
+# divided by this
+FEW_SHOT_LR_DIVISOR = 3
+
+
+def resolve_objective(cfg, n_train: int, pooling: str) -> str:
+    """The objective a run trains with: cfg.objective, or for auto the contrastive one when the run is
+    few-shot (at most FEW_SHOT_MAX_EXAMPLES single-label training examples, a probe-started head on mean
+    pooling, a method that trains the encoder), else cross-entropy. ConfigError when contrastive is asked for
+    where it cannot run."""
+    reasons = contrastive_obstacles(cfg, pooling)
+    if cfg.objective == "contrastive" and reasons:
+        raise ConfigError(f"objective contrastive needs {reasons[0]}")
+    if cfg.objective == "auto":
+        return "contrastive" if not reasons and n_train <= FEW_SHOT_MAX_EXAMPLES else "cross_entropy"
+    return cfg.objective
+
+
+def contrastive_obstacles(cfg, pooling: str) -> list[str]:
+    """Why the contrastive objective cannot train this configuration (empty when it can)."""
+    reasons = []
+    if cfg.problem != "single_label":
+        reasons.append("single-label data (one class per text)")
+    if cfg.head_init != "probe":
+        reasons.append("--head-init probe (the head is refitted on the tuned embeddings)")
+    if pooling != "mean":
+        reasons.append("mean pooling (--pooling mean)")
+    if cfg.peft in ENCODER_FROZEN:
+        reasons.append("a method that trains the encoder (not head or prompt)")
+    return reasons
+
+
+def few_shot_steps(cfg, steps_per_epoch: int) -> int:
+    """Optimizer steps of a contrastive run: max_steps, else the epochs asked for, raised to FEW_SHOT_MIN_STEPS."""
+    return cfg.max_steps or max(FEW_SHOT_MIN_STEPS, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def resolved_settings(cfg, objective: str) -> dict:
+    """The settings a run with this objective trains with, where the configuration leaves them to the objective:
+
+    - metric_for_best: loss for cross-entropy; accuracy for contrastive (its head is refitted at the end, so
+      its validation loss is not comparable with the probe start's);
+    - contrastive only: a third of the method's learning rate; LoRA/DoRA adapters on every linear layer of the
+      encoder (not only query/value: the pair loss reshapes the whole embedding, as SetFit's full fine-tuning
+      does); batches of at least FEW_SHOT_MIN_BATCH texts, drawn at random (not grouped by length) so that
+      each epoch pairs other texts.
+    """
+    settings = {"objective": objective,
+                "metric_for_best": cfg.metric_for_best or ("accuracy" if objective == "contrastive" else "loss")}
+    if objective == "contrastive":
+        from . import methods
+
+        settings.update(learning_rate=cfg.learning_rate or cfg.lr / FEW_SHOT_LR_DIVISOR, group_by_length=False,
+                        batch_size=max(cfg.batch_size, FEW_SHOT_MIN_BATCH))
+        if cfg.target_modules is None and methods.get(cfg.peft).kind == "lora":
+            settings["target_modules"] = ["all-linear"]
+    return settings
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SetFit's CosineSimilarityLoss over every pair of a batch: the mean squared difference between the pair's
+    cosine similarity and 1 (same label) or 0 (different labels)."""
+    unit = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    rows, cols = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    similarity = (unit[rows] * unit[cols]).sum(dim=-1)
+    target = (labels[rows] == labels[cols]).float()
+    return torch.nn.functional.mse_loss(similarity, target)
+
+
+class PooledEmbeddings:
+    """Captures the pooled sentence embeddings of each forward pass (the output of the model's mean pooler,
+    before the classifier's dropout) while in use as a context manager."""
+
+    def __init__(self, model):
+        from .heads import MeanPooler
+
+        poolers = [m for m in model.modules() if isinstance(m, MeanPooler)]
+        if len(poolers) != 1:
+            raise ConfigError("objective contrastive needs mean pooling (--pooling mean)")
+        self.pooler, self.value, self.handle = poolers[0], None, None
+
+    def __enter__(self) -> PooledEmbeddings:
+        self.handle = self.pooler.register_forward_hook(self._keep)
+        return self
+
+    def _keep(self, module, args, output) -> None:
+        self.value = output
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

@@ -1,0 +1,115 @@
+"""The few-shot contrastive objective: its loss, when auto picks it, its settings, and training with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightune import objectives
+from lightune.config import load_config
+from lightune.errors import ConfigError
+from lightune.evaluate_run import EvaluationOptions, run_evaluation
+from lightune.inference import Classifier
+from lightune.training import run_training
+
+
+def test_contrastive_loss_is_setfits_cosine_loss_over_every_pair():
+    embeddings = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    expected = sum((float(unit[i] @ unit[j]) - float(labels[i] == labels[j])) ** 2 for i, j in pairs) / len(pairs)
+    assert objectives.contrastive_loss(embeddings, labels).item() == pytest.approx(expected)
+    # classes already apart (same class parallel, other class orthogonal): nothing to learn
+    apart = torch.tensor([[1.0, 0.0], [5.0, 0.0], [0.0, 2.0], [0.0, 1.0]])
+    assert objectives.contrastive_loss(apart, labels).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def config(**overrides):
+    return load_config(overrides=dict(model="all-MiniLM-L6-v2", **overrides))
+
+
+@pytest.mark.parametrize("overrides, n_train, pooling, expected", [
+    ({}, 32, "mean", "contrastive"),
+    ({}, objectives.FEW_SHOT_MAX_EXAMPLES, "mean", "contrastive"),
+    ({}, objectives.FEW_SHOT_MAX_EXAMPLES + 1, "mean", "cross_entropy"),  # the default job: 2,500 examples
+    ({}, 32, "cls", "cross_entropy"),
+    ({"head_init": "random"}, 32, "mean", "cross_entropy"),
+    ({"peft": "head"}, 32, "mean", "cross_entropy"),
+    ({"problem": "multi_label", "label_columns": ["a", "b"]}, 32, "mean", "cross_entropy"),
+    ({"objective": "cross_entropy"}, 32, "mean", "cross_entropy"),
+    ({"objective": "contrastive"}, 5000, "mean", "contrastive"),
+])
+def test_auto_picks_the_contrastive_objective_for_few_shot_runs(overrides, n_train, pooling, expected):
+    assert objectives.resolve_objective(config(**overrides), n_train, pooling) == expected
+
+
+@pytest.mark.parametrize("overrides, pooling, message", [
+    ({}, "cls", "objective contrastive needs mean pooling"),
+    ({"head_init": "random"}, "mean", "objective contrastive needs --head-init probe"),
+    ({"peft": "prompt"}, "mean", "objective contrastive needs a method that trains the encoder"),
+])
+def test_contrastive_is_refused_where_it_cannot_run(overrides, pooling, message):
+    with pytest.raises(ConfigError, match=message):
+        objectives.resolve_objective(config(objective="contrastive", **overrides), 32, pooling)
+
+
+def test_the_objective_resolves_the_settings_left_to_it():
+    few = objectives.resolved_settings(config(), "contrastive")
+    assert few == {"objective": "contrastive", "metric_for_best": "accuracy", "learning_rate": pytest.approx(1e-3),
+                   "group_by_length": False, "target_modules": ["all-linear"], "batch_size": 32}
+    given = objectives.resolved_settings(config(learning_rate=2e-4, target_modules=["query"], metric_for_best="f1"),
+                                         "contrastive")
+    assert (given["learning_rate"], given["metric_for_best"], "target_modules" in given) == (2e-4, "f1", False)
+    assert objectives.resolved_settings(config(peft="ia3"), "contrastive").get("target_modules") is None
+    assert objectives.resolved_settings(config(), "cross_entropy") == {"objective": "cross_entropy",
+                                                                       "metric_for_best": "loss"}
+    steps = objectives.few_shot_steps
+    assert steps(config(), 1) == objectives.FEW_SHOT_MIN_STEPS  # 32 examples: 1 batch, raised to the minimum
+    assert steps(config(epochs=100.0), 2) == 200 and steps(config(max_steps=7), 2) == 7
+
+
+def few_shot_config(tiny_config, reviews_csv, **overrides):
+    """A few-shot run of the tiny model: 48 training examples, mean pooling, the default probe start."""
+    values = dict(train_size=48, eval_size=64, pooling="mean", head_init="probe", learning_rate=None, max_steps=20)
+    return tiny_config(**{**values, **overrides})
+
+
+def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_config, reviews_csv):
+    result = run_training(few_shot_config(tiny_config, reviews_csv), progress=False)
+    m = result.metrics
+    assert m["training"]["objective"] == "contrastive" and m["training"]["steps"] == 20
+    assert m["config"]["objective"] == "auto"  # as given; what it resolved to is saved beside it
+    assert m["config"]["resolved"]["objective"] == "contrastive" and m["target_modules"] != ["query", "value"]
+    assert m["config"]["resolved"]["target_modules"] == ["all-linear"]
+    # the probe start is the first candidate; the kept one is never worse on validation
+    start, kept = m["history"][0], next(h for h in m["history"] if h["step"] == m["best"]["step"])
+    assert start["step"] == 0 and [h["step"] for h in m["history"]] == [0, 20]
+    assert m["best"]["metric"] == "accuracy" and kept["validation"]["accuracy"] >= start["validation"]["accuracy"]
+    assert m["test"]["accuracy"] > 0.75  # the sentiment words decide the label
+    # the refitted head is saved with the adapters: a reload scores the test split as training did
+    again = run_evaluation(EvaluationOptions(str(result.run_dir), device="cpu"), progress=False).result
+    assert again["metrics"]["accuracy"] == m["test"]["accuracy"]
+    assert again["metrics"]["loss"] == pytest.approx(m["test"]["loss"], abs=1e-5)
+    assert [p["label"] for p in Classifier(result.run_dir).predict(["great superb loved", "awful dull mess"])] == [
+        "pos", "neg"]
+
+
+def test_a_contrastive_run_worse_than_its_probe_start_keeps_the_start(tiny_config, reviews_csv):
+    # a learning rate that wrecks the embeddings: the saved model is the probe start, adapters at zero
+    result = run_training(few_shot_config(tiny_config, reviews_csv, learning_rate=1.0, max_grad_norm=0.0,
+                                          run_name="wrecked"), progress=False)
+    m = result.metrics
+    assert m["best"]["step"] == 0 and m["history"][-1]["validation"]["accuracy"] < m["history"][0]["validation"][
+        "accuracy"]
+    assert m["test"]["accuracy"] == pytest.approx(m["base"]["accuracy"])
+    from safetensors.torch import load_file
+
+    saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = [weight for name, weight in saved.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(weight) == 0 for weight in lora_b)  # the adapters' start
+
+
+def test_cross_entropy_runs_record_their_objective(tiny_config):
+    m = run_training(tiny_config(max_steps=2), progress=False).metrics
+    assert m["training"]["objective"] == "cross_entropy" and m["best"]["metric"] == "loss"
