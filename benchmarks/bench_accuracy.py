@@ -15,6 +15,7 @@ size it prints each recipe's accuracy and F1 as mean +- standard deviation over 
 
     python benchmarks/bench_accuracy.py                                   # 32, 128, 2500 examples; 3 seeds
     python benchmarks/bench_accuracy.py --sizes 32 128 --setfit --json bench.json
+    python benchmarks/bench_accuracy.py --sizes 32 128 --seeds 42 --setfit --only SetFit   # SetFit alone
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=500, help="held-out test examples (and validation)")
     p.add_argument("--setfit", action="store_true", help="also run SetFit (slow on a CPU; needs the bench extra)")
     p.add_argument("--setfit-max-size", type=int, default=128, help="skip SetFit above this many examples")
+    p.add_argument("--only", nargs="+", choices=["lightune", "linear probe", "SetFit"],
+                   help="run only these recipes (e.g. --only SetFit --setfit, to add SetFit to an earlier run)")
     p.add_argument("--json", help="also write every result to this JSON file")
     return p.parse_args(argv)
 
@@ -75,7 +78,8 @@ def run_lightune(args, size: int, seed: int, splits) -> dict:
         seconds = time.perf_counter() - start
     assert metrics["data"]["fingerprints"]["test"] == splits.info["fingerprints"]["test"]
     return {"accuracy": metrics["test"]["accuracy"], "f1": metrics["test"]["f1"], "seconds": seconds,
-            "steps": metrics["training"]["steps"]}
+            "steps": metrics["training"]["steps"], "objective": metrics["training"]["objective"],
+            "probe_start_accuracy": metrics["base"]["accuracy"], "kept_step": metrics["best"]["step"]}
 
 
 def sentence_model_path(model: str) -> str:
@@ -120,7 +124,7 @@ def recipes_for(args, size: int, seed: int) -> list[str]:
     names = ["lightune"] + (["linear probe"] if seed == args.seeds[0] else [])
     if args.setfit and size <= args.setfit_max_size:
         names.append("SetFit")
-    return names
+    return [name for name in names if not args.only or name in args.only]
 
 
 def mean_std(values: list[float]) -> str:
@@ -139,6 +143,15 @@ def summary_rows(results: list[dict]) -> list[str]:
         rows.append(f"| {size} | {recipe} | {len(runs)} | {mean_std([r['accuracy'] for r in runs])} | "
                     f"{mean_std([r['f1'] for r in runs])} | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     return rows
+
+
+def cpu_has_avx512_bf16() -> bool | None:
+    """Whether this CPU has AVX512-BF16 (torch and bitsandbytes take other code paths there); None off Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return None
 
 
 def main(argv=None) -> int:
@@ -164,11 +177,19 @@ def main(argv=None) -> int:
                                 "test_fingerprint": splits.info["fingerprints"]["test"]})
                 print(f"  seed {seed} {recipe:>12}: accuracy {result['accuracy']:.4f}, F1 {result['f1']:.4f}, "
                       f"{result['seconds']:.0f} s", flush=True)
+                if args.json:  # after every result: an interrupted run keeps what it measured
+                    write_json(args, results)
     print("\n" + "\n".join(summary_rows(results)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "results": results}, f, indent=2)
     return 0
+
+
+def write_json(args, results: list[dict]) -> None:
+    import torch
+
+    with open(args.json + ".tmp", "w") as f:
+        json.dump({"args": vars(args), "torch": torch.__version__, "cpu_avx512_bf16": cpu_has_avx512_bf16(),
+                   "results": results}, f, indent=2)
+    os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":
