@@ -15,12 +15,12 @@ import torch
 
 from .errors import ConfigError
 
-# auto picks the contrastive objective up to this many training examples (measured at 32 and 128 examples on
-# IMDb: README, "Few-shot"); above it, cross-entropy
+# auto picks the contrastive objective up to this many training examples, else cross-entropy (measured at 32 and
+# 128 examples on IMDb, cross-entropy at 2,500; the boundary between them is not: README, "Few-shot")
 FEW_SHOT_MAX_EXAMPLES = 256
-# methods that leave the encoder's computation of a text's embedding as it was (the head alone; prompt tuning
-# changes it only through tokens that mean pooling does not see)
-ENCODER_FROZEN = ("head", "prompt")
+# methods the pair loss does not train with: head trains nothing under the pooling; prompt tuning (virtual tokens
+# before the text) has not been tried with it
+WITHOUT_PAIR_LOSS = ("head", "prompt")
 # the contrastive schedule's least number of optimizer steps (epochs are raised to reach it), and its least
 # batch size (a batch of 32 texts holds 496 pairs)
 FEW_SHOT_MIN_STEPS = 40
@@ -52,7 +52,7 @@ def contrastive_obstacles(cfg, pooling: str) -> list[str]:
         reasons.append("--head-init probe (the head is refitted on the tuned embeddings)")
     if pooling != "mean":
         reasons.append("mean pooling (--pooling mean)")
-    if cfg.peft in ENCODER_FROZEN:
+    if cfg.peft in WITHOUT_PAIR_LOSS:
         reasons.append("a method that trains the encoder (not head or prompt)")
     return reasons
 
