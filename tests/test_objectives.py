@@ -10,7 +10,7 @@ from lightune.config import load_config
 from lightune.errors import ConfigError
 from lightune.evaluate_run import EvaluationOptions, run_evaluation
 from lightune.inference import Classifier
-from lightune.training import run_training
+from lightune.training import run_training, total_steps
 
 
 def test_contrastive_loss_is_setfits_cosine_loss_over_every_pair():
@@ -64,9 +64,12 @@ def test_the_objective_resolves_the_settings_left_to_it():
     assert objectives.resolved_settings(config(peft="ia3"), "contrastive").get("target_modules") is None
     assert objectives.resolved_settings(config(), "cross_entropy") == {"objective": "cross_entropy",
                                                                        "metric_for_best": "loss"}
-    steps = objectives.few_shot_steps
+    def steps(cfg, steps_per_epoch):
+        return total_steps(cfg, steps_per_epoch, objectives.least_steps("contrastive"))
+
     assert steps(config(), 1) == objectives.FEW_SHOT_MIN_STEPS  # 32 examples: 1 batch, raised to the minimum
     assert steps(config(epochs=100.0), 2) == 200 and steps(config(max_steps=7), 2) == 7
+    assert total_steps(config(), 2, objectives.least_steps("cross_entropy")) == 2  # cross-entropy: as asked
 
 
 def few_shot_config(tiny_config, reviews_csv, **overrides):

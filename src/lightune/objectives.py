@@ -9,8 +9,6 @@ lightune trains the adapters (not the whole body) on in-batch pairs, so a step r
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import ConfigError
@@ -57,9 +55,10 @@ def contrastive_obstacles(cfg, pooling: str) -> list[str]:
     return reasons
 
 
-def few_shot_steps(cfg, steps_per_epoch: int) -> int:
-    """Optimizer steps of a contrastive run: max_steps, else the epochs asked for, raised to FEW_SHOT_MIN_STEPS."""
-    return cfg.max_steps or max(FEW_SHOT_MIN_STEPS, math.ceil(cfg.epochs * steps_per_epoch))
+def least_steps(objective: str) -> int:
+    """The fewest optimizer steps a run with this objective takes when max_steps is not given (the epochs are
+    raised to reach them)."""
+    return FEW_SHOT_MIN_STEPS if objective == "contrastive" else 1
 
 
 def resolved_settings(cfg, objective: str) -> dict:

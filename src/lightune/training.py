@@ -164,8 +164,9 @@ def supported_max_length(requested: int, tokenizer, model_config) -> int:
     return min([requested] + [n for n in limits if isinstance(n, int) and n > 0])
 
 
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+def total_steps(cfg: TrainConfig, steps_per_epoch: int, least: int = 1) -> int:
+    """Optimizer steps of a run: max_steps, else the epochs asked for, raised to at least `least`."""
+    return cfg.max_steps or max(least, math.ceil(cfg.epochs * steps_per_epoch))
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -375,7 +376,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
     model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
     # optimizer steps of this process (its shard of the data)
-    steps = objectives.few_shot_steps(cfg, len(train_loader)) if contrastive else total_steps(cfg, len(train_loader))
+    steps = total_steps(cfg, len(train_loader), objectives.least_steps(objective))
     # a prepared scheduler steps once per process at each optimizer step
     scale = accelerator.num_processes
     scheduler = accelerator.prepare(
