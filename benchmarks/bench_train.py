@@ -71,11 +71,11 @@ def run_common(args, seed: int, out: dict) -> None:
     import numpy as np
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from lightune import data, models
+    from lightune import data, forward, models
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = lightune_config(args, seed, tmp, "common")
-        device = models.resolve_device(cfg.device)
+        device = forward.resolve_device(cfg.device)
         set_seed(cfg.seed)  # as lightune does before building the model: the same initial LoRA matrices and head
         splits = data.build_splits(cfg)
         tokenizer = models.load_tokenizer(cfg.model)
@@ -105,7 +105,7 @@ def run_common(args, seed: int, out: dict) -> None:
 
 
 def run_lightune(args, seed: int, out: dict) -> None:
-    from lightune import models
+    from lightune import forward
     from lightune.training import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +113,7 @@ def run_lightune(args, seed: int, out: dict) -> None:
         m = run_training(cfg, progress=False).metrics
         out.update(recipe="lightune", seed=seed, examples=m["training"]["examples"], seconds=m["training"]["seconds"],
                    samples_per_s=m["training"]["samples_per_s"], accuracy=m["test"]["accuracy"],
-                   peak_bytes=m["memory"]["peak_bytes"], device=models.resolve_device(cfg.device).type)
+                   peak_bytes=m["memory"]["peak_bytes"], device=forward.resolve_device(cfg.device).type)
 
 
 def _child(recipe: str, args, seed: int, queue) -> None:

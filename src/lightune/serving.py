@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
-from .data import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, token_budget_batches
+from .forward import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, resolve_device, token_budget_batches
 from .inference import batched_logits, check_texts, read_run, run_thresholds, run_truncation, to_predictions
 
 log = logging.getLogger("lightune.serve")
@@ -105,7 +105,7 @@ class ServedAdapter:
     shown: str  # the run directory as errors and /adapters name it
     pooling: str = "cls"  # what the head reads (heads.py); runs from before it was recorded read [CLS]
     mixes: bool = False  # its rows can share a forward pass with other adapters' rows (AdapterRegistry._mixes)
-    truncation: str = "head"  # which tokens of a long text are kept (data.encode_texts)
+    truncation: str = "head"  # which tokens of a long text are kept (forward.encode_texts)
     kind: str | None = None  # what adapters on one base must share (methods.sharing_kind): lora, ia3, vera r=8 ...
     thresholds: list[float] | None = None  # a multi-label run's threshold per label (to_predictions)
 
@@ -149,7 +149,7 @@ class AdapterRegistry:
     """
 
     def __init__(self, device: str = "auto", batch_size: int = 32, max_adapters: int = 16):
-        self.device = models.resolve_device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.max_adapters = max_adapters
         self.model: PeftModel | None = None

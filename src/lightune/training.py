@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import checkpoints, heads, methods, models, objectives
+from . import checkpoints, forward, heads, methods, models, objectives
 from .config import TrainConfig, check_class_weight_count, validate
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
@@ -39,7 +39,7 @@ class RunResult:
 
 def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int,
                       pad_multiple: int | None = None) -> DataLoader:
-    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see data.pad_multiple); with
+    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see forward.pad_multiple); with
     group_by_length, texts of similar length share a batch. All the randomness of an epoch's order comes from the
     loader's generator (reseeded per epoch by the training loop)."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
@@ -56,15 +56,15 @@ def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers
                      pad_multiple: int | None = None) -> DataLoader:
     """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
     for the metrics), widths rounded up to pad_multiple."""
-    batches = data_mod.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
+    batches = forward.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
     return DataLoader(ds, batch_sampler=batches, num_workers=num_workers,
                       collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
 
 
 def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
     """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
-    train = cfg.chunk_tokens or (data_mod.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
-    return train, data_mod.eval_chunk_tokens(device.type, cfg.chunk_tokens)
+    train = cfg.chunk_tokens or (forward.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
+    return train, forward.eval_chunk_tokens(device.type, cfg.chunk_tokens)
 
 
 def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
@@ -326,8 +326,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
     the new run is complete."""
     validate(cfg)
-    device = models.resolve_device(cfg.device)
-    precision = models.resolve_precision(cfg.precision, device)
+    device = forward.resolve_device(cfg.device)
+    precision = forward.resolve_precision(cfg.precision, device)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     device = accelerator.device  # this process's GPU under `accelerate launch`
     final = resumed_run_dir(Path(resume)) if resume else final_run_dir(cfg)
@@ -356,7 +356,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
     n_classes = len(splits.label_names)
     class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
-    pad = data_mod.pad_multiple(device.type, max_length)
+    pad = forward.pad_multiple(device.type, max_length)
     if cfg.head_init == "probe":
         probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers,
                                         pad)

@@ -22,15 +22,14 @@ def lora_config(cfg, model, **extra):
     """The LoraConfig of a run: rank, alpha, dropout, targets, bias, rsLoRA and init; the head in modules_to_save."""
     from peft import LoraConfig, TaskType
 
-    from ..models import default_target_modules, head_module_names
+    from .targets import head_module_names, target_modules
 
-    targets = cfg.target_modules or default_target_modules(model.config.model_type)
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=target_modules(cfg, model),
         bias=cfg.bias,
         modules_to_save=head_module_names(model),
         use_rslora=cfg.rslora,

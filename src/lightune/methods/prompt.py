@@ -29,7 +29,7 @@ def prompt_config(cfg, model):
     random start far from any word trains poorly); the head in modules_to_save."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-    from ..models import head_module_names
+    from .targets import head_module_names
 
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.max_length + cfg.virtual_tokens > positions:
