@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from lightune import data
+from lightune import sources
 
 SEED = 42
 
 
 def imbalanced_reviews(negatives: int, positive_share: float) -> pd.DataFrame:
     """`negatives` negative IMDb reviews and as many positive ones as make `positive_share` of the rows, shuffled."""
-    reviews = pd.read_csv(data.packaged_reviews_csv())
+    reviews = pd.read_csv(sources.packaged_reviews_csv())
     imdb = reviews[reviews["source"] == "imdb"]
     positives = round(negatives * positive_share / (1 - positive_share))
     chosen = pd.concat([imdb[imdb["label"] == 0].sample(negatives, random_state=SEED),
                         imdb[imdb["label"] == 1].sample(positives, random_state=SEED)])
     chosen = chosen.sample(frac=1.0, random_state=SEED)
-    return pd.DataFrame({"text": chosen["text"], "label": chosen["label"].map(dict(enumerate(data.PACKAGED_LABELS)))})
+    return pd.DataFrame({"text": chosen["text"], "label": chosen["label"].map(dict(enumerate(sources.PACKAGED_LABELS)))})
 
 
 def main() -> None:

@@ -3,14 +3,9 @@ import json
 import pytest
 
 from conftest import synthetic_reviews, write_csv
-from lightune import data, forward
-from lightune.config import TRUNCATIONS
+from lightune import data, sources
 from lightune.config import from_dict
 from lightune.errors import DataError
-
-
-def test_clean_text_removes_html_breaks():
-    assert forward.clean_text("Great.<br /><br />Loved it<BR>  really") == "Great. Loved it really"
 
 
 def test_packaged_imdb_split_is_fixed_disjoint_stratified_and_named():
@@ -168,10 +163,10 @@ def test_invalid_utf8_split_across_read_chunks_is_found(tmp_path):
     path.write_bytes(b"ab\n" + "\u00e9".encode() * 3 + b"\xc3" + b"\n")  # a 2-byte character cut short at the end
     for chunk_bytes in (1, 2, 4, 1 << 20):
         with pytest.raises(DataError, match="byte 0xc3 at line 2 \\(byte offset 9\\)"):
-            data.check_text_file(path, chunk_bytes)
+            sources.check_text_file(path, chunk_bytes)
     path.write_bytes("\u00e9\n".encode() * 5)
     for chunk_bytes in (1, 2, 3):
-        data.check_text_file(path, chunk_bytes)
+        sources.check_text_file(path, chunk_bytes)
 
 
 def test_json_document_and_json_lines_with_json_suffix_both_load(tmp_path):
@@ -227,38 +222,3 @@ def test_eval_size_just_below_the_split_size(missing):
     n = len(full.test) - missing
     splits = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": n}))
     assert len(splits.test) == n and set(splits.test["text"]) <= set(full.test["text"])
-
-
-def _long_text(n: int) -> str:
-    """n distinct number tokens (the tiny vocabulary has 0..999), so each kept position is identifiable."""
-    return " ".join(str(i) for i in range(n))
-
-
-@pytest.mark.parametrize("max_length", [8, 16, 33])
-def test_head_tail_keeps_the_first_and_last_tokens_within_the_limit(tiny_model_dir, max_length):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = _long_text(100)
-    full = tok([text])["input_ids"][0]  # [CLS] 0 1 ... 99 [SEP]
-    cls, content, sep = full[0], full[1:-1], full[-1]
-    budget = max_length - 2
-    head = int(budget * forward.HEAD_SHARE)
-    ids = forward.encode_texts(tok, [text], max_length, "head_tail")["input_ids"][0]
-    assert len(ids) == max_length
-    assert ids == [cls] + content[:head] + content[len(content) - (budget - head):] + [sep]
-    tail = forward.encode_texts(tok, [text], max_length, "tail")
-    assert tail["input_ids"][0] == [cls] + content[-budget:] + [sep]
-    assert set(tail) == {"input_ids", "token_type_ids", "attention_mask"}
-    assert all(len(v[0]) == max_length for v in tail.values())
-    head_ids = forward.encode_texts(tok, [text], max_length, "head")["input_ids"][0]
-    assert head_ids == [cls] + content[:budget] + [sep]
-
-
-def test_short_texts_are_the_same_under_every_truncation(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = ["good film", _long_text(14)]
-    encoded = [forward.encode_texts(tok, texts, 16, t) for t in TRUNCATIONS]
-    assert encoded[0] == encoded[1] == encoded[2] == dict(tok(texts))

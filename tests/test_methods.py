@@ -9,7 +9,8 @@ import torch
 
 from lightune import methods, models, quantization
 from lightune.cli import _cli_overrides, build_parser, main
-from lightune.config import from_dict, load_config, saved_config
+from lightune.config import from_dict, load_config
+from lightune.runs import saved_config
 from lightune.data import build_splits
 from lightune.errors import ConfigError, ModelError
 from lightune.inference import Classifier

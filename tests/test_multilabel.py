@@ -4,6 +4,7 @@ trained, reloaded in stock peft, predicted, served and evaluated."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import random
 import types
 
@@ -43,7 +44,8 @@ def tags_csv(path, rows, delimiter=","):
 # -- data ---------------------------------------------------------------------------------------------------------
 
 def test_multi_hot_labels_parse_the_same_from_columns_and_from_a_delimited_column(tmp_path):
-    from lightune.data import is_multi_label, prepare_source
+    from lightune.data import prepare_source
+    from lightune.labels import is_multi_label
 
     rows = toy_rows(40)
     by_columns, names = prepare_source(str(columns_csv(tmp_path / "c.csv", rows)), "text", "label", None,
@@ -341,10 +343,12 @@ def test_a_multi_label_run_without_its_thresholds_is_one_model_error(multi_label
 
 
 def test_runs_without_a_problem_are_single_label():
-    from lightune.config import saved_config
-    from lightune.inference import run_thresholds, to_predictions
+    from lightune.inference import to_predictions
+    from lightune.runs import _saved_run
 
-    old = {"config": {"model": "m", "method": "lora"}, "data": {"label_names": ["neg", "pos"]}}
-    assert saved_config(old["config"])["problem"] == "single_label" and run_thresholds(old) is None
+    old = {"saved": "adapter", "config": {"model": "m", "method": "lora"}, "data": {"label_names": ["neg", "pos"]},
+           "max_length": 8}
+    run = _saved_run(Path("old"), old)
+    assert run.problem == "single_label" and run.thresholds is None
     single = to_predictions(["t"], torch.tensor([[0.0, 2.0]]), ["neg", "pos"])
     assert single[0]["label"] == "pos" and sum(single[0]["probabilities"].values()) == pytest.approx(1.0)

@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, expand_method, from_dict, read_toml, saved_config
+from .config import TrainConfig, expand_method, from_dict, read_toml
 from .errors import ConfigError
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -57,7 +57,7 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
     if (run.parent / name).exists():
         raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
-    from .reporting import run_lock
+    from .runs import run_lock, saved_config
 
     try:
         with run_lock(run):
@@ -107,7 +107,7 @@ def save_checkpoint(accelerator, work: Path, step: int, state: dict, best_weight
     """Write checkpoint-<step> atomically into work (called on every process; work is the main process's run)."""
     from safetensors.torch import save_file
 
-    from .reporting import write_json
+    from .runs import write_json
 
     final, tmp = work / f"checkpoint-{step}", work / f".checkpoint-{step}.tmp"
     accelerator.save_state(str(tmp))

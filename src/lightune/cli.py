@@ -322,7 +322,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def read_texts_file(path: str) -> list[str]:
     """Texts from a UTF-8 file: JSONL objects with a 'text' field, or plain text one per line (blank lines skipped)."""
-    from .data import decode_text
+    from .sources import decode_text
 
     file = Path(path)
     if not file.is_file():
@@ -399,7 +399,7 @@ def _texts_to_classify(args: argparse.Namespace) -> list[str]:
     elif args.texts:
         texts = _check_unicode(args.texts, "argument")
     elif not sys.stdin.isatty():
-        from .data import decode_text
+        from .sources import decode_text
 
         texts = _text_lines(decode_text(sys.stdin.buffer.read(), "standard input"))
     else:

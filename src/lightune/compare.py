@@ -13,15 +13,14 @@ import shutil
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Callable
 
 from .compare_plan import Cell, ComparePlan, load_plan, plan_from_dict
 from .compare_report import CompareResult, cell_row, summary_text, tabulate_cells, write_outputs
-from .config import TrainConfig, saved_config
+from .config import TrainConfig
 from .errors import ConfigError, LightuneError
 from .logs import quiet_libraries
-from .reporting import is_complete_run, write_text
+from .runs import is_complete_run, read_given_config, read_run, saved_config, write_text
 from .training import run_training
 
 
@@ -46,7 +45,7 @@ def check_existing(plan: ComparePlan) -> None:
         run_dir = plan.runs_dir / cell.name
         if not is_complete_run(run_dir):
             continue
-        saved_raw = json.loads((run_dir / "config.json").read_text())
+        saved_raw = read_given_config(run_dir)
         saved, wanted = _comparable(saved_config(saved_raw)), _comparable(cell.cfg.to_dict())
         # settings left to the objective: a run trained as they resolved (older runs: cross-entropy, their metric)
         for key, older in (("objective", "cross_entropy"), ("metric_for_best", saved.get("metric_for_best"))):
@@ -100,7 +99,7 @@ def _run_isolated(cfg: TrainConfig, progress: bool) -> dict:
         raise KeyboardInterrupt
     if message[0] == "error":
         raise CellError(message[1], message[2])
-    return json.loads((Path(message[1]) / "metrics.json").read_text())
+    return read_run(message[1]).metrics
 
 
 class CellError(Exception):
@@ -139,7 +138,7 @@ def run_compare(plan: ComparePlan, progress: bool = True, log: Callable[[str], N
         run_dir = plan.runs_dir / cell.name
         if is_complete_run(run_dir):
             log(f"[{i}/{n}] {cell.name}: finished earlier, reused")
-            rows.append(cell_row(plan, cell, "reused", json.loads((run_dir / "metrics.json").read_text())))
+            rows.append(cell_row(plan, cell, "reused", read_run(run_dir).metrics))
             continue
         log(f"[{i}/{n}] {cell.name}: training")
         cell_start = time.perf_counter()

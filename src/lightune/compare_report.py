@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .compare_plan import Cell, ComparePlan, label_value
-from .reporting import (megabytes, plot_accuracy_per_config, plot_accuracy_vs_params, plot_memory_per_method,
-                        write_text)
+from .reporting import megabytes, plot_accuracy_per_config, plot_accuracy_vs_params, plot_memory_per_method
+from .runs import write_text
 
 
 def cell_row(plan: ComparePlan, cell: Cell, status: str, metrics: dict | None = None, error: str = "",

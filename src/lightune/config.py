@@ -391,23 +391,6 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainC
     return validate(cfg)
 
 
-def saved_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's saved configuration (config.json, or metrics.json's "config") in today's terms.
-
-    Runs written before peft and quantize existed have only `method`; newer ones write it beside them. Either
-    way the method name decides peft and quantize, and settings missing from older runs (LoRA's
-    options, truncation, ...) were at their defaults (older runs are single-label).
-    """
-    out = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
-           "problem": "single_label", "label_columns": None, "label_delimiter": None, "tune_thresholds": False,
-           **config}
-    if "method" in config:
-        out["peft"], out["quantize"] = methods.split_method(config["method"])
-    else:
-        out["method"] = methods.method_label(out["peft"], out["quantize"])
-    return out
-
-
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into a dict; ConfigError if it is missing or malformed."""
     path = Path(path)

@@ -86,18 +86,19 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
 
     from . import data as data_mod
     from .evaluation import score
-    from .inference import Classifier, read_run
-    from .reporting import free_output_dir, staged_run_dir, write_evaluation_outputs
+    from .inference import Classifier
+    from .reporting import write_evaluation_outputs
+    from .runs import free_output_dir, read_run, staged_run_dir
 
-    run_dir, metrics = read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
+    run = read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
     explicit_name = options.name is not None
-    options = resolve(options, metrics["config"])
+    options = resolve(options, run.config)
     final = free_output_dir(Path(options.output_dir), options.name, explicit=explicit_name)
     rows, info = data_mod.evaluation_rows(
-        options.data, metrics["data"]["label_names"], options.split, options.text_column, options.label_column,
+        options.data, run.label_names, options.split, options.text_column, options.label_column,
         options.label_names, options.eval_size, options.validation_fraction, options.test_fraction,
         options.split_seed, options.label_columns, options.label_delimiter)
-    classifier = Classifier(run_dir, device=options.device, truncation=options.truncation)
+    classifier = Classifier(run, device=options.device, truncation=options.truncation)
     start = time.perf_counter()
     logits = classifier.logits(list(rows["text"]))
     seconds = time.perf_counter() - start
@@ -106,14 +107,13 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names,
                    classifier.thresholds)
     scored.update(examples=len(rows), seconds=seconds, samples_per_s=len(rows) / seconds)
-    config = classifier.config
     result = {
         "name": final.name,
-        "run_dir": str(run_dir),
-        "run_name": run_dir.name,
-        "model": config["model"],
-        "method": config["method"],
-        "pooling": metrics.get("pooling", "cls"),
+        "run_dir": str(run.run_dir),
+        "run_name": run.run_dir.name,
+        "model": run.model,
+        "method": run.method,
+        "pooling": run.pooling,
         "max_length": classifier.max_length,
         "truncation": classifier.truncation,
         "problem": classifier.problem,
@@ -121,7 +121,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
         "device": classifier.device.type,
         "data": info,
         "metrics": scored,
-        "run_test": metrics.get("test", {}),
+        "run_test": run.metrics.get("test", {}),
     }
     with staged_run_dir(final) as work:
         write_evaluation_outputs(work, result)

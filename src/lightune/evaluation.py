@@ -14,6 +14,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .forward import forward_logits
+
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classes: int,
                            probabilities: np.ndarray | None = None, label_names: list[str] | None = None) -> dict:
@@ -33,8 +35,7 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classe
         "f1": float(f1),
         "precision": float(precision),
         "recall": float(recall),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
-                      for name, p, r, f, n in zip(names, *per_class)},
+        "per_class": per_class_scores(names, per_class),
         "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
     }
     if n_classes == 2 and probabilities is not None:
@@ -42,6 +43,12 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classe
         metrics["roc_auc"] = float(roc_auc_score(labels, probabilities[:, 1])) if both else None
         metrics["pr_auc"] = float(average_precision_score(labels, probabilities[:, 1])) if both else None
     return metrics
+
+
+def per_class_scores(names: list[str], scores) -> dict:
+    """{name: {precision, recall, f1, support}} from precision_recall_fscore_support(average=None)."""
+    return {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(names, *scores)}
 
 
 DEFAULT_THRESHOLD = 0.5  # multi-label: a label is predicted when its probability reaches its threshold
@@ -63,8 +70,7 @@ def multi_label_metrics(labels: np.ndarray, predictions: np.ndarray, label_names
         "f1_micro": float(f1_score(labels, predictions, average="micro", zero_division=0)),
         "precision": float(precision),
         "recall": float(recall),
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
-                      for name, p, r, f, n in zip(label_names, *per_label)},
+        "per_class": per_class_scores(label_names, per_label),
         "label_confusion_matrices": {name: m.tolist() for name, m in
                                      zip(label_names, multilabel_confusion_matrix(labels, predictions))},
     }
@@ -90,7 +96,6 @@ def multi_label_predictions(probabilities: np.ndarray, thresholds: list[float] |
     return (probabilities >= limits).astype(int)
 
 
-@torch.no_grad()
 def predict_logits(model, loader, accelerator=None, desc: str = "evaluating", progress: bool = True):
     """Logits and labels of every example of a loader; eval mode, no gradients.
 
@@ -103,12 +108,8 @@ def predict_logits(model, loader, accelerator=None, desc: str = "evaluating", pr
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     all_logits, all_labels = [], []
     for batch in tqdm(own_share(loader, accelerator), desc=desc, leave=False, disable=not progress):
-        labels = batch.pop("labels")
-        batch.pop("length", None)
-        with autocast():
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        all_logits.append(logits.float().cpu())
-        all_labels.append(labels.cpu())
+        all_logits.append(forward_logits(model, batch, device, autocast))
+        all_labels.append(batch["labels"].cpu())
     if accelerator is not None and accelerator.num_processes > 1:
         shares = gather_object([(all_logits, all_labels)])
         all_logits = [t for share_logits, _ in shares for t in share_logits]

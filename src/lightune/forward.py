@@ -6,12 +6,13 @@ Imports nothing heavier than torch: `lightune predict` and `lightune serve` load
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
 import torch
 
-from .errors import ModelError
+from .errors import DataError, ModelError
 
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
@@ -20,6 +21,26 @@ _SPACES = re.compile(r"\s+")
 def clean_text(text: str) -> str:
     """Turn HTML line breaks into spaces and collapse whitespace."""
     return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
+
+
+def check_texts(texts, where: str | None = None) -> list[str]:
+    """The texts as a list; DataError naming the first one that is missing, not a string or blank (with `where`, a
+    data source's rows: "WHERE: row N ..."; without, a caller's list: "text N ...")."""
+    if isinstance(texts, str):
+        raise DataError("predict() takes a list of texts, not a single string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and text.strip():
+            continue
+        if where is None:
+            raise DataError(f"text {i + 1} is " + ("empty" if isinstance(text, str) else
+                                                   f"not a string ({type(text).__name__})"))
+        if text is None or isinstance(text, str):
+            raise DataError(f"{where}: row {i + 1} has an empty text")
+        raise DataError(f"{where}: row {i + 1} has a non-string text ({type(text).__name__}: {text!r})")
+    if where is not None and not texts:
+        raise DataError(f"{where}: no rows")
+    return texts
 
 
 HEAD_SHARE = 0.25  # head_tail: the share of the token budget kept from the start (Sun et al. 2019: 128 of 510)
@@ -122,3 +143,29 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise ModelError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
     return {"fp32": "no"}.get(requested, requested)
+
+
+@torch.no_grad()
+def forward_logits(model, batch: dict, device: torch.device, autocast=contextlib.nullcontext, **extra) -> torch.Tensor:
+    """The float32 logits, on the CPU, of one padded batch: the one forward pass of evaluation, prediction and
+    serving (autocast: accelerate's mixed-precision context during training; extra: e.g. peft's adapter_names)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "length")}
+    with autocast():
+        logits = model(**inputs, **extra).logits
+    return logits.float().cpu()
+
+
+def texts_logits(model, tokenizer, texts: list[str], max_length: int, num_labels: int, batch_size: int,
+                 device: torch.device, chunk_tokens: int | None = None, truncation: str = "head") -> torch.Tensor:
+    """Logits of a classifier in input order; texts are cleaned, cut to max_length tokens as `truncation` says
+    (encode_texts), sorted by length into batches of at most batch_size texts and chunk_tokens padded tokens
+    (default: eval_chunk_tokens; widths rounded up as pad_multiple says)."""
+    texts = [clean_text(t) for t in check_texts(texts)]
+    encoded = encode_texts(tokenizer, texts, max_length, truncation)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    pad = pad_multiple(device.type, max_length)
+    out = torch.empty(len(texts), num_labels)
+    for idx in token_budget_batches(lengths, eval_chunk_tokens(device.type, chunk_tokens), batch_size):
+        features = [{key: encoded[key][i] for key in encoded.keys()} for i in idx]
+        out[idx] = forward_logits(model, tokenizer.pad(features, return_tensors="pt", pad_to_multiple_of=pad), device)
+    return out

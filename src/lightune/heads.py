@@ -85,9 +85,12 @@ def use_mean_pooling(model) -> None:
 
 
 def apply_pooling(model, pooling: str) -> None:
-    """Set up a loaded model for a resolved pooling ('cls' is the architecture's own head: nothing to do)."""
+    """Set up a loaded model for a resolved pooling: 'mean', or 'cls' (the architecture's own head: nothing to do);
+    anything else is a ModelError, never a silent [CLS]."""
     if pooling == "mean":
         use_mean_pooling(model)
+    elif pooling != "cls":
+        raise ModelError(f"pooling must be 'cls' or 'mean'; got {pooling!r}")
 
 
 def final_linear(model) -> nn.Linear:

@@ -1,16 +1,8 @@
-"""Run directories and what goes in them: metrics.json, plots, report.md; written so that only finished runs look
-finished. The plots of `lightune compare` live here too, beside the run plots."""
+"""What a run directory shows a person: report.md and the plots of a run, of an evaluation and of a comparison
+(matplotlib). Where runs live and how they are written atomically is runs.py's."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import itertools
-import json
-import os
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import matplotlib
@@ -19,133 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import methods  # noqa: E402
-from .config import INCOMPLETE_SUFFIX  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-
-COMPLETE_MARKER = "metrics.json"  # written last: a run directory without it is not a finished run
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temporary file + rename), with the permissions of a plain new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for sharing
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file + rename); ValueError for NaN or infinity, which JSON cannot hold."""
-    write_text(path, json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
+from .runs import COMPLETE_MARKER, atomic_file, write_json, write_text  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG atomically and close it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    os.chmod(tmp, _umask_mode())
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def default_run_name(cfg) -> str:
-    data = Path(cfg.data).stem if not cfg.data.startswith("hub:") else cfg.data[4:].replace("/", "-")
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{data}"
-
-
-def final_run_dir(cfg) -> Path:
-    """Where the finished run will live; ConfigError if a run is already there (runs are never overwritten)."""
-    root = Path(cfg.output_dir)
-    if cfg.run_name:
-        path = root / cfg.run_name
-        if path.exists():
-            raise ConfigError(f"run directory {path} already exists; choose another --run-name")
-        return path
-    path = root / default_run_name(cfg)
-    suffix = 2
-    while path.exists():
-        path = root / f"{default_run_name(cfg)}-{suffix}"
-        suffix += 1
-    return path
-
-
-@contextlib.contextmanager
-def staged_run_dir(final: Path):
-    """Yield a hidden work directory; rename it to `final` only if the block finishes.
-
-    On an error, Ctrl-C or SIGTERM the work directory is kept as `<name>.incomplete` (or `.incomplete-2`, ... when
-    that name is taken) with error.txt inside, and the exception gets an `incomplete_run_dir` attribute naming
-    it. Nothing that looks like a finished run is left behind, and no existing directory is ever replaced.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    try:
-        with run_lock(work):  # `train --resume` refuses a run that a live process is writing
-            yield work
-    except BaseException as exc:
-        keep_incomplete(work, final, exc)
-        raise
-    if not _rename_to_new(work, final):
-        appeared = ConfigError(f"run directory {final} appeared while training")
-        kept = keep_incomplete(work, final, appeared)
-        raise ConfigError(f"run directory {final} appeared while training; this run is kept in {kept}")
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path | None):
-    """Hold an exclusive lock on run_dir (none for None) while the block runs; ConfigError when another process
-    holds it. The operating system releases it when the process ends, even on SIGKILL."""
-    if run_dir is None:
-        yield
-        return
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{run_dir} is in use by a running training") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def keep_incomplete(work: Path, final: Path, exc: BaseException) -> Path:
-    """Write error.txt into work and rename it to the first free `<final>.incomplete[-N]`; return that path."""
-    (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
-    for n in itertools.count(1):
-        kept = final.parent / f"{final.name}{INCOMPLETE_SUFFIX}{'' if n == 1 else f'-{n}'}"
-        if _rename_to_new(work, kept):
-            with contextlib.suppress(AttributeError):
-                exc.incomplete_run_dir = kept
-            return kept
-
-
-def _rename_to_new(src: Path, dest: Path) -> bool:
-    """Rename directory src to dest if no dest exists; False (and nothing moved) when dest is taken."""
-    try:
-        dest.mkdir()  # claims the name atomically: fails if anything of that name exists, even a broken link
-    except FileExistsError:
-        return False
-    os.rename(src, dest)  # replaces only the empty directory just made (POSIX rename of a directory)
-    return True
-
-
-def is_complete_run(path: Path) -> bool:
-    return (Path(path) / COMPLETE_MARKER).is_file() and (Path(path) / "config.json").is_file()
 
 
 def plot_before_after(base: dict, tuned: dict, path: Path) -> None:
@@ -288,19 +162,6 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
 
 
 # -- `lightune evaluate`: one finished run scored on a data source ------------------------------------------------
-
-def free_output_dir(root: Path, name: str, explicit: bool) -> Path:
-    """root/name, or for a default name the first free root/name-2, -3, ...; ConfigError if an explicitly named
-    directory exists (results are never overwritten)."""
-    path = Path(root) / name
-    if explicit and path.exists():
-        raise ConfigError(f"{path} already exists; choose another --name")
-    suffix = 2
-    while path.exists():
-        path = Path(root) / f"{name}-{suffix}"
-        suffix += 1
-    return path
-
 
 def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path: Path, title: str) -> None:
     """The confusion matrix as a heat map with its counts (rows: true label, columns: predicted)."""

@@ -41,10 +41,11 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from transformers import AutoTokenizer
 
 from . import heads, methods, models, quantization
-from .config import saved_config
 from .errors import AdapterConflictError, ConfigError, DataError, LightuneError, ModelError, UnknownAdapterError
-from .forward import clean_text, encode_texts, eval_chunk_tokens, pad_multiple, resolve_device, token_budget_batches
-from .inference import batched_logits, check_texts, read_run, run_thresholds, run_truncation, to_predictions
+from .forward import (check_texts, clean_text, encode_texts, eval_chunk_tokens, forward_logits, pad_multiple,
+                      resolve_device, texts_logits, token_budget_batches)
+from .inference import to_predictions
+from .runs import read_run
 
 log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -189,43 +190,29 @@ class AdapterRegistry:
             raise type(exc)(_with_shown_path(str(exc), Path(run_dir), shown)) from None
 
     def _read_adapter(self, name: str, run_dir: Path, shown: str) -> ServedAdapter:
-        try:
-            run_dir, metrics = read_run(run_dir)
-        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the object lightune writes
-            raise ModelError(f"{shown}/metrics.json is malformed: {_first_line(exc)}") from None
-        try:
-            config = saved_config(metrics["config"])
-            method = methods.get(config["peft"])
-        except (LightuneError, KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{shown}/metrics.json has no valid method: {_first_line(exc)}") from None
-        saved = run_dir / metrics["saved"]  # read_run: "adapter" or "model", a folder of the run itself
-        if not method.shares_base or not (saved / "adapter_config.json").is_file():
+        run = read_run(run_dir)  # the one reader: every field checked and resolved there
+        method = methods.get(run.peft)
+        if not method.shares_base or not run.is_adapter:
             sharing = ", ".join(m.name for m in methods.REGISTRY.values() if m.shares_base)
-            raise ModelError(f"{shown} is a {config['method']} run without a LoRA adapter (or another shareable peft "
+            raise ModelError(f"{shown} is a {run.method} run without a LoRA adapter (or another shareable peft "
                              f"adapter); only {sharing} runs can be served together on one base model (use "
                              f"`lightune predict` for it)")
-        problem = method.serving_problem(config) if method.serving_problem else None
+        problem = method.serving_problem(run.config) if method.serving_problem else None
         if problem:
             raise ModelError(f"{shown}: {problem} (use `lightune predict` for it)")
-        if not (saved / "adapter_model.safetensors").is_file():  # never a pickle: it could run code when loaded
-            if (saved / "adapter_model.bin").exists():
-                raise ModelError(f"{shown} has its adapter weights as adapter_model.bin, a pickle, which is never "
-                                 f"loaded here; save them as adapter_model.safetensors")
-            raise ModelError(f"{shown} has no adapter weights ({metrics['saved']}/adapter_model.safetensors)")
         try:
-            tokenizer_key = _tokenizer_key(saved)
+            tokenizer_key = _tokenizer_key(run.saved)
             with self._table:
                 tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key),
                                  None)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(saved)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(run.saved)
         except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
             raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
-        return ServedAdapter(name=name, run_dir=run_dir.resolve(), model=config["model"], method=config["method"],
-                             peft=config["peft"], quantize=config["quantize"],
-                             label_names=metrics["data"]["label_names"], max_length=metrics["max_length"],
-                             tokenizer=tokenizer, tokenizer_key=tokenizer_key, saved=saved, shown=shown,
-                             pooling=metrics.get("pooling", "cls"), truncation=run_truncation(metrics),
-                             kind=methods.sharing_kind(config), thresholds=run_thresholds(metrics))
+        return ServedAdapter(name=name, run_dir=run.run_dir.resolve(), model=run.model, method=run.method,
+                             peft=run.peft, quantize=run.quantize, label_names=run.label_names,
+                             max_length=run.max_length, tokenizer=tokenizer, tokenizer_key=tokenizer_key,
+                             saved=run.saved, shown=shown, pooling=run.pooling, truncation=run.truncation,
+                             kind=methods.sharing_kind(run.config), thresholds=run.thresholds)
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -329,8 +316,8 @@ class AdapterRegistry:
         with self._lock:
             served = self._get(adapter)
             self.model.set_adapter(served.name, inference_mode=True)
-            out = batched_logits(self.model, served.tokenizer, texts, served.max_length, len(served.label_names),
-                                 self.batch_size, self.device, truncation=served.truncation)
+            out = texts_logits(self.model, served.tokenizer, texts, served.max_length, len(served.label_names),
+                               self.batch_size, self.device, truncation=served.truncation)
         return served, out
 
     def predict(self, texts: list[str], adapter: str | None = None) -> tuple[ServedAdapter, list[dict]]:
@@ -392,14 +379,14 @@ class AdapterRegistry:
             chosen = [members[k] for k in idx]
             widest = max(requests[r].adapter.max_length for r, _ in chosen)
             batch = tokenizer.pad([requests[r].rows[i] for r, i in chosen], return_tensors="pt",
-                                  pad_to_multiple_of=pad_multiple(self.device.type, widest)).to(self.device)
+                                  pad_to_multiple_of=pad_multiple(self.device.type, widest))
             names = [requests[r].adapter.name for r, _ in chosen]
             if mixed:
-                logits = self.model(**batch, adapter_names=names).logits
+                logits = forward_logits(self.model, batch, self.device, adapter_names=names)
             else:
                 self.model.set_adapter(names[0], inference_mode=True)
-                logits = self.model(**batch).logits
-            for (r, i), row in zip(chosen, logits.float().cpu()):
+                logits = forward_logits(self.model, batch, self.device)
+            for (r, i), row in zip(chosen, logits):
                 out[r][i] = row
 
 

