@@ -118,3 +118,34 @@ def as_old_run(run_dir: Path, dest: Path, method: str | None = None) -> Path:
             config["method"] = method
         path.write_text(json.dumps(data))
     return dest
+
+
+# -- `lightune serve` (test_serve_*.py; their helpers are in serve_fixtures.py) -------------------------------------
+
+@pytest.fixture(scope="session")
+def flipped_run(tiny_model_dir, tmp_path_factory):
+    """A second LoRA run of the same tiny base, trained on swapped labels: it must disagree with the first."""
+    from serve_fixtures import flip, train_tiny_run
+
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("flipped-run"), "flipped",
+                          flip(synthetic_reviews(240, seed=1)))
+
+
+@pytest.fixture(scope="module")
+def registry(trained_tiny_run, flipped_run):
+    from lightune.serving import AdapterRegistry
+
+    reg = AdapterRegistry(device="cpu", batch_size=3)
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("flipped", flipped_run)
+    return reg
+
+
+@pytest.fixture(scope="module")
+def client(registry):
+    from fastapi.testclient import TestClient
+    from serve_fixtures import LIMITS
+
+    from lightune.serving import create_app
+
+    return TestClient(create_app(registry, LIMITS))

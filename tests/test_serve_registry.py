@@ -1,0 +1,116 @@
+"""`lightune serve`, the adapter registry: several adapters on one base model, each predicting like the
+Classifier, and the runs that cannot share the base."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import synthetic_reviews
+
+fastapi = pytest.importorskip("fastapi")
+
+from lightune.errors import AdapterConflictError, ModelError, UnknownAdapterError  # noqa: E402
+from lightune.inference import Classifier  # noqa: E402
+from lightune.serving import AdapterRegistry  # noqa: E402
+from serve_fixtures import TEXTS, _edited_copy, train_tiny_run  # noqa: E402
+
+# -- predictions -------------------------------------------------------------------------------------------------
+
+def test_served_probabilities_equal_the_classifier(registry, trained_tiny_run, flipped_run):
+    texts = TEXTS + [t for t, _ in synthetic_reviews(9, seed=7)]
+    good = trained_tiny_run.run_dir
+    for name, run_dir in (("good", good), ("flipped", flipped_run), ("good", good)):  # switch there and back
+        expected = Classifier(run_dir, device="cpu", merge=False).predict(texts)
+        served, got = registry.predict(texts, name)
+        assert served.name == name
+        assert [p["label"] for p in got] == [p["label"] for p in expected]
+        for g, e in zip(got, expected):
+            for label in ("neg", "pos"):
+                assert g["probabilities"][label] == pytest.approx(e["probabilities"][label], abs=1e-5)
+
+
+def test_two_adapters_on_one_base_give_different_predictions(registry):
+    _, good = registry.logits(TEXTS, "good")
+    _, flipped = registry.logits(TEXTS, "flipped")
+    assert not torch.allclose(good, flipped, atol=1e-3)
+    assert (good.argmax(-1) != flipped.argmax(-1)).all()
+    # one base model: the two adapters share every backbone weight
+    assert set(registry.model.peft_config) == {"good", "flipped"}
+
+
+def test_concurrent_requests_on_both_adapters(registry):
+    expected = {name: registry.predict(TEXTS, name)[1] for name in ("good", "flipped")}
+    jobs = ["good", "flipped"] * 6
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda name: registry.predict(TEXTS, name)[1], jobs))
+    for name, got in zip(jobs, results):
+        assert [p["label"] for p in got] == [p["label"] for p in expected[name]]
+
+
+def test_a_removed_adapter_leaves_nothing_behind(trained_tiny_run):
+    import gc
+    import weakref
+
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("copy", trained_tiny_run.run_dir)
+    # one tokenizer for runs with the same tokenizer files (it weighs more than a LoRA adapter)
+    assert reg.adapters["copy"].tokenizer is reg.adapters["good"].tokenizer
+    tensors = [weakref.ref(p) for n, p in reg.model.named_parameters() if ".copy." in n]
+    assert len(tensors) > 4  # LoRA A and B of each target, and the copied head
+    reg.remove("copy")
+    gc.collect()
+    assert all(ref() is None for ref in tensors)
+    assert not [n for n, _ in reg.model.named_modules() if n.endswith(".copy")]
+    assert set(reg.model.peft_config) == {"good"}
+
+
+# -- runs that cannot share the base -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model="prajjwal1/bert-tiny"), "all served adapters must share one base model"),
+    (dict(method="qlora"), "served base has quantization none"),
+    (dict(method="full"), "is a full run without a LoRA adapter"),
+    (dict(method="head"), "is a head run without a LoRA adapter"),
+    (dict(method="ia3"), "is a run of kind ia3 \\(ia3\\), but the served adapters are of kind lora"),
+    (dict(init="pissa"), "init 'pissa' rewrote the base weights under its adapter"),
+], ids=["other-base", "qlora", "full", "head", "ia3", "pissa"])
+def test_runs_that_cannot_share_the_base_are_refused(registry, trained_tiny_run, tmp_path, edit, message):
+    with pytest.raises(ModelError, match=message):
+        registry.add("other", _edited_copy(trained_tiny_run.run_dir, tmp_path / "other", **edit))
+    with pytest.raises(UnknownAdapterError):
+        registry.predict(["great"], "other")
+    assert registry.names() == ["good", "flipped"]
+
+
+def test_a_name_in_use_is_refused(registry, trained_tiny_run):
+    with pytest.raises(AdapterConflictError, match="already loaded"):
+        registry.add("good", trained_tiny_run.run_dir)
+    assert registry.names() == ["good", "flipped"]
+
+
+# -- other methods and older runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dora_run(tiny_model_dir, tmp_path_factory):
+    """A DoRA run of the same tiny base: a LoRA-kind adapter, so it can share the base with LoRA runs."""
+    return train_tiny_run(tiny_model_dir, tmp_path_factory.mktemp("dora-run"), "dora", synthetic_reviews(240, seed=2),
+                          max_steps=10, peft="dora")
+
+
+def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp_path):
+    from conftest import as_old_run
+
+    old = as_old_run(trained_tiny_run.run_dir, tmp_path / "old")  # config with `method` only
+    reg = AdapterRegistry(device="cpu")
+    assert reg.add("old", old).info()["method"] == "lora"
+    assert reg.add("dora", dora_run).info()["method"] == "dora"
+    assert reg.quantization == "none" and reg.kind == "lora"
+    _, old_logits = reg.logits(TEXTS, "old")
+    torch.testing.assert_close(old_logits, Classifier(trained_tiny_run.run_dir, merge=False).logits(TEXTS),
+                               rtol=1e-5, atol=1e-5)
+    _, dora_logits = reg.logits(TEXTS, "dora")
+    torch.testing.assert_close(dora_logits, Classifier(dora_run, merge=False).logits(TEXTS), rtol=1e-5, atol=1e-5)
