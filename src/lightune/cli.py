@@ -12,120 +12,16 @@ import re
 import signal
 import socket
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from . import methods
-from .config import (BIASES, DEVICES, HEAD_INITS, METRICS_FOR_BEST, OBJECTIVES, POOLINGS, PRECISIONS, PROBLEMS,
-                     SETTING_NAMES, TRUNCATIONS, TrainConfig, load_config)
+from .commands.options import HELP, add_config_arguments, cli_overrides, parse_list, parse_optional_int
+from .config import DEVICES, TRUNCATIONS, load_config
 from .errors import ConfigError, DataError, LightuneError, ModelError
 from .logs import quiet_libraries as _quiet_libraries, silence_library_output as _silence_library_output
 
-CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
-           "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
-           "objective": OBJECTIVES, "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS}
-HELP = {
-    "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
-    "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
-    "quantize": "how the frozen base is stored: none, nf4 (4-bit NormalFloat, double quantization), int8 "
-                "(LLM.int8); adapter methods only",
-    "method": "both at once, as before: lora, qlora (= --peft lora --quantize nf4), int8 (= --peft lora --quantize "
-              "int8), full, head; or PEFT / PEFT+QUANTIZE (dora+nf4)",
-    "rslora": "LoRA/DoRA: scale by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank",
-    "init": "LoRA/DoRA initialisation: default (B = 0), pissa, olora (both rewrite the base weights under the "
-            "adapter) or gaussian",
-    "loraplus_lr_ratio": "LoRA/DoRA: LoRA+, the B matrices learn at this multiple of --lr, e.g. 16 (peft's "
-                         "create_loraplus_optimizer)",
-    "virtual_tokens": "prompt tuning: trained virtual tokens put before each text (default 20)",
-    "rank": "LoRA rank r",
-    "alpha": "LoRA alpha (default 2 * rank)",
-    "attention_dropout": "dropout on attention probabilities while training (default 0: the fused attention "
-                         "kernel runs; the model's own is 0.1 for BERT)",
-    "pooling": "what the classifier reads: auto (the model's own sentence-transformers pooling, else the "
-               "architecture's head), cls or mean (masked mean of the token states; BERT-style models)",
-    "head_init": "probe (default: start the classifier from a logistic regression on the frozen pooled "
-                 "training features, then fine-tune) or random",
-    "objective": "what training minimises: auto (default: contrastive for few-shot runs of at most 256 "
-                 "examples, else cross_entropy), cross_entropy (on the classifier's logits) or contrastive "
-                 "(SetFit's loss on pairs of texts' pooled embeddings, then the probe head refitted on them)",
-    "truncation": "which tokens of a text longer than --max-length are kept: tail (the last; default), head (the "
-                  "first) or head_tail (a quarter of them from the start, the rest from the end); recorded in the "
-                  "run and reused by evaluate, predict and serve",
-    "eval_steps": "evaluate on the validation split every N optimizer steps (default: after every epoch); the "
-                  "weights saved are the best evaluation's",
-    "early_stopping_patience": "stop after K evaluations in a row without improvement (default: never)",
-    "metric_for_best": "what picks the best evaluation: loss (lowest; default for cross-entropy), accuracy "
-                       "(highest; default for contrastive) or f1 (highest)",
-    "class_weights": "weights of the classes in the training loss: none (default), balanced (n / (classes x "
-                     "count) on the training split) or W1,W2,... one per label in class-index order",
-    "target_modules": "comma-separated module names, or all-linear (default: the attention query/value)",
-    "data": "imdb, rotten_tomatoes (packaged), hub:NAME, or a .csv/.tsv/.jsonl/.parquet file",
-    "test_data": "evaluate on another source (default: the held-out test split of --data)",
-    "label_names": "comma-separated label names in class-index order",
-    "problem": "single_label (one class per text; default) or multi_label (any set of labels per text: a sigmoid "
-               "and binary cross-entropy per label, micro/macro F1 and subset accuracy)",
-    "label_columns": "multi_label: comma-separated 0/1 columns, one per label (the column names name the labels)",
-    "label_delimiter": "multi_label: split --label-column at this string into each text's label names (e.g. ',')",
-    "tune_thresholds": "multi_label: per label, use the threshold that maximises F1 on the validation split "
-                       "(default: 0.5); recorded in the run and used by evaluate, predict and serve",
-    "train_size": "train examples to sample (stratified); 'all' for every one",
-    "eval_size": "validation and test examples each; 'all' for every one",
-    "max_steps": "stop after this many optimizer steps (overrides epochs)",
-    "learning_rate": "default: the method's (" + ", ".join(f"{m.name} {m.learning_rate:g}"
-                                                             for m in methods.REGISTRY.values()) + ")",
-    "group_by_length": "batch texts of similar length together (less padding)",
-    "compile": "torch.compile the model",
-    "run_name": "name of the run directory under --output-dir (default: time-method-data)",
-    "save_every": "write a checkpoint every N optimizer steps into the run in progress (default: only when Ctrl-C "
-                  "or SIGTERM stops training), for --resume",
-    "allow_unusual_labels": "train even if a label has very few rows (under 1%% and 10 rows, or under 3), a label "
-                            "name has no rows, or labels mix numbers and names (one label is always refused)",
-}
-ALIASES = {"learning_rate": ["--lr"], "label_names": ["--labels"]}
-
-
-def _parse_optional_int(text: str) -> int | None:
-    if text.lower() in ("all", "none"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {text!r}") from None
-
-
-def _parse_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _parse_class_weights(text: str) -> str | list[float]:
-    """none, balanced, or comma-separated numbers (checked for range in config.validate)."""
-    if text.strip().lower() in ("none", "balanced"):
-        return text.strip().lower()
-    try:
-        return [float(part) for part in _parse_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected none, balanced or comma-separated numbers, got {text!r}") from None
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field; unset flags keep the config file's or the default value."""
-    parsers = {"int": int, "float": float, "str": str, "int | None": _parse_optional_int, "float | None": float,
-               "str | None": str, "list[str] | None": _parse_list, "str | list[float]": _parse_class_weights}
-    for f in fields(TrainConfig):
-        if f.name == "peft":  # the alias beside the two settings it names
-            parser.add_argument("--method", choices=methods.method_names(), default=None, help=HELP["method"],
-                                metavar="METHOD")
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
-            continue
-        parser.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, type=parsers[f.type], default=None,
-                            choices=CHOICES.get(f.name), help=HELP.get(f.name), metavar=f.name.upper())
-
-
 def _parse_size(text: str) -> int | str:
     """An integer, or 'all'."""
-    return "all" if text.lower() == "all" else _parse_optional_int(text)
+    return "all" if text.lower() == "all" else parse_optional_int(text)
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -142,11 +38,11 @@ def _add_evaluate_parser(sub) -> None:
                                "every distinct row")
     evaluate.add_argument("--text-column", help="text column of a file source")
     evaluate.add_argument("--label-column", help="label column of a file source")
-    evaluate.add_argument("--label-columns", type=_parse_list, metavar="LABEL_COLUMNS",
+    evaluate.add_argument("--label-columns", type=parse_list, metavar="LABEL_COLUMNS",
                           help="multi-label run: the source's 0/1 label columns (default: the run's own)")
     evaluate.add_argument("--label-delimiter", help="multi-label run: the delimiter of --label-column (default: the "
                                                     "run's own)")
-    evaluate.add_argument("--labels", dest="label_names", type=_parse_list, metavar="LABEL_NAMES",
+    evaluate.add_argument("--labels", dest="label_names", type=parse_list, metavar="LABEL_NAMES",
                           help="the source's label names in class-index order (names integer labels)")
     evaluate.add_argument("--eval-size", type=_parse_size, metavar="EVAL_SIZE",
                           help="texts to sample (stratified); 'all' for every one (default: the run's eval_size "
@@ -172,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run that did not finish (RUN.incomplete, or the hidden .RUN.*.partial of a "
                             "killed process) from its latest checkpoint, with its own settings; the finished run "
                             "takes its normal name and RUN_DIR is removed once it is complete")
-    _add_config_arguments(train)
+    add_config_arguments(train)
     predict = sub.add_parser("predict", help="classify texts with a finished run")
     predict.add_argument("run_dir", help="a run directory written by `lightune train`")
     predict.add_argument("texts", nargs="*", help="texts to classify (default: read standard input)")
@@ -203,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adapter name, once per RUN_DIR in order (default: each run directory's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--allowed-hosts", type=_parse_list, default=[], metavar="HOSTS",
+    serve.add_argument("--allowed-hosts", type=parse_list, default=[], metavar="HOSTS",
                        help="comma-separated Host header values to answer besides localhost, 127.0.0.1 and [::1] "
                             "(each with any port), e.g. lightune.example.com,*.corp.example; on a non-loopback "
                             "--host: the only ones answered (default: any)")
@@ -232,10 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k in SETTING_NAMES and v is not None}
-
-
 class Terminated(BaseException):
     """SIGTERM during training, raised like Ctrl-C's KeyboardInterrupt so the run is kept as <name>.incomplete."""
 
@@ -262,9 +154,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         from .checkpoints import resume_config
 
-        cfg = resume_config(args.resume, args.config, _cli_overrides(args))
+        cfg = resume_config(args.resume, args.config, cli_overrides(args))
     else:
-        cfg = load_config(args.config, _cli_overrides(args))  # bad values fail here, before the heavy imports
+        cfg = load_config(args.config, cli_overrides(args))  # bad values fail here, before the heavy imports
     _silence_library_output()
     from .training import run_training
 
