@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     import datasets
     import torch
 
-    from lightune.forward import clean_text
+    from lightune.texts import clean_text
     from lightune.inference import Classifier
 
     datasets.disable_progress_bars()

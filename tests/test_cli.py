@@ -10,7 +10,8 @@ import pytest
 
 from conftest import write_csv
 from lightune.checkpoints import latest_checkpoint
-from lightune.cli import main, read_texts_file
+from lightune.cli import main
+from lightune.commands.predict import read_texts_file
 
 
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:

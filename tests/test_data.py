@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import synthetic_reviews, write_csv
-from lightune import data, sources
+from lightune import data, texts
 from lightune.config import from_dict
 from lightune.errors import DataError
 
@@ -163,10 +163,10 @@ def test_invalid_utf8_split_across_read_chunks_is_found(tmp_path):
     path.write_bytes(b"ab\n" + "\u00e9".encode() * 3 + b"\xc3" + b"\n")  # a 2-byte character cut short at the end
     for chunk_bytes in (1, 2, 4, 1 << 20):
         with pytest.raises(DataError, match="byte 0xc3 at line 2 \\(byte offset 9\\)"):
-            sources.check_text_file(path, chunk_bytes)
+            texts.check_text_file(path, chunk_bytes)
     path.write_bytes("\u00e9\n".encode() * 5)
     for chunk_bytes in (1, 2, 3):
-        sources.check_text_file(path, chunk_bytes)
+        texts.check_text_file(path, chunk_bytes)
 
 
 def test_json_document_and_json_lines_with_json_suffix_both_load(tmp_path):

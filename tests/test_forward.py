@@ -1,14 +1,9 @@
-"""forward.py: text cleaning, truncation, the checks of texts, and the one forward pass."""
+"""forward.py: truncation (which tokens of a long text are kept)."""
 
 import pytest
 
 from lightune import forward
 from lightune.config import TRUNCATIONS
-from lightune.errors import DataError
-
-
-def test_clean_text_removes_html_breaks():
-    assert forward.clean_text("Great.<br /><br />Loved it<BR>  really") == "Great. Loved it really"
 
 
 def _long_text(n: int) -> str:
@@ -44,18 +39,3 @@ def test_short_texts_are_the_same_under_every_truncation(tiny_model_dir):
     texts = ["good film", _long_text(14)]
     encoded = [forward.encode_texts(tok, texts, 16, t) for t in TRUNCATIONS]
     assert encoded[0] == encoded[1] == encoded[2] == dict(tok(texts))
-
-
-@pytest.mark.parametrize("texts, where, message", [
-    ("a string", None, "predict() takes a list of texts, not a single string"),
-    (["ok", 3], None, "text 2 is not a string (int)"),
-    (["ok", "  "], None, "text 2 is empty"),
-    (["ok", None], "reviews.csv", "reviews.csv: row 2 has an empty text"),
-    (["ok", 3.5], "reviews.csv", "reviews.csv: row 2 has a non-string text (float: 3.5)"),
-    ([], "reviews.csv", "reviews.csv: no rows"),
-])
-def test_one_check_of_texts_for_data_files_and_callers(texts, where, message):
-    with pytest.raises(DataError) as error:
-        forward.check_texts(texts, where)
-    assert str(error.value) == message
-    assert forward.check_texts([], None) == [] and forward.check_texts(("a", "b"), "f") == ["a", "b"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightune import methods, models, quantization
-from lightune.cli import _cli_overrides, build_parser, main
+from lightune.cli import build_parser, main
+from lightune.commands.options import cli_overrides
 from lightune.config import from_dict, load_config
 from lightune.runs import saved_config
 from lightune.data import build_splits
@@ -90,7 +91,7 @@ def test_impossible_combinations_are_one_line(values, message):
 
 def test_cli_method_is_peft_and_quantize(capsys):
     def settings(*argv):
-        return load_config(None, _cli_overrides(build_parser().parse_args(["train", *argv]))).to_dict()
+        return load_config(None, cli_overrides(build_parser().parse_args(["train", *argv]))).to_dict()
 
     assert settings("--method", "qlora") == settings("--peft", "lora", "--quantize", "nf4")
     assert settings("--method", "int8") == settings("--peft", "lora", "--quantize", "int8")

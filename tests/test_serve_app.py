@@ -255,9 +255,10 @@ def test_cli_serves_on_a_socket_bound_before_loading(trained_tiny_run, monkeypat
 
 def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeypatch, capsys):
     from lightune import cli
+    from lightune.commands import serve as serve_command
 
     loads = []
-    monkeypatch.setattr(cli, "build_registry", lambda *args: loads.append(args))
+    monkeypatch.setattr(serve_command, "build_registry", lambda *args: loads.append(args))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

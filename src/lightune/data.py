@@ -10,10 +10,11 @@ from typing import Any
 from datasets import ClassLabel, Dataset
 
 from .errors import DataError
-from .forward import check_texts, clean_text, encode_texts
+from .forward import encode_texts
 from .labels import (MULTI_HOT, check_classes, check_label_sets, deduplicate, encode_labels, is_multi_label,
                      load_multi_label, resolve_label_names)
 from .sources import PACKAGED_SOURCES, load_source
+from .texts import check_texts, clean_text
 
 
 @dataclass

@@ -8,40 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 
 import torch
 
-from .errors import DataError, ModelError
-
-_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-_SPACES = re.compile(r"\s+")
-
-
-def clean_text(text: str) -> str:
-    """Turn HTML line breaks into spaces and collapse whitespace."""
-    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
-
-
-def check_texts(texts, where: str | None = None) -> list[str]:
-    """The texts as a list; DataError naming the first one that is missing, not a string or blank (with `where`, a
-    data source's rows: "WHERE: row N ..."; without, a caller's list: "text N ...")."""
-    if isinstance(texts, str):
-        raise DataError("predict() takes a list of texts, not a single string")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if isinstance(text, str) and text.strip():
-            continue
-        if where is None:
-            raise DataError(f"text {i + 1} is " + ("empty" if isinstance(text, str) else
-                                                   f"not a string ({type(text).__name__})"))
-        if text is None or isinstance(text, str):
-            raise DataError(f"{where}: row {i + 1} has an empty text")
-        raise DataError(f"{where}: row {i + 1} has a non-string text ({type(text).__name__}: {text!r})")
-    if where is not None and not texts:
-        raise DataError(f"{where}: no rows")
-    return texts
-
+from .errors import ModelError
+from .texts import check_texts, clean_text
 
 HEAD_SHARE = 0.25  # head_tail: the share of the token budget kept from the start (Sun et al. 2019: 128 of 510)
 

@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from . import heads, methods, models, quantization
 from .config import TRUNCATIONS
 from .errors import ConfigError, ModelError
-from .forward import check_texts, resolve_device, texts_logits
+from .forward import resolve_device, texts_logits
+from .texts import check_texts
 from .runs import SavedRun, read_run
 
 

@@ -3,10 +3,8 @@ into a `datasets.Dataset` with text and label columns; unreadable files are one-
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import importlib.util
-import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import datasets
 from datasets import ClassLabel, Dataset, concatenate_datasets
 
 from .errors import DataError
+from .texts import check_text_file
 
 PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
 PACKAGED_LABELS = ["negative", "positive"]
@@ -41,38 +40,6 @@ def packaged_reviews_csv() -> Path:
 def _load_packaged(source: str) -> Dataset:
     full = datasets.load_dataset("csv", data_files=str(packaged_reviews_csv()), split="train")
     return full.filter(lambda batch: [s == source for s in batch["source"]], batched=True).remove_columns("source")
-
-
-def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
-    """DataError naming the line and byte offset of the first byte that is not UTF-8 text (or is NUL)."""
-    with path.open("rb") as fh:
-        _check_text_chunks(iter(lambda: fh.read(chunk_bytes), b""), str(path))
-
-
-def decode_text(raw: bytes, where: str) -> str:
-    """raw decoded as UTF-8 (a leading byte-order mark dropped); DataError naming the place of a bad byte or NUL."""
-    _check_text_chunks([raw], where)
-    return raw.decode("utf-8").removeprefix("\ufeff")
-
-
-def _check_text_chunks(chunks, where: str) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = newlines = 0  # bytes and line breaks before this chunk
-    for chunk in itertools.chain(chunks, [b""]):  # the empty chunk ends the input: a cut-off character fails
-        pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the previous chunk
-        problem = None
-        try:
-            decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as exc:
-            problem = (offset - pending + exc.start, f"byte 0x{exc.object[exc.start]:02x}")
-        nul = chunk.find(b"\0")
-        if nul >= 0 and (problem is None or offset + nul < problem[0]):
-            problem = (offset + nul, "a NUL byte")
-        if problem:
-            at, what = problem
-            line = newlines + chunk[:max(0, at - offset)].count(b"\n") + 1
-            raise DataError(f"{where} is not UTF-8 text: {what} at line {line} (byte offset {at})")
-        offset, newlines = offset + len(chunk), newlines + chunk.count(b"\n")
 
 
 def check_json_file(path: Path) -> None:

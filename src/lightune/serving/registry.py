@@ -19,10 +19,11 @@ from transformers import AutoTokenizer
 
 from .. import heads, methods, models, quantization
 from ..errors import AdapterConflictError, LightuneError, ModelError, UnknownAdapterError
-from ..forward import (check_texts, clean_text, encode_texts, eval_chunk_tokens, forward_logits, pad_multiple,
-                       resolve_device, texts_logits, token_budget_batches)
+from ..forward import (encode_texts, eval_chunk_tokens, forward_logits, pad_multiple, resolve_device, texts_logits,
+                       token_budget_batches)
 from ..inference import to_predictions
 from ..runs import read_run
+from ..texts import check_texts, clean_text
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
