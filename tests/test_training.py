@@ -253,7 +253,7 @@ def test_weighted_loss_equals_hand_computed_weighted_cross_entropy():
 
     import torch
 
-    from lightune.training import weighted_cross_entropy
+    from lightune.objectives import weighted_cross_entropy
 
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0], [1.0, -2.0, 0.5]])
     labels = torch.tensor([0, 2, 1, 2, 1])

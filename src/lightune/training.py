@@ -81,22 +81,6 @@ def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
     return chunks
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
-                           denominator) -> torch.Tensor:
-    """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by
-    denominator. With the batch's total weight as denominator this is torch's weighted mean cross-entropy of
-    the batch, and the chunks of a batch add up to it."""
-    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
-
-
-def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, denominator) -> torch.Tensor:
-    """The binary cross-entropy of every (row, label) pair (transformers' BCEWithLogitsLoss for a
-    multi_label_classification model), summed and divided by denominator: rows x labels of the whole batch gives
-    the batch's mean, and its chunks add up to it."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(),
-                                                                reduction="sum") / denominator
-
-
 def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss as a
@@ -117,8 +101,8 @@ def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens:
         with sync:
             with accelerator.autocast():
                 logits = model(**inputs).logits
-            loss = (multi_label_loss(logits, chunk["labels"], denominator) if multi_label
-                    else weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator))
+            loss = (objectives.multi_label_loss(logits, chunk["labels"], denominator) if multi_label
+                    else objectives.weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator))
             accelerator.backward(loss)
         total += loss.detach()
     return total
@@ -177,17 +161,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-def backward_contrastive(model, batch: dict, accelerator: Accelerator,
-                         embeddings: objectives.PooledEmbeddings) -> torch.Tensor:
-    """Forward and backward one batch under the contrastive objective (all of its pairs at once, so the batch is
-    not split into chunks); returns the detached loss."""
-    with accelerator.autocast():
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    loss = objectives.contrastive_loss(embeddings.value, batch["labels"])
-    accelerator.backward(loss)
-    return loss.detach()
-
-
 def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
                 class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
     """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
@@ -197,7 +170,7 @@ def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tok
         model.train()  # again after each evaluation
         batch.pop("length", None)
         if embeddings is not None:
-            loss = backward_contrastive(model, batch, accelerator, embeddings)
+            loss = objectives.backward_contrastive(model, batch, accelerator, embeddings)
         else:
             loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
         if cfg.max_grad_norm:
