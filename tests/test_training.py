@@ -71,12 +71,12 @@ def test_existing_run_is_never_overwritten(tiny_config):
 
 
 def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch):
-    import lightune.training as training
+    import lightune.steps as steps
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_steps", explode)
+    monkeypatch.setattr(steps, "train_steps", explode)
     cfg = tiny_config(run_name="boom")
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, progress=False)
@@ -190,7 +190,7 @@ def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
 
     from lightune import models
     from lightune.config import from_dict
-    from lightune.training import backward_in_chunks, split_batch
+    from lightune.steps import backward_in_chunks, split_batch
 
     cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})
     model = models.prepare_for_training(models.load_base_model(cfg.model, ["neg", "pos"]), cfg).eval()
@@ -377,7 +377,7 @@ def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(ti
 
     from lightune import forward, heads, models
     from lightune.config import from_dict
-    from lightune.training import backward_in_chunks
+    from lightune.steps import backward_in_chunks
 
     assert forward.pad_multiple("cpu", 256) is None
     assert [forward.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]

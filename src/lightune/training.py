@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmu
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
 from . import data as data_mod
-from . import checkpoints, forward, heads, methods, models, objectives
+from . import checkpoints, forward, heads, methods, models, objectives, steps
 from .config import TrainConfig, check_class_weight_count, validate
 from .errors import ConfigError, TrainingError
 from .evaluation import evaluate
@@ -65,47 +65,6 @@ def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, i
     """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
     train = cfg.chunk_tokens or (forward.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
     return train, forward.eval_chunk_tokens(device.type, cfg.chunk_tokens)
-
-
-def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
-    """Row chunks of a padded batch, each at most max_tokens padded tokens and trimmed to its own longest text."""
-    n, width = batch["input_ids"].shape
-    rows = n if max_tokens is None else max(1, max_tokens // width)
-    chunks = []
-    for start in range(0, n, rows):
-        chunk = {k: v[start:start + rows] for k, v in batch.items()}
-        if "attention_mask" in chunk and rows < n:
-            used = int(chunk["attention_mask"].sum(dim=1).max())
-            chunk = {k: (v[:, :used] if v.dim() == 2 and v.shape[1] == width else v) for k, v in chunk.items()}
-        chunks.append(chunk)
-    return chunks
-
-
-def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
-                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss as a
-    detached tensor on the device (reading it is a host sync: left to the evaluation points).
-
-    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights; rows x labels
-    for multi-hot labels), so the summed gradient equals the whole batch's; gradients are synchronised across
-    processes on the last chunk only.
-    """
-    chunks = split_batch(batch, max_tokens)
-    labels = batch["labels"]
-    multi_label = labels.dim() == 2  # multi-hot rows: binary cross-entropy per label
-    denominator = labels.numel() if class_weights is None else class_weights[labels].sum()
-    total = torch.zeros((), device=labels.device)
-    for i, chunk in enumerate(chunks):
-        sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
-        inputs = {k: v for k, v in chunk.items() if k != "labels"}
-        with sync:
-            with accelerator.autocast():
-                logits = model(**inputs).logits
-            loss = (objectives.multi_label_loss(logits, chunk["labels"], denominator) if multi_label
-                    else objectives.weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator))
-            accelerator.backward(loss)
-        total += loss.detach()
-    return total
 
 
 def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -159,37 +118,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated(device), "GPU allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
-
-
-def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
-                class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
-    """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
-    examples seen). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
-    loss, else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
-    for batch in loader:
-        model.train()  # again after each evaluation
-        batch.pop("length", None)
-        if embeddings is not None:
-            loss = objectives.backward_contrastive(model, batch, accelerator, embeddings)
-        else:
-            loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        yield loss, batch["labels"].shape[0] * accelerator.num_processes
-
-
-def finite_losses(pending: list[tuple[torch.Tensor, int, int]]) -> list[float]:
-    """The losses of the steps since the last evaluation, read in one host sync; TrainingError naming the first
-    step whose loss is NaN or infinite, so diverged weights are never saved as a run."""
-    values = torch.stack([loss for loss, _, _ in pending]).tolist() if pending else []
-    for value, (_, epoch, step) in zip(values, pending):
-        if not math.isfinite(value):
-            raise TrainingError(f"training diverged: the loss is {value} at step {step} of epoch {epoch}; "
-                                "lower --lr or keep gradient clipping on (--max-grad-norm)")
-    return values
 
 
 class BestCheckpoint:
@@ -349,11 +277,11 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
     model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
     # optimizer steps of this process (its shard of the data)
-    steps = total_steps(cfg, len(train_loader), objectives.least_steps(objective))
+    n_steps = total_steps(cfg, len(train_loader), objectives.least_steps(objective))
     # a prepared scheduler steps once per process at each optimizer step
     scale = accelerator.num_processes
     scheduler = accelerator.prepare(
-        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
+        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps) * scale, n_steps * scale))
     forward_model = torch.compile(model) if cfg.compile else model
     checkpoints.register_trainable_hooks(accelerator)
 
@@ -388,7 +316,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
                            splits.label_names)
             history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
             best.update(accelerator.unwrap_model(model), history[-1])
-            log(f"contrastive objective, {steps} steps of {cfg.batch_size} texts at learning rate {cfg.lr:g}; probe "
+            log(f"contrastive objective, {n_steps} steps of {cfg.batch_size} texts at learning rate {cfg.lr:g}; probe "
                 f"start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}", accelerator)
         segment_start = time.perf_counter()
 
@@ -398,7 +326,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             if contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
                 start_head_from_probe(accelerator.unwrap_model(model), probe_loader, n_classes, device, progress,
                                       class_weights)
-            losses = finite_losses(pending)  # the host sync of the training loop
+            losses = steps.finite_losses(pending)  # the host sync of the training loop
             train_seconds += time.perf_counter() - segment_start
             pending.clear()
             step_losses.extend(losses)
@@ -421,7 +349,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             state = {"step": done, "epoch": epoch, "batches_in_epoch": in_epoch, "examples": seen,
                      "train_seconds": train_seconds + time.perf_counter() - segment_start,
                      "stopped_early": stopped_early, "base": base, "history": history, "step_losses": step_losses,
-                     "pending": [(v, e, s) for v, (_, e, s) in zip(finite_losses(pending), pending)],
+                     "pending": [(v, e, s) for v, (_, e, s) in zip(steps.finite_losses(pending), pending)],
                      "best_index": history.index(best.entry) if best.entry is not None else None, "stale": best.stale}
             saved = checkpoints.save_checkpoint(accelerator, checkpoint_dir, done, state, best.weights)
             log(f"checkpoint saved: {saved.name}", accelerator)
@@ -433,7 +361,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
         stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
         if embeddings is not None:
             signals.enter_context(embeddings)
-        while done < steps and not stopped_early:
+        while done < n_steps and not stopped_early:
             if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
                 epoch, in_epoch = epoch + 1, 0
             # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
@@ -441,11 +369,11 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
-            bar = tqdm(total=min(steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
+            bar = tqdm(total=min(n_steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
                        disable=not (progress and accelerator.is_local_main_process))
             evaluated = False
             for in_epoch, (loss, n_examples) in enumerate(
-                    train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
+                    steps.train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
                                 class_weights, embeddings), in_epoch + 1):
                 done, seen = done + 1, seen + n_examples
                 pending.append((loss, epoch, in_epoch))
@@ -453,10 +381,10 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
                 if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 # the contrastive objective evaluates once, at the end (the head is refitted there)
-                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0 and not contrastive)
+                evaluated = done == n_steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0 and not contrastive)
                 if evaluated:
                     stopped_early = evaluation_point()
-                if done >= steps or stopped_early:
+                if done >= n_steps or stopped_early:
                     break
                 if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
                     save_checkpoint()
@@ -465,7 +393,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             bar.close()
             if not evaluated and not cfg.eval_steps and not contrastive:
                 stopped_early = evaluation_point()
-            if done < steps and not stopped_early and checkpoint_due(stop):
+            if done < n_steps and not stopped_early and checkpoint_due(stop):
                 save_checkpoint()
                 if stop.stopping:
                     stop.act()
