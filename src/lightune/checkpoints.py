@@ -43,9 +43,10 @@ def finished_name(run_dir: Path) -> str | None:
     return match and (match.group("name") or match.group("staged"))
 
 
-def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved configuration of a run to resume; ConfigError (one line) when run_dir is not a lightune run that
-    did not finish, has no checkpoint, its finished name is taken, or the settings given contradict its own."""
+def resumed_run_dir(run_dir: str | Path) -> Path:
+    """Where the resumed run of run_dir will live: the name the run it continues would have had. The one check
+    of a run to resume: ConfigError (one line) when run_dir is not a lightune run that did not finish, has no
+    checkpoint, or its finished name is taken."""
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
@@ -57,6 +58,15 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
     if (run.parent / name).exists():
         raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
+    return run.parent / name
+
+
+def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved configuration of a run to resume; ConfigError (one line) when run_dir is not a lightune run that
+    did not finish, has no checkpoint, its finished name is taken (resumed_run_dir), a training still writes it, or
+    the settings given contradict its own."""
+    resumed_run_dir(run_dir)
+    run = Path(run_dir)
     from .reporting import run_lock
 
     try:

@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_na
 from . import data as data_mod
 from . import checkpoints, forward, heads, methods, models, objectives, steps
 from .config import TrainConfig, check_class_weight_count, validate
-from .errors import ConfigError, TrainingError
+from .errors import TrainingError
 from .evaluation import evaluate
 from .reporting import final_run_dir, run_lock, staged_run_dir, write_json, write_run_outputs
 
@@ -207,16 +207,6 @@ def log(message: str, accelerator: Accelerator | None = None) -> None:
         tqdm.write(message)
 
 
-def resumed_run_dir(resume: Path) -> Path:
-    """Where a resumed run will live: the name the run it continues would have had."""
-    name = checkpoints.finished_name(resume)
-    if name is None or checkpoints.latest_checkpoint(resume) is None:
-        raise ConfigError(f"{resume} is not a lightune run with a checkpoint")
-    if (resume.parent / name).exists():
-        raise ConfigError(f"run directory {resume.parent / name} already exists")
-    return resume.parent / name
-
-
 def shared_path(path: Path, accelerator: Accelerator) -> Path:
     """The main process's path on every process (the checkpoints of all processes go into the main's run)."""
     return Path(broadcast_object_list([str(path)])[0]) if accelerator.num_processes > 1 else path
@@ -231,7 +221,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     precision = forward.resolve_precision(cfg.precision, device)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     device = accelerator.device  # this process's GPU under `accelerate launch`
-    final = resumed_run_dir(Path(resume)) if resume else final_run_dir(cfg)
+    final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
     model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
     set_seed(cfg.seed)
 
