@@ -112,6 +112,13 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int, least: int = 1) -> int:
     return cfg.max_steps or max(least, math.ceil(cfg.epochs * steps_per_epoch))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the GPU's peak-memory counters afresh, so that a run's peak is its own and not an earlier run's in the
+    same process (compare, tests); the CPU's figure, the process's peak resident set, cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak memory so far: GPU memory allocated on CUDA, else the process's peak resident set."""
     if device.type == "cuda":
@@ -221,6 +228,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     precision = forward.resolve_precision(cfg.precision, device)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     device = accelerator.device  # this process's GPU under `accelerate launch`
+    reset_peak_memory(device)
     final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
     model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
     set_seed(cfg.seed)
