@@ -277,7 +277,7 @@ def test_weighted_loss_equals_hand_computed_weighted_cross_entropy():
 def test_balanced_class_weights_are_n_over_classes_times_count():
     import torch
 
-    from lightune.training import class_weight_tensor
+    from lightune.objectives import class_weight_tensor
 
     weights = class_weight_tensor("balanced", [0, 0, 0, 1, 2, 2], 4, torch.device("cpu"))  # class 3 has no rows
     assert weights.tolist() == pytest.approx([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2), 1.0])

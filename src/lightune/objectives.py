@@ -88,6 +88,22 @@ def resolved_settings(cfg, objective: str) -> dict:
     return settings
 
 
+def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
+    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
+    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(train_labels)
+        weights = np.ones(n_classes)
+        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+    return torch.tensor(setting, dtype=torch.float32, device=device)
+
+
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
                            denominator) -> torch.Tensor:
     """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by

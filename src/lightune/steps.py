@@ -1,6 +1,7 @@
-"""One optimizer step of training: a batch forward and backward (in row chunks within a token budget, or all its
-pairs at once under the contrastive objective), gradient clipping, the optimizer and scheduler steps; and the one
-host sync of the loop, reading the steps' losses at the evaluation points."""
+"""The parts of the training loop below the recipe: the loaders and the token budgets of their batches; one
+optimizer step (a batch forward and backward, in row chunks within a token budget or, under the contrastive
+objective, all its pairs at once; gradient clipping; the optimizer and scheduler steps); and the one host sync of
+the loop, reading the steps' losses at the evaluation points."""
 
 from __future__ import annotations
 
@@ -9,9 +10,59 @@ import math
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
 
-from . import objectives
+from . import forward, methods, objectives
+from .config import TrainConfig
 from .errors import TrainingError
+
+
+def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int,
+                      pad_multiple: int | None = None) -> DataLoader:
+    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see forward.pad_multiple); with
+    group_by_length, texts of similar length share a batch. All the randomness of an epoch's order comes from the
+    loader's generator (reseeded per epoch by the training loop)."""
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                          generator=generator)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
+                      num_workers=num_workers)
+
+
+def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0,
+                     pad_multiple: int | None = None) -> DataLoader:
+    """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
+    for the metrics), widths rounded up to pad_multiple."""
+    batches = forward.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
+    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
+
+
+def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
+    """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
+    train = cfg.chunk_tokens or (forward.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
+    return train, forward.eval_chunk_tokens(device.type, cfg.chunk_tokens)
+
+
+# the parameter names that get no weight decay, as in transformers' Trainer
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, no weight decay on biases and norms (Trainer's grouping); fused
+    kernels on CUDA. LoRA+ (--loraplus-lr-ratio) builds peft's optimizer instead."""
+    if cfg.loraplus_lr_ratio:
+        return methods.lora.loraplus_optimizer(model, cfg, fused=device.type == "cuda")
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
 
 
 def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
@@ -84,3 +135,10 @@ def finite_losses(pending: list[tuple[torch.Tensor, int, int]]) -> list[float]:
             raise TrainingError(f"training diverged: the loss is {value} at step {step} of epoch {epoch}; "
                                 "lower --lr or keep gradient clipping on (--max-grad-norm)")
     return values
+
+
+def check_finite_loss(metrics: dict, what: str) -> None:
+    """TrainingError when an evaluation's loss is NaN or infinite (the trained weights are broken)."""
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingError(f"the loss of the {what} is {metrics['loss']}: the weights are not usable; "
+                            "lower --lr or keep gradient clipping on (--max-grad-norm)")

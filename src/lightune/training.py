@@ -16,17 +16,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
+from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
 from . import checkpoints, forward, heads, methods, models, objectives, steps
 from .config import TrainConfig, check_class_weight_count, validate
-from .errors import TrainingError
 from .evaluation import evaluate
 from .reporting import final_run_dir, run_lock, staged_run_dir, write_json, write_run_outputs
+from .steps import build_optimizer, chunk_budgets, make_eval_loader, make_train_loader
 
 
 @dataclass
@@ -35,52 +33,6 @@ class RunResult:
 
     run_dir: Path
     metrics: dict
-
-
-def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int,
-                      pad_multiple: int | None = None) -> DataLoader:
-    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see forward.pad_multiple); with
-    group_by_length, texts of similar length share a batch. All the randomness of an epoch's order comes from the
-    loader's generator (reseeded per epoch by the training loop)."""
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
-    generator = torch.Generator().manual_seed(seed)
-    if group_by_length:
-        sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                          generator=generator)
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
-                      num_workers=num_workers)
-
-
-def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0,
-                     pad_multiple: int | None = None) -> DataLoader:
-    """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
-    for the metrics), widths rounded up to pad_multiple."""
-    batches = forward.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
-
-
-def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
-    """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
-    train = cfg.chunk_tokens or (forward.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
-    return train, forward.eval_chunk_tokens(device.type, cfg.chunk_tokens)
-
-
-def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
-    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
-    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
-    if setting == "none":
-        return None
-    if setting == "balanced":
-        import numpy as np
-        from sklearn.utils.class_weight import compute_class_weight
-
-        present = np.unique(train_labels)
-        weights = np.ones(n_classes)
-        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
-        return torch.tensor(weights, dtype=torch.float32, device=device)
-    return torch.tensor(setting, dtype=torch.float32, device=device)
 
 
 def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool,
@@ -92,13 +44,6 @@ def start_head_from_probe(model, loader, n_classes: int, device: torch.device, p
     features, labels = heads.head_features(model, loader, progress)
     weights = None if class_weights is None else dict(enumerate(class_weights.tolist()))
     heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes, weights))
-
-
-def check_finite_loss(metrics: dict, what: str) -> None:
-    """TrainingError when an evaluation's loss is NaN or infinite (the trained weights are broken)."""
-    if not math.isfinite(metrics["loss"]):
-        raise TrainingError(f"the loss of the {what} is {metrics['loss']}: the weights are not usable; "
-                            "lower --lr or keep gradient clipping on (--max-grad-norm)")
 
 
 def supported_max_length(requested: int, tokenizer, model_config) -> int:
@@ -174,22 +119,6 @@ def choose_thresholds(cfg: TrainConfig, n_labels: int, model, val_loader, accele
     return tune_thresholds(torch.sigmoid(logits).numpy(), labels.numpy())
 
 
-# the parameter names that get no weight decay, as in transformers' Trainer
-NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-
-
-def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, no weight decay on biases and norms (Trainer's grouping); fused
-    kernels on CUDA. LoRA+ (--loraplus-lr-ratio) builds peft's optimizer instead."""
-    if cfg.loraplus_lr_ratio:
-        return methods.lora.loraplus_optimizer(model, cfg, fused=device.type == "cuda")
-    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
-
-
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
     """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/."""
     folder = run_dir / methods.get(cfg.peft).saves
@@ -254,7 +183,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
     contrastive = objective == "contrastive"
     train_chunk, eval_chunk = chunk_budgets(cfg, device)
     n_classes = len(splits.label_names)
-    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
+    class_weights = objectives.class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
     pad = forward.pad_multiple(device.type, max_length)
     if cfg.head_init == "probe":
         probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers,
@@ -331,7 +260,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
             where = f"step {done}" if cfg.eval_steps else f"epoch {epoch}"
             val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation, {where}", progress,
                            splits.label_names)
-            check_finite_loss(val, f"validation split after {where}")
+            steps.check_finite_loss(val, f"validation split after {where}")
             entry = {"epoch": round(done / len(train_loader), 3), "step": done,
                      "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
             history.append(entry)
@@ -406,7 +335,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
         thresholds = choose_thresholds(cfg, n_classes, forward_model, val_loader, accelerator, progress)
         test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
                         splits.label_names, thresholds)
-        check_finite_loss(test, "fine-tuned model on the test split")
+        steps.check_finite_loss(test, "fine-tuned model on the test split")
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {base['accuracy']:.4f})", accelerator)
         peak_bytes, peak_kind = peak_memory(device)
