@@ -1,4 +1,8 @@
-"""The training recipe: data -> model -> evaluate base -> train with accelerate -> evaluate -> save the run."""
+"""The training recipe: data -> model -> evaluate base -> train with accelerate -> evaluate -> save the run.
+
+run_training reads as the recipe, one call a phase; TrainingRun holds what the phases share (the accelerator, the
+data, the prepared model and optimizer) and the run's state (checkpoints.TrainerState: what a checkpoint saves).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -33,6 +38,309 @@ class RunResult:
 
     run_dir: Path
     metrics: dict
+
+
+def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
+    """Train one configuration end to end and save a complete run directory; with resume (a run that did not
+    finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
+    the new run is complete."""
+    run = TrainingRun(cfg, progress, Path(resume) if resume else None)
+    run.setup_data()
+    run.setup_model()
+    run.setup_training()
+    with (output_dir_for(run.final, run.accelerator) as work,
+          run_lock(resume if run.accelerator.is_main_process else None)):
+        run.start(work)  # the resumed run's latest checkpoint, else the base model's evaluation
+        run.train()
+        metrics = run.finish(work)
+        checkpoints.remove_checkpoints(work)  # a finished run needs none
+        write_run_outputs(work, metrics)
+    log(f"run saved to {run.final}", run.accelerator)
+    if resume and run.accelerator.is_main_process:  # only now: the resumed run is complete
+        shutil.rmtree(resume)
+        log(f"removed {resume}, which this run continued", run.accelerator)
+    return RunResult(run.final, metrics)
+
+
+class TrainingRun:
+    """One run of the recipe: its phases in the order run_training calls them, then their helpers."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool, resume: Path | None):
+        validate(cfg)
+        self.cfg, self.progress, self.resume = cfg, progress, resume
+        device = forward.resolve_device(cfg.device)
+        self.precision = forward.resolve_precision(cfg.precision, device)
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu")
+        self.device = self.accelerator.device  # this process's GPU under `accelerate launch`
+        reset_peak_memory(self.device)
+        self.final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
+        self.model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
+        set_seed(cfg.seed)
+        self.state = checkpoints.TrainerState()
+        self.resumed: dict | None = None  # the run this one continues, and from which step
+
+    def setup_data(self) -> None:
+        """The splits (class weights checked against their labels before the model loads), tokenized."""
+        cfg = self.cfg
+        self.splits = data_mod.build_splits(cfg)
+        check_class_weight_count(cfg.class_weights, self.splits.label_names)  # before the model loads
+        self.n_classes = len(self.splits.label_names)
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.max_length = supported_max_length(cfg.max_length, self.tokenizer, self.model_config)
+        if self.max_length < cfg.max_length:
+            log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {self.max_length}",
+                self.accelerator)
+        self.tokenized = {name: data_mod.tokenize(getattr(self.splits, name), self.tokenizer, self.max_length,
+                                                  cfg.truncation) for name in ("train", "validation", "test")}
+
+    def setup_model(self) -> None:
+        """The base model with its pooling, the objective and the settings it resolves, the head's start (a linear
+        probe with --head-init probe) and the method's trainable parameters."""
+        cfg, device = self.cfg, self.device
+        model = models.load_base_model(cfg.model, self.splits.label_names, cfg.quantize, device, cfg.problem)
+        self.pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
+        heads.apply_pooling(model, self.pooling)
+        # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
+        self.objective = objectives.resolve_objective(cfg, len(self.splits.train), self.pooling)
+        resolved = objectives.resolved_settings(cfg, self.objective)
+        given, self.cfg = cfg, dataclasses.replace(cfg, **resolved)
+        cfg = self.cfg
+        self.saved_config = given.to_dict()
+        self.saved_config["resolved"].update(resolved, learning_rate=cfg.lr)
+        self.contrastive = self.objective == "contrastive"
+        self.train_chunk, self.eval_chunk = chunk_budgets(cfg, device)
+        self.class_weights = objectives.class_weight_tensor(cfg.class_weights, list(self.splits.train["label"]),
+                                                            self.n_classes, device)
+        self.pad = forward.pad_multiple(device.type, self.max_length)
+        self.probe_loader = self.eval_loader("train") if cfg.head_init == "probe" else None
+        if self.probe_loader is not None:
+            start_head_from_probe(model, self.probe_loader, self.n_classes, device, self.progress, self.class_weights)
+        self.model = models.prepare_for_training(model, cfg)
+        self.embeddings = objectives.PooledEmbeddings(self.model) if self.contrastive else None
+        self.params = models.count_parameters(self.model)
+        self.weights_bytes = models.weight_memory_bytes(self.model)
+        log(f"{cfg.method} on {cfg.model} ({device.type}, precision {self.precision}): {self.params}",
+            self.accelerator)
+
+    def setup_training(self) -> None:
+        """The loaders, the optimizer and the learning-rate schedule, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        train_loader = make_train_loader(self.tokenized["train"], self.tokenizer, cfg.batch_size, cfg.group_by_length,
+                                         cfg.seed, cfg.num_workers, self.pad)
+        self.val_loader, self.test_loader = self.eval_loader("validation"), self.eval_loader("test")
+        optimizer = build_optimizer(self.model, cfg, self.device)
+        self.epoch_generator = train_loader.generator
+        # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
+        self.model, self.train_loader, self.optimizer = accelerator.prepare(self.model, train_loader, optimizer)
+        # optimizer steps of this process (its shard of the data)
+        self.n_steps = total_steps(cfg, len(self.train_loader), objectives.least_steps(self.objective))
+        # a prepared scheduler steps once per process at each optimizer step
+        scale = accelerator.num_processes
+        self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * self.n_steps) * scale, self.n_steps * scale))
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        checkpoints.register_trainable_hooks(accelerator)
+
+    def start(self, work: Path) -> None:
+        """config.json into the staged run, then the state to train from: the resumed run's latest checkpoint, else
+        the base model's evaluation on test (and, contrastive, the probe start's on validation)."""
+        self.checkpoint_dir = checkpoints.shared_path(work, self.accelerator)
+        write_json(work / "config.json", self.saved_config)
+        if self.resume:
+            self.resume_from(work)
+        else:
+            self.state.base = self.evaluate(self.test_loader, "base model on test")
+        base = self.state.base
+        start = "linear probe head" if self.cfg.head_init == "probe" else "untrained adapters/head"
+        log(f"base model ({start}, {self.pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
+            f"F1 {base['f1']:.4f}", self.accelerator)
+        # the probe start is a candidate: the saved model is never worse on validation
+        if self.contrastive and not self.resume:
+            self.evaluate_probe_start()
+        self.segment_start = time.perf_counter()
+
+    def resume_from(self, work: Path) -> None:
+        """The model, optimizer, scheduler, random states and TrainerState of the resumed run's latest checkpoint."""
+        latest = checkpoints.latest_checkpoint(self.resume)
+        if self.accelerator.is_main_process:  # the new run is resumable from its first moment
+            shutil.copytree(latest, work / latest.name)
+        saved, self.best.weights = checkpoints.load_checkpoint(self.accelerator, latest)
+        self.state = dataclasses.replace(saved, pending=[(torch.tensor(v, device=self.device), e, s)
+                                                         for v, e, s in saved.pending])
+        self.resumed = {"run": self.resume.name, "step": saved.step}
+        log(f"resuming {self.resume} at step {saved.step} (epoch {saved.epoch}, batch {saved.batches_in_epoch})",
+            self.accelerator)
+
+    def evaluate_probe_start(self) -> None:
+        """The contrastive objective's first candidate: the probe-started model, evaluated on validation."""
+        val = self.evaluate(self.val_loader, "validation, probe start")
+        self.state.history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
+        self.best.update(self.unwrapped(), self.state)
+        log(f"contrastive objective, {self.n_steps} steps of {self.cfg.batch_size} texts at learning rate "
+            f"{self.cfg.lr:g}; probe start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}",
+            self.accelerator)
+
+    def train(self) -> None:
+        """Epochs until n_steps optimizer steps are done or early stopping; SIGINT and SIGTERM stop after the step
+        in progress, with a checkpoint."""
+        state = self.state
+        with checkpoints.StopRequest() as stop, self.embeddings or contextlib.nullcontext():
+            while state.step < self.n_steps and not state.stopped_early:
+                self.train_epoch(stop)
+            if stop.requested(self.accelerator):  # a signal in the last step: resuming gives the final evaluation
+                self.save_checkpoint()
+                stop.act()
+        # from here on Ctrl-C and SIGTERM act at once again
+
+    def train_epoch(self, stop: checkpoints.StopRequest) -> None:
+        """The rest of the epoch in progress (or the next one), with the evaluations and checkpoints due in it."""
+        state, cfg, n_batches = self.state, self.cfg, len(self.train_loader)
+        if state.batches_in_epoch in (0, n_batches):  # else: resuming in the middle of epoch `epoch`
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        loader = self.epoch_loader()
+        bar = tqdm(total=min(self.n_steps - state.step, n_batches - state.batches_in_epoch),
+                   desc=f"epoch {state.epoch}", leave=False,
+                   disable=not (self.progress and self.accelerator.is_local_main_process))
+        evaluated = False
+        batches = steps.train_steps(self.forward_model, loader, self.optimizer, self.scheduler, self.accelerator, cfg,
+                                    self.train_chunk, self.class_weights, self.embeddings)
+        for batch, (loss, n_examples) in enumerate(batches, state.batches_in_epoch + 1):
+            state.step, state.batches_in_epoch, state.examples = state.step + 1, batch, state.examples + n_examples
+            state.pending.append((loss, state.epoch, batch))
+            bar.update(1)
+            if self.device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            # the contrastive objective evaluates once, at the end (the head is refitted there)
+            evaluated = state.step == self.n_steps or bool(
+                cfg.eval_steps and state.step % cfg.eval_steps == 0 and not self.contrastive)
+            if evaluated:
+                state.stopped_early = self.evaluation_point()
+            if state.step >= self.n_steps or state.stopped_early:
+                break
+            if batch < n_batches:  # else after the epoch's evaluation
+                self.checkpoint_if_due(stop)
+        bar.close()
+        if not evaluated and not cfg.eval_steps and not self.contrastive:
+            state.stopped_early = self.evaluation_point()
+        if state.step < self.n_steps and not state.stopped_early:
+            self.checkpoint_if_due(stop)
+
+    def epoch_loader(self):
+        """The batches of the epoch in progress not done yet."""
+        epoch, done = self.state.epoch, self.state.batches_in_epoch
+        # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
+        self.epoch_generator.manual_seed(self.cfg.seed + epoch - 1)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
+
+    def evaluation_point(self) -> bool:
+        """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
+        state, cfg = self.state, self.cfg
+        if self.contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
+            start_head_from_probe(self.unwrapped(), self.probe_loader, self.n_classes, self.device, self.progress,
+                                  self.class_weights)
+        losses = steps.finite_losses(state.pending)  # the host sync of the training loop
+        state.train_seconds += time.perf_counter() - self.segment_start
+        state.pending.clear()
+        state.step_losses.extend(losses)
+        where = f"step {state.step}" if cfg.eval_steps else f"epoch {state.epoch}"
+        val = self.evaluate(self.val_loader, f"validation, {where}")
+        steps.check_finite_loss(val, f"validation split after {where}")
+        entry = {"epoch": round(state.step / len(self.train_loader), 3), "step": state.step,
+                 "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
+        state.history.append(entry)
+        stop = self.best.update(self.unwrapped(), state)
+        log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
+            f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if state.best is entry else ""),
+            self.accelerator)
+        self.segment_start = time.perf_counter()
+        return stop
+
+    def checkpoint_if_due(self, stop: checkpoints.StopRequest) -> None:
+        """A checkpoint now if due: every save_every steps, and before stopping for SIGINT or SIGTERM (then stop)."""
+        every = self.cfg.save_every
+        if stop.requested(self.accelerator) or bool(every and self.state.step % every == 0):
+            self.save_checkpoint()
+            if stop.stopping:
+                stop.act()
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the run at this step, after its evaluation (see checkpoints): the state with its pending
+        losses read, the training time up to now."""
+        state = self.state
+        seconds = state.train_seconds + time.perf_counter() - self.segment_start
+        pending = [(v, e, s) for v, (_, e, s) in zip(steps.finite_losses(state.pending), state.pending)]
+        saved = dataclasses.replace(state, train_seconds=seconds, pending=pending)
+        path = checkpoints.save_checkpoint(self.accelerator, self.checkpoint_dir, saved, self.best.weights)
+        log(f"checkpoint saved: {path.name}", self.accelerator)
+
+    def finish(self, work: Path) -> dict:
+        """The best evaluation's weights back, the thresholds (multi-label), the fine-tuned model's evaluation on
+        test and the model saved into work; returns the run's metrics."""
+        state, cfg = self.state, self.cfg
+        if state.best is not state.history[-1]:
+            self.best.restore(self.unwrapped())
+            log(f"keeping the best evaluation's weights: step {state.best['step']} (validation "
+                f"{cfg.metric_for_best} {state.best['validation'][cfg.metric_for_best]:.4f})", self.accelerator)
+        thresholds = choose_thresholds(cfg, self.n_classes, self.forward_model, self.val_loader, self.accelerator,
+                                       self.progress)
+        test = self.evaluate(self.test_loader, "fine-tuned on test", thresholds)
+        steps.check_finite_loss(test, "fine-tuned model on the test split")
+        log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
+            f"(base {state.base['accuracy']:.4f})", self.accelerator)
+        peak_bytes, peak_kind = peak_memory(self.device)
+        saved_as = save_model(self.unwrapped(), self.tokenizer, work, cfg)
+        metrics = self.metrics(test, saved_as, peak_bytes, peak_kind)
+        if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
+            metrics["thresholds"] = dict(zip(self.splits.label_names, thresholds))
+        return metrics
+
+    def metrics(self, test: dict, saved_as: str, peak_bytes: int, peak_kind: str) -> dict:
+        """metrics.json of the run (thresholds apart)."""
+        state, cfg, best = self.state, self.cfg, self.state.best
+        adapter = getattr(self.unwrapped(), "peft_config", {}).get("default")
+        adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
+        return {
+            "run_name": self.final.name,
+            "config": self.saved_config,
+            "device": self.device.type,
+            "precision": self.precision,
+            "saved": saved_as,
+            "target_modules": sorted(adapter.target_modules) if adapter and not isinstance(adapter.target_modules, str)
+            else ([adapter.target_modules] if adapter else None),
+            "data": self.splits.info,
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "parameters": {"trainable": self.params.trainable, "total": self.params.total, "share": self.params.share},
+            "memory": {"weights_bytes": self.weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
+            "training": {"steps": state.step, "examples": state.examples, "seconds": state.train_seconds,
+                         "samples_per_s": state.examples / state.train_seconds if state.train_seconds else 0.0,
+                         "step_losses": state.step_losses, "steps_per_epoch": len(self.train_loader),
+                         "objective": self.objective, "stopped_early": state.stopped_early,
+                         "resumed_from": self.resumed, "processes": self.accelerator.num_processes},
+            "best": {"step": best["step"], "epoch": best["epoch"], "metric": cfg.metric_for_best,
+                     "value": best["validation"][cfg.metric_for_best]},
+            "base": state.base,
+            "history": state.history,
+            "test": test,
+        }
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """Token-budget batches of a tokenized split, for evaluation (and the probe's features)."""
+        cfg = self.cfg
+        return make_eval_loader(self.tokenized[split], self.tokenizer, cfg.eval_batch_size, self.eval_chunk,
+                                cfg.num_workers, self.pad)
+
+    def evaluate(self, loader: DataLoader, desc: str, thresholds: list[float] | None = None) -> dict:
+        """The metrics of the model being trained on one split (see evaluation.evaluate)."""
+        return evaluate(self.forward_model, loader, self.n_classes, self.accelerator, desc, self.progress,
+                        self.splits.label_names, thresholds)
+
+    def unwrapped(self):
+        """The model without accelerate's wrappers: the one whose weights are read and written."""
+        return self.accelerator.unwrap_model(self.model)
 
 
 def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool,
@@ -72,39 +380,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-class BestCheckpoint:
-    """The best validation evaluation so far (by metric_for_best) with a copy of the trainable weights at it,
-    and early stopping: stop after `patience` evaluations in a row without improvement."""
-
-    def __init__(self, metric: str, patience: int | None):
-        self.metric, self.patience = metric, patience
-        self.entry: dict | None = None  # the history entry of the best evaluation
-        self.weights: dict[str, torch.Tensor] = {}
-        self.stale = 0
-
-    def improves(self, validation: dict) -> bool:
-        if self.entry is None:
-            return True
-        new, best = validation[self.metric], self.entry["validation"][self.metric]
-        return new < best if self.metric == "loss" else new > best
-
-    def update(self, model, entry: dict) -> bool:
-        """Record one evaluation (copying the weights when it is the best); True when training should stop."""
-        if self.improves(entry["validation"]):
-            self.entry, self.stale = entry, 0
-            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        else:
-            self.stale += 1
-        return self.patience is not None and self.stale >= self.patience
-
-    @torch.no_grad()
-    def restore(self, model) -> None:
-        """Put the best evaluation's weights back into model."""
-        params = dict(model.named_parameters())
-        for name, weight in self.weights.items():
-            params[name].copy_(weight)
-
-
 def choose_thresholds(cfg: TrainConfig, n_labels: int, model, val_loader, accelerator,
                       progress: bool) -> list[float] | None:
     """Multi-label: each label's threshold, tuned on the validation split with tune_thresholds (the threshold
@@ -141,237 +416,3 @@ def _scratch_dir():
 def log(message: str, accelerator: Accelerator | None = None) -> None:
     if accelerator is None or accelerator.is_main_process:
         tqdm.write(message)
-
-
-def shared_path(path: Path, accelerator: Accelerator) -> Path:
-    """The main process's path on every process (the checkpoints of all processes go into the main's run)."""
-    return Path(broadcast_object_list([str(path)])[0]) if accelerator.num_processes > 1 else path
-
-
-def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
-    """Train one configuration end to end and save a complete run directory; with resume (a run that did not
-    finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
-    the new run is complete."""
-    validate(cfg)
-    device = forward.resolve_device(cfg.device)
-    precision = forward.resolve_precision(cfg.precision, device)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    device = accelerator.device  # this process's GPU under `accelerate launch`
-    reset_peak_memory(device)
-    final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
-    model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
-    set_seed(cfg.seed)
-
-    splits = data_mod.build_splits(cfg)
-    check_class_weight_count(cfg.class_weights, splits.label_names)  # before the model loads
-    tokenizer = models.load_tokenizer(cfg.model)
-    max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
-    if max_length < cfg.max_length:
-        log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {max_length}", accelerator)
-    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length, cfg.truncation)
-                 for name in ("train", "validation", "test")}
-
-    model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device, cfg.problem)
-    pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
-    heads.apply_pooling(model, pooling)
-    # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
-    objective = objectives.resolve_objective(cfg, len(splits.train), pooling)
-    resolved = objectives.resolved_settings(cfg, objective)
-    given, cfg = cfg, dataclasses.replace(cfg, **resolved)
-    saved_config = given.to_dict()
-    saved_config["resolved"].update(resolved, learning_rate=cfg.lr)
-    contrastive = objective == "contrastive"
-    train_chunk, eval_chunk = chunk_budgets(cfg, device)
-    n_classes = len(splits.label_names)
-    class_weights = objectives.class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
-    pad = forward.pad_multiple(device.type, max_length)
-    if cfg.head_init == "probe":
-        probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers,
-                                        pad)
-        start_head_from_probe(model, probe_loader, n_classes, device, progress, class_weights)
-    model = models.prepare_for_training(model, cfg)
-    embeddings = objectives.PooledEmbeddings(model) if contrastive else None
-    params = models.count_parameters(model)
-    weights_bytes = models.weight_memory_bytes(model)
-
-    log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
-    train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
-                                     cfg.num_workers, pad)
-    val_loader, test_loader = (make_eval_loader(tokenized[name], tokenizer, cfg.eval_batch_size, eval_chunk,
-                                                cfg.num_workers, pad) for name in ("validation", "test"))
-    optimizer = build_optimizer(model, cfg, device)
-    epoch_generator = train_loader.generator
-    # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
-    model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
-    # optimizer steps of this process (its shard of the data)
-    n_steps = total_steps(cfg, len(train_loader), objectives.least_steps(objective))
-    # a prepared scheduler steps once per process at each optimizer step
-    scale = accelerator.num_processes
-    scheduler = accelerator.prepare(
-        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * n_steps) * scale, n_steps * scale))
-    forward_model = torch.compile(model) if cfg.compile else model
-    checkpoints.register_trainable_hooks(accelerator)
-
-    with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
-          contextlib.ExitStack() as signals):
-        checkpoint_dir = shared_path(work, accelerator)
-        write_json(work / "config.json", saved_config)
-        history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
-        pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, epoch, step in the epoch) since the last evaluation
-        best = BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
-        in_epoch, stopped_early, resumed = 0, False, None  # batches done in the epoch in progress
-        if resume:
-            latest = checkpoints.latest_checkpoint(Path(resume))
-            if accelerator.is_main_process:  # the new run is resumable from its first moment
-                shutil.copytree(latest, work / latest.name)
-            state, best.weights = checkpoints.load_checkpoint(accelerator, latest)
-            base, history, step_losses = state["base"], state["history"], state["step_losses"]
-            done, epoch, in_epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"], state["examples"]
-            train_seconds, stopped_early, best.stale = state["train_seconds"], state["stopped_early"], state["stale"]
-            best.entry = history[state["best_index"]] if state["best_index"] is not None else None
-            pending = [(torch.tensor(v, device=device), e, s) for v, e, s in state["pending"]]
-            resumed = {"run": Path(resume).name, "step": done}
-            log(f"resuming {resume} at step {done} (epoch {epoch}, batch {in_epoch})", accelerator)
-        else:
-            base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
-                            splits.label_names)
-        start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
-        log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
-            f"F1 {base['f1']:.4f}", accelerator)
-        if contrastive and not resume:  # the probe start is a candidate: the saved model is never worse on validation
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, "validation, probe start", progress,
-                           splits.label_names)
-            history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
-            best.update(accelerator.unwrap_model(model), history[-1])
-            log(f"contrastive objective, {n_steps} steps of {cfg.batch_size} texts at learning rate {cfg.lr:g}; probe "
-                f"start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}", accelerator)
-        segment_start = time.perf_counter()
-
-        def evaluation_point() -> bool:
-            """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
-            nonlocal train_seconds, segment_start
-            if contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
-                start_head_from_probe(accelerator.unwrap_model(model), probe_loader, n_classes, device, progress,
-                                      class_weights)
-            losses = steps.finite_losses(pending)  # the host sync of the training loop
-            train_seconds += time.perf_counter() - segment_start
-            pending.clear()
-            step_losses.extend(losses)
-            where = f"step {done}" if cfg.eval_steps else f"epoch {epoch}"
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation, {where}", progress,
-                           splits.label_names)
-            steps.check_finite_loss(val, f"validation split after {where}")
-            entry = {"epoch": round(done / len(train_loader), 3), "step": done,
-                     "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
-            history.append(entry)
-            stop = best.update(accelerator.unwrap_model(model), entry)
-            log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
-                f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if best.entry is entry else ""),
-                accelerator)
-            segment_start = time.perf_counter()
-            return stop
-
-        def save_checkpoint() -> None:
-            """Checkpoint the run at this step, after its evaluation (see checkpoints)."""
-            state = {"step": done, "epoch": epoch, "batches_in_epoch": in_epoch, "examples": seen,
-                     "train_seconds": train_seconds + time.perf_counter() - segment_start,
-                     "stopped_early": stopped_early, "base": base, "history": history, "step_losses": step_losses,
-                     "pending": [(v, e, s) for v, (_, e, s) in zip(steps.finite_losses(pending), pending)],
-                     "best_index": history.index(best.entry) if best.entry is not None else None, "stale": best.stale}
-            saved = checkpoints.save_checkpoint(accelerator, checkpoint_dir, done, state, best.weights)
-            log(f"checkpoint saved: {saved.name}", accelerator)
-
-        def checkpoint_due(stop: checkpoints.StopRequest) -> bool:
-            """A checkpoint now: every save_every steps, and before stopping for SIGINT or SIGTERM."""
-            return stop.requested(accelerator) or bool(cfg.save_every and done % cfg.save_every == 0)
-
-        stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
-        if embeddings is not None:
-            signals.enter_context(embeddings)
-        while done < n_steps and not stopped_early:
-            if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
-                epoch, in_epoch = epoch + 1, 0
-            # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
-            epoch_generator.manual_seed(cfg.seed + epoch - 1)
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
-            bar = tqdm(total=min(n_steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
-                       disable=not (progress and accelerator.is_local_main_process))
-            evaluated = False
-            for in_epoch, (loss, n_examples) in enumerate(
-                    steps.train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
-                                class_weights, embeddings), in_epoch + 1):
-                done, seen = done + 1, seen + n_examples
-                pending.append((loss, epoch, in_epoch))
-                bar.update(1)
-                if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                # the contrastive objective evaluates once, at the end (the head is refitted there)
-                evaluated = done == n_steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0 and not contrastive)
-                if evaluated:
-                    stopped_early = evaluation_point()
-                if done >= n_steps or stopped_early:
-                    break
-                if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
-                    save_checkpoint()
-                    if stop.stopping:
-                        stop.act()
-            bar.close()
-            if not evaluated and not cfg.eval_steps and not contrastive:
-                stopped_early = evaluation_point()
-            if done < n_steps and not stopped_early and checkpoint_due(stop):
-                save_checkpoint()
-                if stop.stopping:
-                    stop.act()
-        if stop.requested(accelerator):  # a signal in the last step: resuming gives the final evaluation
-            save_checkpoint()
-            stop.act()
-        signals.close()  # from here on Ctrl-C and SIGTERM act at once again
-        if best.entry is not history[-1]:
-            best.restore(accelerator.unwrap_model(model))
-            log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
-                f"{cfg.metric_for_best} {best.entry['validation'][cfg.metric_for_best]:.4f})", accelerator)
-        thresholds = choose_thresholds(cfg, n_classes, forward_model, val_loader, accelerator, progress)
-        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
-                        splits.label_names, thresholds)
-        steps.check_finite_loss(test, "fine-tuned model on the test split")
-        log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
-            f"(base {base['accuracy']:.4f})", accelerator)
-        peak_bytes, peak_kind = peak_memory(device)
-        saved_as = save_model(accelerator.unwrap_model(model), tokenizer, work, cfg)
-        adapter = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
-        adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
-        metrics = {
-            "run_name": final.name,
-            "config": saved_config,
-            "device": device.type,
-            "precision": precision,
-            "saved": saved_as,
-            "target_modules": sorted(adapter.target_modules) if adapter and not isinstance(adapter.target_modules, str)
-            else ([adapter.target_modules] if adapter else None),
-            "data": splits.info,
-            "max_length": max_length,
-            "pooling": pooling,
-            "parameters": {"trainable": params.trainable, "total": params.total, "share": params.share},
-            "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
-            "training": {"steps": done, "examples": seen, "seconds": train_seconds,
-                         "samples_per_s": seen / train_seconds if train_seconds else 0.0,
-                         "step_losses": step_losses, "steps_per_epoch": len(train_loader), "objective": objective,
-                         "stopped_early": stopped_early, "resumed_from": resumed,
-                         "processes": accelerator.num_processes},
-            "best": {"step": best.entry["step"], "epoch": best.entry["epoch"], "metric": cfg.metric_for_best,
-                     "value": best.entry["validation"][cfg.metric_for_best]},
-            "base": base,
-            "history": history,
-            "test": test,
-        }
-        if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
-            metrics["thresholds"] = dict(zip(splits.label_names, thresholds))
-        checkpoints.remove_checkpoints(work)  # a finished run needs none
-        write_run_outputs(work, metrics)
-    log(f"run saved to {final}", accelerator)
-    if resume and accelerator.is_main_process:  # only now: the resumed run is complete
-        shutil.rmtree(resume)
-        log(f"removed {resume}, which this run continued", accelerator)
-    return RunResult(final, metrics)
