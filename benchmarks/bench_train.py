@@ -61,7 +61,7 @@ def lightune_config(args, seed: int, output_dir: str, recipe: str = "lightune"):
 
 
 def peak_bytes(device) -> int:
-    from lightune.training import peak_memory
+    from lightune.forward import peak_memory
 
     return peak_memory(device)[0]
 

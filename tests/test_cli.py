@@ -110,12 +110,12 @@ def test_main_returns_exit_code_without_subprocess(capsys):
 
 def test_unexpected_failure_ends_the_progress_bar_and_names_the_incomplete_run(tiny_model_dir, reviews_csv, tmp_path,
                                                                                monkeypatch, capsys):
-    import lightune.training as training
+    import lightune.steps as steps
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(training, "backward_in_chunks", fail)  # inside the epoch's progress bar
+    monkeypatch.setattr(steps, "backward_in_chunks", fail)  # inside the epoch's progress bar
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--max-length", "32",
                  "--output-dir", str(tmp_path), "--run-name", "boom"])
     assert code == 1

@@ -13,7 +13,8 @@ from sklearn.linear_model import LogisticRegression
 from lightune import heads, models
 from lightune.errors import ModelError
 from lightune.inference import Classifier
-from lightune.training import make_eval_loader, run_training, start_head_from_probe
+from lightune.heads import start_head_from_probe
+from lightune.training import make_eval_loader, run_training
 
 LABELS = ["neg", "pos"]
 

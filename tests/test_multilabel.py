@@ -120,7 +120,7 @@ def test_bad_multi_label_data_fails_before_the_model_loads(tiny_model_dir, tmp_p
 def test_multi_label_loss_is_the_hand_computed_binary_cross_entropy_and_transformers_own():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lightune.training import multi_label_loss
+    from lightune.objectives import multi_label_loss
 
     logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 0.8, -2.0]])
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])

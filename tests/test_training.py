@@ -71,12 +71,12 @@ def test_existing_run_is_never_overwritten(tiny_config):
 
 
 def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch):
-    import lightune.training as training
+    import lightune.steps as steps
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_steps", explode)
+    monkeypatch.setattr(steps, "train_steps", explode)
     cfg = tiny_config(run_name="boom")
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, progress=False)
@@ -190,7 +190,7 @@ def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
 
     from lightune import models
     from lightune.config import from_dict
-    from lightune.training import backward_in_chunks, split_batch
+    from lightune.steps import backward_in_chunks, split_batch
 
     cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})
     model = models.prepare_for_training(models.load_base_model(cfg.model, ["neg", "pos"]), cfg).eval()
@@ -253,7 +253,7 @@ def test_weighted_loss_equals_hand_computed_weighted_cross_entropy():
 
     import torch
 
-    from lightune.training import weighted_cross_entropy
+    from lightune.objectives import weighted_cross_entropy
 
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0], [1.0, -2.0, 0.5]])
     labels = torch.tensor([0, 2, 1, 2, 1])
@@ -277,7 +277,7 @@ def test_weighted_loss_equals_hand_computed_weighted_cross_entropy():
 def test_balanced_class_weights_are_n_over_classes_times_count():
     import torch
 
-    from lightune.training import class_weight_tensor
+    from lightune.objectives import class_weight_tensor
 
     weights = class_weight_tensor("balanced", [0, 0, 0, 1, 2, 2], 4, torch.device("cpu"))  # class 3 has no rows
     assert weights.tolist() == pytest.approx([6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2), 1.0])
@@ -377,7 +377,7 @@ def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(ti
 
     from lightune import forward, heads, models
     from lightune.config import from_dict
-    from lightune.training import backward_in_chunks
+    from lightune.steps import backward_in_chunks
 
     assert forward.pad_multiple("cpu", 256) is None
     assert [forward.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]

@@ -5,20 +5,26 @@ random states of every process) with the trainable weights only (the frozen base
 the best evaluation's weights and trainer_state.json (data position, history, best evaluation). It is written
 as a hidden `.checkpoint-<step>.tmp` and renamed when complete, and older checkpoints are removed after that,
 so a kill at any moment leaves the previous checkpoint usable.
+
+TrainerState is trainer_state.json, field for field, and the state a run trains with; BestCheckpoint holds the best
+evaluation's weights (best.safetensors) and decides early stopping; resumed_run_dir is the one check of a run to
+resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, expand_method, from_dict, read_toml
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is not complete
@@ -28,6 +34,66 @@ BEST_FILE = "best.safetensors"
 # (.<name>.<random>.partial)
 KEPT_RUN = re.compile(r"(?P<name>[^.].*)\.incomplete(-\d+)?|\.(?P<staged>.+)\.[a-z0-9_]+\.partial")
 RESUME_MAY_CHANGE = {"save_every"}  # settings a resumed run may change: they do not change the weights
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: all that a checkpoint's trainer_state.json holds (its keys are these fields), and what
+    a resumed run starts from. While training, pending holds the losses as device tensors (read at the evaluation
+    points); the file holds their values."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (from 1; 0 before training)
+    batches_in_epoch: int = 0  # batches done in the epoch in progress
+    examples: int = 0  # training examples seen, all processes together
+    train_seconds: float = 0.0  # time spent training, evaluations apart
+    stopped_early: bool = False
+    base: dict | None = None  # the base model's evaluation on test
+    history: list[dict] = field(default_factory=list)  # the validation evaluations
+    step_losses: list[float] = field(default_factory=list)  # each step's loss, up to the last evaluation
+    pending: list[tuple] = field(default_factory=list)  # (loss, epoch, step in the epoch) since the last evaluation
+    best_index: int | None = None  # the best evaluation's entry in history
+    stale: int = 0  # evaluations in a row without improvement since the best one
+
+    @property
+    def best(self) -> dict | None:
+        """The history entry of the best evaluation (None before the first)."""
+        return None if self.best_index is None else self.history[self.best_index]
+
+
+class BestCheckpoint:
+    """The best validation evaluation so far (by metric_for_best) with a copy of the trainable weights at it,
+    and early stopping: stop after `patience` evaluations in a row without improvement. Which evaluation is the
+    best and how many followed it are kept in the run's TrainerState (best_index, stale), the weights here."""
+
+    def __init__(self, metric: str, patience: int | None):
+        self.metric, self.patience = metric, patience
+        self.weights: dict = {}  # name -> tensor of the trainable parameters at the best evaluation
+
+    def improves(self, best: dict | None, validation: dict) -> bool:
+        if best is None:
+            return True
+        new, old = validation[self.metric], best["validation"][self.metric]
+        return new < old if self.metric == "loss" else new > old
+
+    def update(self, model, state: TrainerState) -> bool:
+        """Record the state's latest evaluation (copying the weights when it is the best); True when training
+        should stop."""
+        if self.improves(state.best, state.history[-1]["validation"]):
+            state.best_index, state.stale = len(state.history) - 1, 0
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            state.stale += 1
+        return self.patience is not None and state.stale >= self.patience
+
+    def restore(self, model) -> None:
+        """Put the best evaluation's weights back into model."""
+        import torch
+
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                params[name].copy_(weight)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -43,9 +109,10 @@ def finished_name(run_dir: Path) -> str | None:
     return match and (match.group("name") or match.group("staged"))
 
 
-def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved configuration of a run to resume; ConfigError (one line) when run_dir is not a lightune run that
-    did not finish, has no checkpoint, its finished name is taken, or the settings given contradict its own."""
+def resumed_run_dir(run_dir: str | Path) -> Path:
+    """Where the resumed run of run_dir will live: the name the run it continues would have had. The one check
+    of a run to resume: ConfigError (one line) when run_dir is not a lightune run that did not finish, has no
+    checkpoint, or its finished name is taken."""
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
@@ -57,7 +124,16 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
     if (run.parent / name).exists():
         raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
-    from .runs import run_lock, saved_config
+    return run.parent / name
+
+
+def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved configuration of a run to resume; ConfigError (one line) when run_dir is not a lightune run that
+    did not finish, has no checkpoint, its finished name is taken (resumed_run_dir), a training still writes it, or
+    the settings given contradict its own."""
+    resumed_run_dir(run_dir)
+    run = Path(run_dir)
+    from .runs import read_given_config, run_lock, saved_config
 
     try:
         with run_lock(run):
@@ -65,8 +141,8 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
     except ConfigError:
         raise ConfigError(f"--resume {run_dir}: a training is still writing this run") from None
     try:
-        saved = saved_config(json.loads((run / "config.json").read_text()))
-    except (OSError, ValueError) as exc:
+        saved = saved_config(read_given_config(run))
+    except (ModelError, ConfigError) as exc:
         raise ConfigError(f"--resume {run_dir}: cannot read its config.json ({exc})") from None
     saved.pop("method")
     saved.pop("resolved", None)
@@ -103,18 +179,27 @@ def trainable_weights(model) -> dict:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(accelerator, work: Path, step: int, state: dict, best_weights: dict) -> Path:
+def shared_path(path: Path, accelerator) -> Path:
+    """The main process's path on every process (the checkpoints of all processes go into the main's run)."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    return Path(broadcast_object_list([str(path)])[0])
+
+
+def save_checkpoint(accelerator, work: Path, state: TrainerState, best_weights: dict) -> Path:
     """Write checkpoint-<step> atomically into work (called on every process; work is the main process's run)."""
     from safetensors.torch import save_file
 
     from .runs import write_json
 
-    final, tmp = work / f"checkpoint-{step}", work / f".checkpoint-{step}.tmp"
+    final, tmp = work / f"checkpoint-{state.step}", work / f".checkpoint-{state.step}.tmp"
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
         save_file({n: w.contiguous() for n, w in best_weights.items()}, tmp / BEST_FILE)
-        write_json(tmp / STATE_FILE, state)
+        write_json(tmp / STATE_FILE, dataclasses.asdict(state))
         os.rename(tmp, final)
         remove_checkpoints(work, keep=final)
     accelerator.wait_for_everyone()
@@ -131,13 +216,13 @@ def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
             shutil.rmtree(hidden)
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
+def load_checkpoint(accelerator, checkpoint: Path) -> tuple[TrainerState, dict]:
     """Restore the prepared model's trainable weights, optimizer, scheduler and random states from checkpoint;
     return (trainer state, best evaluation's weights)."""
     from safetensors.torch import load_file
 
     accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
     return state, load_file(checkpoint / BEST_FILE, device=str(accelerator.device))
 
 

@@ -111,14 +111,7 @@ class CellError(Exception):
 
 
 def _run_in_process(cfg: TrainConfig, progress: bool) -> dict:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-    return run_training(cfg, progress=progress).metrics
+    return run_training(cfg, progress=progress).metrics  # which resets the GPU's peak-memory counters itself
 
 
 def run_compare(plan: ComparePlan, progress: bool = True, log: Callable[[str], None] | None = None,

@@ -152,3 +152,15 @@ def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evalu
     metrics = score(logits, labels, n_classes, label_names, thresholds)
     metrics.update(examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
     return metrics
+
+
+def choose_thresholds(cfg, n_labels: int, model, val_loader, accelerator,
+                      progress: bool) -> list[float] | None:
+    """Multi-label: each label's threshold, tuned on the validation split with tune_thresholds (the threshold
+    that maximises the label's F1 there), else 0.5; None for single-label runs."""
+    if cfg.problem != "multi_label":
+        return None
+    if not cfg.tune_thresholds:
+        return [DEFAULT_THRESHOLD] * n_labels
+    logits, labels = predict_logits(model, val_loader, accelerator, "tuning thresholds", progress)
+    return tune_thresholds(torch.sigmoid(logits).numpy(), labels.numpy())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
+import sys
 
 import torch
 
@@ -114,6 +116,21 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise ModelError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
     return {"fp32": "no"}.get(requested, requested)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the GPU's peak-memory counters afresh, so that a run's peak is its own and not an earlier run's in the
+    same process (compare, tests); the CPU's figure, the process's peak resident set, cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory so far: GPU memory allocated on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
 @torch.no_grad()

@@ -162,3 +162,14 @@ def set_head_from_probe(model, probe) -> None:
     layer.weight.data.copy_(coef)
     if layer.bias is not None:
         layer.bias.data.copy_(intercept)
+
+
+def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool,
+                          class_weights: torch.Tensor | None = None) -> None:
+    """Fit a logistic regression on the frozen pooled training features (weighting the classes as the training
+    loss does) and start the classifier from it."""
+    if getattr(model, "hf_quantizer", None) is None:
+        model.to(device)  # quantized models were loaded onto their device
+    features, labels = head_features(model, loader, progress)
+    weights = None if class_weights is None else dict(enumerate(class_weights.tolist()))
+    set_head_from_probe(model, fit_probe(features, labels, n_classes, weights))

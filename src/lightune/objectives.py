@@ -9,9 +9,14 @@ lightune trains the adapters (not the whole body) on in-batch pairs, so a step r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # auto picks the contrastive objective up to this many training examples, else cross-entropy (measured at 32 and
 # 128 examples on IMDb, cross-entropy at 2,500; the boundary between them is not: README, "Few-shot")
@@ -83,6 +88,38 @@ def resolved_settings(cfg, objective: str) -> dict:
     return settings
 
 
+def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
+    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
+    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(train_labels)
+        weights = np.ones(n_classes)
+        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
+        return torch.tensor(weights, dtype=torch.float32, device=device)
+    return torch.tensor(setting, dtype=torch.float32, device=device)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                           denominator) -> torch.Tensor:
+    """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by
+    denominator. With the batch's total weight as denominator this is torch's weighted mean cross-entropy of
+    the batch, and the chunks of a batch add up to it."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
+
+
+def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, denominator) -> torch.Tensor:
+    """The binary cross-entropy of every (row, label) pair (transformers' BCEWithLogitsLoss for a
+    multi_label_classification model), summed and divided by denominator: rows x labels of the whole batch gives
+    the batch's mean, and its chunks add up to it."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(),
+                                                                reduction="sum") / denominator
+
+
 def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """SetFit's CosineSimilarityLoss over every pair of a batch: the mean squared difference between the pair's
     cosine similarity and 1 (same label) or 0 (different labels)."""
@@ -114,3 +151,13 @@ class PooledEmbeddings:
 
     def __exit__(self, *exc) -> None:
         self.handle.remove()
+
+
+def backward_contrastive(model, batch: dict, accelerator: Accelerator, embeddings: PooledEmbeddings) -> torch.Tensor:
+    """Forward and backward one batch under the contrastive objective (all of its pairs at once, so the batch is
+    not split into chunks); returns the detached loss."""
+    with accelerator.autocast():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    loss = contrastive_loss(embeddings.value, batch["labels"])
+    accelerator.backward(loss)
+    return loss.detach()

@@ -1,13 +1,15 @@
-"""The training recipe: data -> model -> evaluate base -> train with accelerate -> evaluate -> save the run."""
+"""The training recipe: data -> model -> evaluate base -> train with accelerate -> evaluate -> save the run.
+
+run_training reads as the recipe, one call a phase; TrainingRun holds what the phases share (the accelerator, the
+data, the prepared model and optimizer) and the run's state (checkpoints.TrainerState: what a checkpoint saves).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,19 +17,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_parameter_names
+from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import checkpoints, forward, heads, methods, models, objectives
+from . import checkpoints, forward, heads, methods, models, objectives, steps
 from .config import TrainConfig, check_class_weight_count, validate
-from .errors import ConfigError, TrainingError
-from .evaluation import evaluate
+from .evaluation import choose_thresholds, evaluate
 from .reporting import write_run_outputs
 from .runs import final_run_dir, run_lock, staged_run_dir, write_json
+from .steps import build_optimizer, chunk_budgets, make_eval_loader, make_train_loader
 
 
 @dataclass
@@ -38,125 +39,307 @@ class RunResult:
     metrics: dict
 
 
-def make_train_loader(ds, tokenizer, batch_size: int, group_by_length: bool, seed: int, num_workers: int,
-                      pad_multiple: int | None = None) -> DataLoader:
-    """Shuffled batches padded on the fly (widths rounded up to pad_multiple, see forward.pad_multiple); with
-    group_by_length, texts of similar length share a batch. All the randomness of an epoch's order comes from the
-    loader's generator (reseeded per epoch by the training loop)."""
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
-    generator = torch.Generator().manual_seed(seed)
-    if group_by_length:
-        sampler = LengthGroupedSampler(batch_size, lengths=list(ds["length"]), generator=generator)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                          generator=generator)
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
-                      num_workers=num_workers)
+def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
+    """Train one configuration end to end and save a complete run directory; with resume (a run that did not
+    finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
+    the new run is complete."""
+    run = TrainingRun(cfg, progress, Path(resume) if resume else None)
+    run.setup_data()
+    run.setup_model()
+    run.setup_training()
+    with (output_dir_for(run.final, run.accelerator) as work,
+          run_lock(resume if run.accelerator.is_main_process else None)):
+        run.start(work)  # the resumed run's latest checkpoint, else the base model's evaluation
+        run.train()
+        metrics = run.finish(work)
+        checkpoints.remove_checkpoints(work)  # a finished run needs none
+        write_run_outputs(work, metrics)
+    log(f"run saved to {run.final}", run.accelerator)
+    if resume and run.accelerator.is_main_process:  # only now: the resumed run is complete
+        shutil.rmtree(resume)
+        log(f"removed {resume}, which this run continued", run.accelerator)
+    return RunResult(run.final, metrics)
 
 
-def make_eval_loader(ds, tokenizer, max_batch: int, max_tokens: int, num_workers: int = 0,
-                     pad_multiple: int | None = None) -> DataLoader:
-    """Length-sorted batches of at most max_batch texts and max_tokens padded tokens (order does not matter
-    for the metrics), widths rounded up to pad_multiple."""
-    batches = forward.token_budget_batches(list(ds["length"]), max_tokens, max_batch)
-    return DataLoader(ds, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple))
+class TrainingRun:
+    """One run of the recipe: its phases in the order run_training calls them, then their helpers."""
 
+    def __init__(self, cfg: TrainConfig, progress: bool, resume: Path | None):
+        validate(cfg)
+        self.cfg, self.progress, self.resume = cfg, progress, resume
+        device = forward.resolve_device(cfg.device)
+        self.precision = forward.resolve_precision(cfg.precision, device)
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu")
+        self.device = self.accelerator.device  # this process's GPU under `accelerate launch`
+        forward.reset_peak_memory(self.device)
+        self.final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
+        self.model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
+        set_seed(cfg.seed)
+        self.state = checkpoints.TrainerState()
+        self.resumed: dict | None = None  # the run this one continues, and from which step
 
-def chunk_budgets(cfg: TrainConfig, device: torch.device) -> tuple[int | None, int]:
-    """(training chunk tokens or None for whole batches, evaluation batch tokens) for this device."""
-    train = cfg.chunk_tokens or (forward.CPU_CHUNK_TOKENS if device.type == "cpu" else None)
-    return train, forward.eval_chunk_tokens(device.type, cfg.chunk_tokens)
+    def setup_data(self) -> None:
+        """The splits (class weights checked against their labels before the model loads), tokenized."""
+        cfg = self.cfg
+        self.splits = data_mod.build_splits(cfg)
+        check_class_weight_count(cfg.class_weights, self.splits.label_names)  # before the model loads
+        self.n_classes = len(self.splits.label_names)
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.max_length = supported_max_length(cfg.max_length, self.tokenizer, self.model_config)
+        if self.max_length < cfg.max_length:
+            log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {self.max_length}",
+                self.accelerator)
+        self.tokenized = {name: data_mod.tokenize(getattr(self.splits, name), self.tokenizer, self.max_length,
+                                                  cfg.truncation) for name in ("train", "validation", "test")}
 
+    def setup_model(self) -> None:
+        """The base model with its pooling, the objective and the settings it resolves, the head's start (a linear
+        probe with --head-init probe) and the method's trainable parameters."""
+        cfg, device = self.cfg, self.device
+        model = models.load_base_model(cfg.model, self.splits.label_names, cfg.quantize, device, cfg.problem)
+        self.pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
+        heads.apply_pooling(model, self.pooling)
+        # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
+        self.objective = objectives.resolve_objective(cfg, len(self.splits.train), self.pooling)
+        resolved = objectives.resolved_settings(cfg, self.objective)
+        given, self.cfg = cfg, dataclasses.replace(cfg, **resolved)
+        cfg = self.cfg
+        self.saved_config = given.to_dict()
+        self.saved_config["resolved"].update(resolved, learning_rate=cfg.lr, pooling=self.pooling)
+        self.contrastive = self.objective == "contrastive"
+        self.train_chunk, self.eval_chunk = chunk_budgets(cfg, device)
+        self.class_weights = objectives.class_weight_tensor(cfg.class_weights, list(self.splits.train["label"]),
+                                                            self.n_classes, device)
+        self.pad = forward.pad_multiple(device.type, self.max_length)
+        self.probe_loader = self.eval_loader("train") if cfg.head_init == "probe" else None
+        if self.probe_loader is not None:
+            heads.start_head_from_probe(model, self.probe_loader, self.n_classes, device, self.progress, self.class_weights)
+        self.model = models.prepare_for_training(model, cfg)
+        self.embeddings = objectives.PooledEmbeddings(self.model) if self.contrastive else None
+        self.params = models.count_parameters(self.model)
+        self.weights_bytes = models.weight_memory_bytes(self.model)
+        log(f"{cfg.method} on {cfg.model} ({device.type}, precision {self.precision}): {self.params}",
+            self.accelerator)
 
-def split_batch(batch: dict, max_tokens: int | None) -> list[dict]:
-    """Row chunks of a padded batch, each at most max_tokens padded tokens and trimmed to its own longest text."""
-    n, width = batch["input_ids"].shape
-    rows = n if max_tokens is None else max(1, max_tokens // width)
-    chunks = []
-    for start in range(0, n, rows):
-        chunk = {k: v[start:start + rows] for k, v in batch.items()}
-        if "attention_mask" in chunk and rows < n:
-            used = int(chunk["attention_mask"].sum(dim=1).max())
-            chunk = {k: (v[:, :used] if v.dim() == 2 and v.shape[1] == width else v) for k, v in chunk.items()}
-        chunks.append(chunk)
-    return chunks
+    def setup_training(self) -> None:
+        """The loaders, the optimizer and the learning-rate schedule, prepared by accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        train_loader = make_train_loader(self.tokenized["train"], self.tokenizer, cfg.batch_size, cfg.group_by_length,
+                                         cfg.seed, cfg.num_workers, self.pad)
+        self.val_loader, self.test_loader = self.eval_loader("validation"), self.eval_loader("test")
+        optimizer = build_optimizer(self.model, cfg, self.device)
+        self.epoch_generator = train_loader.generator
+        # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
+        self.model, self.train_loader, self.optimizer = accelerator.prepare(self.model, train_loader, optimizer)
+        # optimizer steps of this process (its shard of the data)
+        self.n_steps = total_steps(cfg, len(self.train_loader), objectives.least_steps(self.objective))
+        # a prepared scheduler steps once per process at each optimizer step
+        scale = accelerator.num_processes
+        self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * self.n_steps) * scale, self.n_steps * scale))
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        checkpoints.register_trainable_hooks(accelerator)
 
+    def start(self, work: Path) -> None:
+        """config.json into the staged run, then the state to train from: the resumed run's latest checkpoint, else
+        the base model's evaluation on test (and, contrastive, the probe start's on validation)."""
+        self.checkpoint_dir = checkpoints.shared_path(work, self.accelerator)
+        write_json(work / "config.json", self.saved_config)
+        if self.resume:
+            self.resume_from(work)
+        else:
+            self.state.base = self.evaluate(self.test_loader, "base model on test")
+        base = self.state.base
+        start = "linear probe head" if self.cfg.head_init == "probe" else "untrained adapters/head"
+        log(f"base model ({start}, {self.pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
+            f"F1 {base['f1']:.4f}", self.accelerator)
+        # the probe start is a candidate: the saved model is never worse on validation
+        if self.contrastive and not self.resume:
+            self.evaluate_probe_start()
+        self.segment_start = time.perf_counter()
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
-                           denominator) -> torch.Tensor:
-    """The rows' cross-entropies, each times its class's weight (1 without weights), summed and divided by
-    denominator. With the batch's total weight as denominator this is torch's weighted mean cross-entropy of
-    the batch, and the chunks of a batch add up to it."""
-    return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights, reduction="sum") / denominator
+    def resume_from(self, work: Path) -> None:
+        """The model, optimizer, scheduler, random states and TrainerState of the resumed run's latest checkpoint."""
+        latest = checkpoints.latest_checkpoint(self.resume)
+        if self.accelerator.is_main_process:  # the new run is resumable from its first moment
+            shutil.copytree(latest, work / latest.name)
+        saved, self.best.weights = checkpoints.load_checkpoint(self.accelerator, latest)
+        self.state = dataclasses.replace(saved, pending=[(torch.tensor(v, device=self.device), e, s)
+                                                         for v, e, s in saved.pending])
+        self.resumed = {"run": self.resume.name, "step": saved.step}
+        log(f"resuming {self.resume} at step {saved.step} (epoch {saved.epoch}, batch {saved.batches_in_epoch})",
+            self.accelerator)
 
+    def evaluate_probe_start(self) -> None:
+        """The contrastive objective's first candidate: the probe-started model, evaluated on validation."""
+        val = self.evaluate(self.val_loader, "validation, probe start")
+        self.state.history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
+        self.best.update(self.unwrapped(), self.state)
+        log(f"contrastive objective, {self.n_steps} steps of {self.cfg.batch_size} texts at learning rate "
+            f"{self.cfg.lr:g}; probe start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}",
+            self.accelerator)
 
-def multi_label_loss(logits: torch.Tensor, labels: torch.Tensor, denominator) -> torch.Tensor:
-    """The binary cross-entropy of every (row, label) pair (transformers' BCEWithLogitsLoss for a
-    multi_label_classification model), summed and divided by denominator: rows x labels of the whole batch gives
-    the batch's mean, and its chunks add up to it."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(),
-                                                                reduction="sum") / denominator
+    def train(self) -> None:
+        """Epochs until n_steps optimizer steps are done or early stopping; SIGINT and SIGTERM stop after the step
+        in progress, with a checkpoint."""
+        state = self.state
+        with checkpoints.StopRequest() as stop, self.embeddings or contextlib.nullcontext():
+            while state.step < self.n_steps and not state.stopped_early:
+                self.train_epoch(stop)
+            if stop.requested(self.accelerator):  # a signal in the last step: resuming gives the final evaluation
+                self.save_checkpoint()
+                stop.act()
+        # from here on Ctrl-C and SIGTERM act at once again
 
+    def train_epoch(self, stop: checkpoints.StopRequest) -> None:
+        """The rest of the epoch in progress (or the next one), with the evaluations and checkpoints due in it."""
+        state, cfg, n_batches = self.state, self.cfg, len(self.train_loader)
+        if state.batches_in_epoch in (0, n_batches):  # else: resuming in the middle of epoch `epoch`
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        loader = self.epoch_loader()
+        bar = tqdm(total=min(self.n_steps - state.step, n_batches - state.batches_in_epoch),
+                   desc=f"epoch {state.epoch}", leave=False,
+                   disable=not (self.progress and self.accelerator.is_local_main_process))
+        evaluated = False
+        batches = steps.train_steps(self.forward_model, loader, self.optimizer, self.scheduler, self.accelerator, cfg,
+                                    self.train_chunk, self.class_weights, self.embeddings)
+        for batch, (loss, n_examples) in enumerate(batches, state.batches_in_epoch + 1):
+            state.step, state.batches_in_epoch, state.examples = state.step + 1, batch, state.examples + n_examples
+            state.pending.append((loss, state.epoch, batch))
+            bar.update(1)
+            if self.device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            # the contrastive objective evaluates once, at the end (the head is refitted there)
+            evaluated = state.step == self.n_steps or bool(
+                cfg.eval_steps and state.step % cfg.eval_steps == 0 and not self.contrastive)
+            if evaluated:
+                state.stopped_early = self.evaluation_point()
+            if state.step >= self.n_steps or state.stopped_early:
+                break
+            if batch < n_batches:  # else after the epoch's evaluation
+                self.checkpoint_if_due(stop)
+        bar.close()
+        if not evaluated and not cfg.eval_steps and not self.contrastive:
+            state.stopped_early = self.evaluation_point()
+        if state.step < self.n_steps and not state.stopped_early:
+            self.checkpoint_if_due(stop)
 
-def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens: int | None,
-                       class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward and backward one batch in chunks with gradient accumulation; returns the batch's mean loss as a
-    detached tensor on the device (reading it is a host sync: left to the evaluation points).
+    def epoch_loader(self):
+        """The batches of the epoch in progress not done yet."""
+        epoch, done = self.state.epoch, self.state.batches_in_epoch
+        # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
+        self.epoch_generator.manual_seed(self.cfg.seed + epoch - 1)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader
 
-    Each chunk's loss is divided by the whole batch's total weight (its rows without class weights; rows x labels
-    for multi-hot labels), so the summed gradient equals the whole batch's; gradients are synchronised across
-    processes on the last chunk only.
-    """
-    chunks = split_batch(batch, max_tokens)
-    labels = batch["labels"]
-    multi_label = labels.dim() == 2  # multi-hot rows: binary cross-entropy per label
-    denominator = labels.numel() if class_weights is None else class_weights[labels].sum()
-    total = torch.zeros((), device=labels.device)
-    for i, chunk in enumerate(chunks):
-        sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
-        inputs = {k: v for k, v in chunk.items() if k != "labels"}
-        with sync:
-            with accelerator.autocast():
-                logits = model(**inputs).logits
-            loss = (multi_label_loss(logits, chunk["labels"], denominator) if multi_label
-                    else weighted_cross_entropy(logits, chunk["labels"], class_weights, denominator))
-            accelerator.backward(loss)
-        total += loss.detach()
-    return total
+    def evaluation_point(self) -> bool:
+        """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
+        state, cfg = self.state, self.cfg
+        if self.contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
+            heads.start_head_from_probe(self.unwrapped(), self.probe_loader, self.n_classes, self.device, self.progress,
+                                  self.class_weights)
+        losses = steps.finite_losses(state.pending)  # the host sync of the training loop
+        state.train_seconds += time.perf_counter() - self.segment_start
+        state.pending.clear()
+        state.step_losses.extend(losses)
+        where = f"step {state.step}" if cfg.eval_steps else f"epoch {state.epoch}"
+        val = self.evaluate(self.val_loader, f"validation, {where}")
+        steps.check_finite_loss(val, f"validation split after {where}")
+        entry = {"epoch": round(state.step / len(self.train_loader), 3), "step": state.step,
+                 "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
+        state.history.append(entry)
+        stop = self.best.update(self.unwrapped(), state)
+        log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
+            f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if state.best is entry else ""),
+            self.accelerator)
+        self.segment_start = time.perf_counter()
+        return stop
 
+    def checkpoint_if_due(self, stop: checkpoints.StopRequest) -> None:
+        """A checkpoint now if due: every save_every steps, and before stopping for SIGINT or SIGTERM (then stop)."""
+        every = self.cfg.save_every
+        if stop.requested(self.accelerator) or bool(every and self.state.step % every == 0):
+            self.save_checkpoint()
+            if stop.stopping:
+                stop.act()
 
-def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:
-    """The loss weights of the classes: None for none; balanced: n / (n_classes x count) over the training
-    split (scikit-learn's compute_class_weight; a class without rows gets 1); or the given numbers."""
-    if setting == "none":
-        return None
-    if setting == "balanced":
-        import numpy as np
-        from sklearn.utils.class_weight import compute_class_weight
+    def save_checkpoint(self) -> None:
+        """Checkpoint the run at this step, after its evaluation (see checkpoints): the state with its pending
+        losses read, the training time up to now."""
+        state = self.state
+        seconds = state.train_seconds + time.perf_counter() - self.segment_start
+        pending = [(v, e, s) for v, (_, e, s) in zip(steps.finite_losses(state.pending), state.pending)]
+        saved = dataclasses.replace(state, train_seconds=seconds, pending=pending)
+        path = checkpoints.save_checkpoint(self.accelerator, self.checkpoint_dir, saved, self.best.weights)
+        log(f"checkpoint saved: {path.name}", self.accelerator)
 
-        present = np.unique(train_labels)
-        weights = np.ones(n_classes)
-        weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(train_labels))
-        return torch.tensor(weights, dtype=torch.float32, device=device)
-    return torch.tensor(setting, dtype=torch.float32, device=device)
+    def finish(self, work: Path) -> dict:
+        """The best evaluation's weights back, the thresholds (multi-label), the fine-tuned model's evaluation on
+        test and the model saved into work; returns the run's metrics."""
+        state, cfg = self.state, self.cfg
+        if state.best is not state.history[-1]:
+            self.best.restore(self.unwrapped())
+            log(f"keeping the best evaluation's weights: step {state.best['step']} (validation "
+                f"{cfg.metric_for_best} {state.best['validation'][cfg.metric_for_best]:.4f})", self.accelerator)
+        thresholds = choose_thresholds(cfg, self.n_classes, self.forward_model, self.val_loader, self.accelerator,
+                                       self.progress)
+        test = self.evaluate(self.test_loader, "fine-tuned on test", thresholds)
+        steps.check_finite_loss(test, "fine-tuned model on the test split")
+        log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
+            f"(base {state.base['accuracy']:.4f})", self.accelerator)
+        peak_bytes, peak_kind = forward.peak_memory(self.device)
+        saved_as = save_model(self.unwrapped(), self.tokenizer, work, cfg)
+        metrics = self.metrics(test, saved_as, peak_bytes, peak_kind)
+        if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
+            metrics["thresholds"] = dict(zip(self.splits.label_names, thresholds))
+        return metrics
 
+    def metrics(self, test: dict, saved_as: str, peak_bytes: int, peak_kind: str) -> dict:
+        """metrics.json of the run (thresholds apart)."""
+        state, cfg, best = self.state, self.cfg, self.state.best
+        adapter = getattr(self.unwrapped(), "peft_config", {}).get("default")
+        adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
+        return {
+            "run_name": self.final.name,
+            "config": self.saved_config,
+            "device": self.device.type,
+            "precision": self.precision,
+            "saved": saved_as,
+            "target_modules": sorted(adapter.target_modules) if adapter and not isinstance(adapter.target_modules, str)
+            else ([adapter.target_modules] if adapter else None),
+            "data": self.splits.info,
+            "max_length": self.max_length,
+            "pooling": self.pooling,
+            "parameters": {"trainable": self.params.trainable, "total": self.params.total, "share": self.params.share},
+            "memory": {"weights_bytes": self.weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
+            "training": {"steps": state.step, "examples": state.examples, "seconds": state.train_seconds,
+                         "samples_per_s": state.examples / state.train_seconds if state.train_seconds else 0.0,
+                         "step_losses": state.step_losses, "steps_per_epoch": len(self.train_loader),
+                         "objective": self.objective, "stopped_early": state.stopped_early,
+                         "resumed_from": self.resumed, "processes": self.accelerator.num_processes},
+            "best": {"step": best["step"], "epoch": best["epoch"], "metric": cfg.metric_for_best,
+                     "value": best["validation"][cfg.metric_for_best]},
+            "base": state.base,
+            "history": state.history,
+            "test": test,
+        }
 
-def start_head_from_probe(model, loader, n_classes: int, device: torch.device, progress: bool,
-                          class_weights: torch.Tensor | None = None) -> None:
-    """Fit a logistic regression on the frozen pooled training features (weighting the classes as the training
-    loss does) and start the classifier from it."""
-    if getattr(model, "hf_quantizer", None) is None:
-        model.to(device)  # quantized models were loaded onto their device
-    features, labels = heads.head_features(model, loader, progress)
-    weights = None if class_weights is None else dict(enumerate(class_weights.tolist()))
-    heads.set_head_from_probe(model, heads.fit_probe(features, labels, n_classes, weights))
+    def eval_loader(self, split: str) -> DataLoader:
+        """Token-budget batches of a tokenized split, for evaluation (and the probe's features)."""
+        cfg = self.cfg
+        return make_eval_loader(self.tokenized[split], self.tokenizer, cfg.eval_batch_size, self.eval_chunk,
+                                cfg.num_workers, self.pad)
 
+    def evaluate(self, loader: DataLoader, desc: str, thresholds: list[float] | None = None) -> dict:
+        """The metrics of the model being trained on one split (see evaluation.evaluate)."""
+        return evaluate(self.forward_model, loader, self.n_classes, self.accelerator, desc, self.progress,
+                        self.splits.label_names, thresholds)
 
-def check_finite_loss(metrics: dict, what: str) -> None:
-    """TrainingError when an evaluation's loss is NaN or infinite (the trained weights are broken)."""
-    if not math.isfinite(metrics["loss"]):
-        raise TrainingError(f"the loss of the {what} is {metrics['loss']}: the weights are not usable; "
-                            "lower --lr or keep gradient clipping on (--max-grad-norm)")
+    def unwrapped(self):
+        """The model without accelerate's wrappers: the one whose weights are read and written."""
+        return self.accelerator.unwrap_model(self.model)
 
 
 def supported_max_length(requested: int, tokenizer, model_config) -> int:
@@ -168,119 +351,6 @@ def supported_max_length(requested: int, tokenizer, model_config) -> int:
 def total_steps(cfg: TrainConfig, steps_per_epoch: int, least: int = 1) -> int:
     """Optimizer steps of a run: max_steps, else the epochs asked for, raised to at least `least`."""
     return cfg.max_steps or max(least, math.ceil(cfg.epochs * steps_per_epoch))
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory so far: GPU memory allocated on CUDA, else the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "GPU allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
-
-
-def backward_contrastive(model, batch: dict, accelerator: Accelerator,
-                         embeddings: objectives.PooledEmbeddings) -> torch.Tensor:
-    """Forward and backward one batch under the contrastive objective (all of its pairs at once, so the batch is
-    not split into chunks); returns the detached loss."""
-    with accelerator.autocast():
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    loss = objectives.contrastive_loss(embeddings.value, batch["labels"])
-    accelerator.backward(loss)
-    return loss.detach()
-
-
-def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
-                class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
-    """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
-    examples seen). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
-    loss, else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
-    for batch in loader:
-        model.train()  # again after each evaluation
-        batch.pop("length", None)
-        if embeddings is not None:
-            loss = backward_contrastive(model, batch, accelerator, embeddings)
-        else:
-            loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        yield loss, batch["labels"].shape[0] * accelerator.num_processes
-
-
-def finite_losses(pending: list[tuple[torch.Tensor, int, int]]) -> list[float]:
-    """The losses of the steps since the last evaluation, read in one host sync; TrainingError naming the first
-    step whose loss is NaN or infinite, so diverged weights are never saved as a run."""
-    values = torch.stack([loss for loss, _, _ in pending]).tolist() if pending else []
-    for value, (_, epoch, step) in zip(values, pending):
-        if not math.isfinite(value):
-            raise TrainingError(f"training diverged: the loss is {value} at step {step} of epoch {epoch}; "
-                                "lower --lr or keep gradient clipping on (--max-grad-norm)")
-    return values
-
-
-class BestCheckpoint:
-    """The best validation evaluation so far (by metric_for_best) with a copy of the trainable weights at it,
-    and early stopping: stop after `patience` evaluations in a row without improvement."""
-
-    def __init__(self, metric: str, patience: int | None):
-        self.metric, self.patience = metric, patience
-        self.entry: dict | None = None  # the history entry of the best evaluation
-        self.weights: dict[str, torch.Tensor] = {}
-        self.stale = 0
-
-    def improves(self, validation: dict) -> bool:
-        if self.entry is None:
-            return True
-        new, best = validation[self.metric], self.entry["validation"][self.metric]
-        return new < best if self.metric == "loss" else new > best
-
-    def update(self, model, entry: dict) -> bool:
-        """Record one evaluation (copying the weights when it is the best); True when training should stop."""
-        if self.improves(entry["validation"]):
-            self.entry, self.stale = entry, 0
-            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        else:
-            self.stale += 1
-        return self.patience is not None and self.stale >= self.patience
-
-    @torch.no_grad()
-    def restore(self, model) -> None:
-        """Put the best evaluation's weights back into model."""
-        params = dict(model.named_parameters())
-        for name, weight in self.weights.items():
-            params[name].copy_(weight)
-
-
-def choose_thresholds(cfg: TrainConfig, n_labels: int, model, val_loader, accelerator,
-                      progress: bool) -> list[float] | None:
-    """Multi-label: each label's threshold, tuned on the validation split with tune_thresholds (the threshold
-    that maximises the label's F1 there), else 0.5; None for single-label runs."""
-    if cfg.problem != "multi_label":
-        return None
-    from .evaluation import DEFAULT_THRESHOLD, predict_logits, tune_thresholds
-
-    if not cfg.tune_thresholds:
-        return [DEFAULT_THRESHOLD] * n_labels
-    logits, labels = predict_logits(model, val_loader, accelerator, "tuning thresholds", progress)
-    return tune_thresholds(torch.sigmoid(logits).numpy(), labels.numpy())
-
-
-# the parameter names that get no weight decay, as in transformers' Trainer
-NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-
-
-def build_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, no weight decay on biases and norms (Trainer's grouping); fused
-    kernels on CUDA. LoRA+ (--loraplus-lr-ratio) builds peft's optimizer instead."""
-    if cfg.loraplus_lr_ratio:
-        return methods.lora.loraplus_optimizer(model, cfg, fused=device.type == "cuda")
-    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if n in decayed], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=device.type == "cuda")
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
@@ -305,246 +375,3 @@ def _scratch_dir():
 def log(message: str, accelerator: Accelerator | None = None) -> None:
     if accelerator is None or accelerator.is_main_process:
         tqdm.write(message)
-
-
-def resumed_run_dir(resume: Path) -> Path:
-    """Where a resumed run will live: the name the run it continues would have had."""
-    name = checkpoints.finished_name(resume)
-    if name is None or checkpoints.latest_checkpoint(resume) is None:
-        raise ConfigError(f"{resume} is not a lightune run with a checkpoint")
-    if (resume.parent / name).exists():
-        raise ConfigError(f"run directory {resume.parent / name} already exists")
-    return resume.parent / name
-
-
-def shared_path(path: Path, accelerator: Accelerator) -> Path:
-    """The main process's path on every process (the checkpoints of all processes go into the main's run)."""
-    return Path(broadcast_object_list([str(path)])[0]) if accelerator.num_processes > 1 else path
-
-
-def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
-    """Train one configuration end to end and save a complete run directory; with resume (a run that did not
-    finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
-    the new run is complete."""
-    validate(cfg)
-    device = forward.resolve_device(cfg.device)
-    precision = forward.resolve_precision(cfg.precision, device)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    device = accelerator.device  # this process's GPU under `accelerate launch`
-    final = resumed_run_dir(Path(resume)) if resume else final_run_dir(cfg)
-    model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
-    set_seed(cfg.seed)
-
-    splits = data_mod.build_splits(cfg)
-    check_class_weight_count(cfg.class_weights, splits.label_names)  # before the model loads
-    tokenizer = models.load_tokenizer(cfg.model)
-    max_length = supported_max_length(cfg.max_length, tokenizer, model_config)
-    if max_length < cfg.max_length:
-        log(f"max_length {cfg.max_length} is more than {cfg.model} takes; using {max_length}", accelerator)
-    tokenized = {name: data_mod.tokenize(getattr(splits, name), tokenizer, max_length, cfg.truncation)
-                 for name in ("train", "validation", "test")}
-
-    model = models.load_base_model(cfg.model, splits.label_names, cfg.quantize, device, cfg.problem)
-    pooling = heads.resolve_pooling(cfg.pooling, models.resolve_model_path(cfg.model), model)
-    heads.apply_pooling(model, pooling)
-    # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
-    objective = objectives.resolve_objective(cfg, len(splits.train), pooling)
-    resolved = objectives.resolved_settings(cfg, objective)
-    given, cfg = cfg, dataclasses.replace(cfg, **resolved)
-    saved_config = given.to_dict()
-    saved_config["resolved"].update(resolved, learning_rate=cfg.lr)
-    contrastive = objective == "contrastive"
-    train_chunk, eval_chunk = chunk_budgets(cfg, device)
-    n_classes = len(splits.label_names)
-    class_weights = class_weight_tensor(cfg.class_weights, list(splits.train["label"]), n_classes, device)
-    pad = forward.pad_multiple(device.type, max_length)
-    if cfg.head_init == "probe":
-        probe_loader = make_eval_loader(tokenized["train"], tokenizer, cfg.eval_batch_size, eval_chunk, cfg.num_workers,
-                                        pad)
-        start_head_from_probe(model, probe_loader, n_classes, device, progress, class_weights)
-    model = models.prepare_for_training(model, cfg)
-    embeddings = objectives.PooledEmbeddings(model) if contrastive else None
-    params = models.count_parameters(model)
-    weights_bytes = models.weight_memory_bytes(model)
-
-    log(f"{cfg.method} on {cfg.model} ({device.type}, precision {precision}): {params}", accelerator)
-    train_loader = make_train_loader(tokenized["train"], tokenizer, cfg.batch_size, cfg.group_by_length, cfg.seed,
-                                     cfg.num_workers, pad)
-    val_loader, test_loader = (make_eval_loader(tokenized[name], tokenizer, cfg.eval_batch_size, eval_chunk,
-                                                cfg.num_workers, pad) for name in ("validation", "test"))
-    optimizer = build_optimizer(model, cfg, device)
-    epoch_generator = train_loader.generator
-    # the evaluation loaders are not prepared: evaluation shares their batches out itself (no padding rows)
-    model, train_loader, optimizer = accelerator.prepare(model, train_loader, optimizer)
-    # optimizer steps of this process (its shard of the data)
-    steps = total_steps(cfg, len(train_loader), objectives.least_steps(objective))
-    # a prepared scheduler steps once per process at each optimizer step
-    scale = accelerator.num_processes
-    scheduler = accelerator.prepare(
-        get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps) * scale, steps * scale))
-    forward_model = torch.compile(model) if cfg.compile else model
-    checkpoints.register_trainable_hooks(accelerator)
-
-    with (output_dir_for(final, accelerator) as work, run_lock(resume if accelerator.is_main_process else None),
-          contextlib.ExitStack() as signals):
-        checkpoint_dir = shared_path(work, accelerator)
-        write_json(work / "config.json", saved_config)
-        history, step_losses, seen, train_seconds, epoch, done = [], [], 0, 0.0, 0, 0
-        pending: list[tuple[torch.Tensor, int, int]] = []  # (loss, epoch, step in the epoch) since the last evaluation
-        best = BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
-        in_epoch, stopped_early, resumed = 0, False, None  # batches done in the epoch in progress
-        if resume:
-            latest = checkpoints.latest_checkpoint(Path(resume))
-            if accelerator.is_main_process:  # the new run is resumable from its first moment
-                shutil.copytree(latest, work / latest.name)
-            state, best.weights = checkpoints.load_checkpoint(accelerator, latest)
-            base, history, step_losses = state["base"], state["history"], state["step_losses"]
-            done, epoch, in_epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"], state["examples"]
-            train_seconds, stopped_early, best.stale = state["train_seconds"], state["stopped_early"], state["stale"]
-            best.entry = history[state["best_index"]] if state["best_index"] is not None else None
-            pending = [(torch.tensor(v, device=device), e, s) for v, e, s in state["pending"]]
-            resumed = {"run": Path(resume).name, "step": done}
-            log(f"resuming {resume} at step {done} (epoch {epoch}, batch {in_epoch})", accelerator)
-        else:
-            base = evaluate(forward_model, test_loader, n_classes, accelerator, "base model on test", progress,
-                            splits.label_names)
-        start = "linear probe head" if cfg.head_init == "probe" else "untrained adapters/head"
-        log(f"base model ({start}, {pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
-            f"F1 {base['f1']:.4f}", accelerator)
-        if contrastive and not resume:  # the probe start is a candidate: the saved model is never worse on validation
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, "validation, probe start", progress,
-                           splits.label_names)
-            history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
-            best.update(accelerator.unwrap_model(model), history[-1])
-            log(f"contrastive objective, {steps} steps of {cfg.batch_size} texts at learning rate {cfg.lr:g}; probe "
-                f"start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}", accelerator)
-        segment_start = time.perf_counter()
-
-        def evaluation_point() -> bool:
-            """Read the pending losses, evaluate on validation, keep the best weights; True: stop early."""
-            nonlocal train_seconds, segment_start
-            if contrastive:  # the head of the tuned embeddings: a probe refitted on them (part of training)
-                start_head_from_probe(accelerator.unwrap_model(model), probe_loader, n_classes, device, progress,
-                                      class_weights)
-            losses = finite_losses(pending)  # the host sync of the training loop
-            train_seconds += time.perf_counter() - segment_start
-            pending.clear()
-            step_losses.extend(losses)
-            where = f"step {done}" if cfg.eval_steps else f"epoch {epoch}"
-            val = evaluate(forward_model, val_loader, n_classes, accelerator, f"validation, {where}", progress,
-                           splits.label_names)
-            check_finite_loss(val, f"validation split after {where}")
-            entry = {"epoch": round(done / len(train_loader), 3), "step": done,
-                     "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
-            history.append(entry)
-            stop = best.update(accelerator.unwrap_model(model), entry)
-            log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
-                f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if best.entry is entry else ""),
-                accelerator)
-            segment_start = time.perf_counter()
-            return stop
-
-        def save_checkpoint() -> None:
-            """Checkpoint the run at this step, after its evaluation (see checkpoints)."""
-            state = {"step": done, "epoch": epoch, "batches_in_epoch": in_epoch, "examples": seen,
-                     "train_seconds": train_seconds + time.perf_counter() - segment_start,
-                     "stopped_early": stopped_early, "base": base, "history": history, "step_losses": step_losses,
-                     "pending": [(v, e, s) for v, (_, e, s) in zip(finite_losses(pending), pending)],
-                     "best_index": history.index(best.entry) if best.entry is not None else None, "stale": best.stale}
-            saved = checkpoints.save_checkpoint(accelerator, checkpoint_dir, done, state, best.weights)
-            log(f"checkpoint saved: {saved.name}", accelerator)
-
-        def checkpoint_due(stop: checkpoints.StopRequest) -> bool:
-            """A checkpoint now: every save_every steps, and before stopping for SIGINT or SIGTERM."""
-            return stop.requested(accelerator) or bool(cfg.save_every and done % cfg.save_every == 0)
-
-        stop = signals.enter_context(checkpoints.StopRequest())  # until signals.close()
-        if embeddings is not None:
-            signals.enter_context(embeddings)
-        while done < steps and not stopped_early:
-            if in_epoch in (0, len(train_loader)):  # else: resuming in the middle of epoch `epoch`
-                epoch, in_epoch = epoch + 1, 0
-            # each epoch's order depends on the seed and the epoch only, so a resumed run sees the same batches
-            epoch_generator.manual_seed(cfg.seed + epoch - 1)
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, in_epoch) if in_epoch else train_loader
-            bar = tqdm(total=min(steps - done, len(train_loader) - in_epoch), desc=f"epoch {epoch}", leave=False,
-                       disable=not (progress and accelerator.is_local_main_process))
-            evaluated = False
-            for in_epoch, (loss, n_examples) in enumerate(
-                    train_steps(forward_model, loader, optimizer, scheduler, accelerator, cfg, train_chunk,
-                                class_weights, embeddings), in_epoch + 1):
-                done, seen = done + 1, seen + n_examples
-                pending.append((loss, epoch, in_epoch))
-                bar.update(1)
-                if device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                # the contrastive objective evaluates once, at the end (the head is refitted there)
-                evaluated = done == steps or bool(cfg.eval_steps and done % cfg.eval_steps == 0 and not contrastive)
-                if evaluated:
-                    stopped_early = evaluation_point()
-                if done >= steps or stopped_early:
-                    break
-                if in_epoch < len(train_loader) and checkpoint_due(stop):  # else after the epoch's evaluation
-                    save_checkpoint()
-                    if stop.stopping:
-                        stop.act()
-            bar.close()
-            if not evaluated and not cfg.eval_steps and not contrastive:
-                stopped_early = evaluation_point()
-            if done < steps and not stopped_early and checkpoint_due(stop):
-                save_checkpoint()
-                if stop.stopping:
-                    stop.act()
-        if stop.requested(accelerator):  # a signal in the last step: resuming gives the final evaluation
-            save_checkpoint()
-            stop.act()
-        signals.close()  # from here on Ctrl-C and SIGTERM act at once again
-        if best.entry is not history[-1]:
-            best.restore(accelerator.unwrap_model(model))
-            log(f"keeping the best evaluation's weights: step {best.entry['step']} (validation "
-                f"{cfg.metric_for_best} {best.entry['validation'][cfg.metric_for_best]:.4f})", accelerator)
-        thresholds = choose_thresholds(cfg, n_classes, forward_model, val_loader, accelerator, progress)
-        test = evaluate(forward_model, test_loader, n_classes, accelerator, "fine-tuned on test", progress,
-                        splits.label_names, thresholds)
-        check_finite_loss(test, "fine-tuned model on the test split")
-        log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
-            f"(base {base['accuracy']:.4f})", accelerator)
-        peak_bytes, peak_kind = peak_memory(device)
-        saved_as = save_model(accelerator.unwrap_model(model), tokenizer, work, cfg)
-        adapter = getattr(accelerator.unwrap_model(model), "peft_config", {}).get("default")
-        adapter = adapter if hasattr(adapter, "target_modules") else None  # prompt tuning targets no layer
-        metrics = {
-            "run_name": final.name,
-            "config": saved_config,
-            "device": device.type,
-            "precision": precision,
-            "saved": saved_as,
-            "target_modules": sorted(adapter.target_modules) if adapter and not isinstance(adapter.target_modules, str)
-            else ([adapter.target_modules] if adapter else None),
-            "data": splits.info,
-            "max_length": max_length,
-            "pooling": pooling,
-            "parameters": {"trainable": params.trainable, "total": params.total, "share": params.share},
-            "memory": {"weights_bytes": weights_bytes, "peak_bytes": peak_bytes, "peak_kind": peak_kind},
-            "training": {"steps": done, "examples": seen, "seconds": train_seconds,
-                         "samples_per_s": seen / train_seconds if train_seconds else 0.0,
-                         "step_losses": step_losses, "steps_per_epoch": len(train_loader), "objective": objective,
-                         "stopped_early": stopped_early, "resumed_from": resumed,
-                         "processes": accelerator.num_processes},
-            "best": {"step": best.entry["step"], "epoch": best.entry["epoch"], "metric": cfg.metric_for_best,
-                     "value": best.entry["validation"][cfg.metric_for_best]},
-            "base": base,
-            "history": history,
-            "test": test,
-        }
-        if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
-            metrics["thresholds"] = dict(zip(splits.label_names, thresholds))
-        checkpoints.remove_checkpoints(work)  # a finished run needs none
-        write_run_outputs(work, metrics)
-    log(f"run saved to {final}", accelerator)
-    if resume and accelerator.is_main_process:  # only now: the resumed run is complete
-        shutil.rmtree(resume)
-        log(f"removed {resume}, which this run continued", accelerator)
-    return RunResult(final, metrics)
