@@ -1,6 +1,6 @@
 #!/bin/bash
 # After ../shared/gpu/stage.sh: add to .gpu-stage/3 the serving wheels the GPU image lacks (FastAPI and what it
-# imports), so that `lightune serve` and tests/test_serve.py run there too, and this folder's check.sh.
+# imports), so that `lightune serve` and tests/test_serve_*.py run there too, and this folder's check.sh.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
 ver() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
