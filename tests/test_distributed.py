@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightune import reporting
+from lightune import runs
 from lightune.training import run_training
 
 # no dropout (each process draws its own masks), batches in sampler order (length grouping depends on the batch
@@ -35,7 +35,7 @@ def test_two_processes_match_one_and_write_one_run(tiny_config):
     root = Path(cfg.output_dir)
     assert sorted(p.name for p in root.iterdir()) == ["one", "two"]  # the other process wrote nothing there
     two = root / "two"
-    assert reporting.is_complete_run(two) and done.stdout.count("run saved to") == 1
+    assert runs.is_complete_run(two) and done.stdout.count("run saved to") == 1
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (one.run_dir, two))
     assert a.keys() == b.keys()
     for name in a:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightune import cli, reporting
+from lightune import cli, runs
 from lightune.checkpoints import STATE_FILE, latest_checkpoint
 
 SETTINGS = dict(epochs=2, learning_rate=1e-2, group_by_length=True)  # LoRA dropout 0.1: the random states matter
@@ -64,7 +64,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tiny_conf
 
     assert cli.main(["train", "--resume", str(staged), "--quiet"]) == 0
     resumed = Path(cfg.output_dir) / "killed"
-    assert reporting.is_complete_run(resumed) and not staged.exists()
+    assert runs.is_complete_run(resumed) and not staged.exists()
     assert sorted(p.name for p in resumed.parent.iterdir()) == ["killed", "straight"]  # nothing else left behind
     assert_same_adapter(resumed, reference.run_dir)
     metrics = json.loads((resumed / "metrics.json").read_text())
@@ -86,13 +86,13 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes(tiny_config,
     assert err.strip().splitlines()[-1] == (f"lightune: terminated (SIGTERM) (stopped at "
                                             f"{latest_checkpoint(kept).name}; resume with: lightune train --resume "
                                             f"{kept})")
-    assert (kept / "error.txt").is_file() and not reporting.is_complete_run(kept)
+    assert (kept / "error.txt").is_file() and not runs.is_complete_run(kept)
     assert len(list(kept.glob("checkpoint-*"))) == 1  # older checkpoints are removed
     assert not list(Path(cfg.output_dir).glob(".*"))  # no staged or temporary directory left
 
     assert cli.main(["train", "--resume", str(kept), "--quiet", "--save-every", "7"]) == 0
     done = Path(cfg.output_dir) / "stopped"
-    assert reporting.is_complete_run(done) and not kept.exists()
+    assert runs.is_complete_run(done) and not kept.exists()
     assert json.loads((done / "metrics.json").read_text())["training"]["steps"] == 40
 
 
@@ -102,7 +102,7 @@ def unfinished_run(tiny_config):
     cfg = tiny_config(run_name="halted")
     run = Path(cfg.output_dir) / "halted.incomplete"
     run.mkdir(parents=True)
-    reporting.write_json(run / "config.json", cfg.to_dict())
+    runs.write_json(run / "config.json", cfg.to_dict())
     (run / "error.txt").write_text("KeyboardInterrupt\n")
     return run
 
@@ -128,7 +128,7 @@ def test_resume_refuses_what_it_cannot_continue(unfinished_run, tmp_path, capsys
     plain.mkdir()
     assert "is not a lightune run that did not finish" in _refusal(capsys, "--resume", str(plain))
     assert "no such run directory" in _refusal(capsys, "--resume", str(tmp_path / "missing"))
-    with reporting.run_lock(unfinished_run):  # as a live training holds its run
+    with runs.run_lock(unfinished_run):  # as a live training holds its run
         assert "a training is still writing this run" in _refusal(capsys, "--resume", str(unfinished_run))
     (unfinished_run.parent / "halted").mkdir()
     assert f"run directory {unfinished_run.parent / 'halted'} already exists" in _refusal(
