@@ -33,7 +33,7 @@ BEST_FILE = "best.safetensors"
 # a failed run kept by lightune (<name>.incomplete[-N]) or a staged one whose process was killed
 # (.<name>.<random>.partial)
 KEPT_RUN = re.compile(r"(?P<name>[^.].*)\.incomplete(-\d+)?|\.(?P<staged>.+)\.[a-z0-9_]+\.partial")
-RESUME_MAY_CHANGE = {"save_every"}  # settings a resumed run may change: they do not change the weights
+RESUME_MAY_CHANGE = {"save_every", "report_to"}  # settings a resumed run may change: they do not change the weights
 
 
 @dataclass

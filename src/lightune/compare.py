@@ -33,7 +33,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _comparable(cfg_dict: dict) -> dict:
     out = json.loads(json.dumps(cfg_dict, default=str))
-    for key in ("output_dir", "run_name", "resolved"):  # resolved: what the other settings (and the data) imply
+    for key in ("output_dir", "run_name", "resolved", "report_to"):  # resolved: what the other settings imply; report_to: where it logs
         out.pop(key, None)
     return out
 

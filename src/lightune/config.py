@@ -12,6 +12,7 @@ from typing import Any
 
 from . import methods
 from .errors import ConfigError
+from .tracking import check_report_to
 
 BIASES = ("none", "lora_only", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,6 +120,8 @@ class TrainConfig:
     # write a checkpoint every save_every optimizer steps into the run in progress (None: only when SIGINT or
     # SIGTERM stops training); `lightune train --resume` continues a run that did not finish from its latest one
     save_every: int | None = None
+    # experiment trackers the run logs to through accelerate (tracking.py): tensorboard, mlflow, trackio, ...
+    report_to: list[str] | None = None
 
     @property
     def lora_alpha(self) -> int:
@@ -247,6 +250,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     Every number is checked here to be finite and in range, every text to be usable, before anything loads.
     """
     _check_method(cfg)
+    check_report_to(cfg.report_to)
     _check_choice("bias", cfg.bias, BIASES)
     _check_choice("device", cfg.device, DEVICES)
     _check_choice("precision", cfg.precision, PRECISIONS)

@@ -109,7 +109,7 @@ def backward_in_chunks(model, batch: dict, accelerator: Accelerator, max_tokens:
 def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tokens: int | None = None,
                 class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
     """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
-    examples seen). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
+    examples seen, the learning rate it used, its gradient norm before clipping as a device tensor or None). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
     loss, else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
     for batch in loader:
         model.train()  # again after each evaluation
@@ -118,12 +118,13 @@ def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tok
             loss = objectives.backward_contrastive(model, batch, accelerator, embeddings)
         else:
             loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # the norm before clipping, as a device tensor (None without clipping): tracked, read at evaluation points
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step used (a float the scheduler holds)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        yield loss, batch["labels"].shape[0] * accelerator.num_processes
+        yield loss, batch["labels"].shape[0] * accelerator.num_processes, learning_rate, grad_norm
 
 
 def finite_losses(pending: list[tuple[torch.Tensor, int, int]]) -> list[float]:

@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
 from . import checkpoints, forward, heads, methods, models, objectives, steps
+from .tracking import RunTracker, check_report_to
 from .config import TrainConfig, check_class_weight_count, validate
 from .evaluation import choose_thresholds, evaluate
 from .reporting import write_run_outputs
@@ -54,6 +55,7 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
         metrics = run.finish(work)
         checkpoints.remove_checkpoints(work)  # a finished run needs none
         write_run_outputs(work, metrics)
+        run.tracker.finish(work, run.state.step)
     log(f"run saved to {run.final}", run.accelerator)
     if resume and run.accelerator.is_main_process:  # only now: the resumed run is complete
         shutil.rmtree(resume)
@@ -69,7 +71,11 @@ class TrainingRun:
         self.cfg, self.progress, self.resume = cfg, progress, resume
         device = forward.resolve_device(cfg.device)
         self.precision = forward.resolve_precision(cfg.precision, device)
-        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu")
+        # trackers log into the staged run (tracking.RunTracker.start); accelerate wants a logging folder up front
+        report_to = check_report_to(cfg.report_to)
+        self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu", log_with=report_to,
+                                       project_dir=cfg.output_dir if report_to else None)
+        self.tracker = RunTracker(self.accelerator, report_to)
         self.device = self.accelerator.device  # this process's GPU under `accelerate launch`
         forward.reset_peak_memory(self.device)
         self.final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
@@ -146,10 +152,12 @@ class TrainingRun:
         the base model's evaluation on test (and, contrastive, the probe start's on validation)."""
         self.checkpoint_dir = checkpoints.shared_path(work, self.accelerator)
         write_json(work / "config.json", self.saved_config)
+        self.tracker.start(work, self.final.name, self.saved_config, self.cfg.output_dir)
         if self.resume:
             self.resume_from(work)
         else:
             self.state.base = self.evaluate(self.test_loader, "base model on test")
+            self.tracker.log("base", self.state.base, 0)
         base = self.state.base
         start = "linear probe head" if self.cfg.head_init == "probe" else "untrained adapters/head"
         log(f"base model ({start}, {self.pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
@@ -204,9 +212,10 @@ class TrainingRun:
         evaluated = False
         batches = steps.train_steps(self.forward_model, loader, self.optimizer, self.scheduler, self.accelerator, cfg,
                                     self.train_chunk, self.class_weights, self.embeddings)
-        for batch, (loss, n_examples) in enumerate(batches, state.batches_in_epoch + 1):
+        for batch, (loss, n_examples, learning_rate, grad_norm) in enumerate(batches, state.batches_in_epoch + 1):
             state.step, state.batches_in_epoch, state.examples = state.step + 1, batch, state.examples + n_examples
             state.pending.append((loss, state.epoch, batch))
+            self.tracker.step(state.step, learning_rate, grad_norm)
             bar.update(1)
             if self.device.type == "cpu":  # reading a CPU tensor costs nothing; on a GPU it would be a sync
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -250,6 +259,8 @@ class TrainingRun:
         entry = {"epoch": round(state.step / len(self.train_loader), 3), "step": state.step,
                  "train_loss": sum(losses) / max(len(losses), 1), "validation": val}
         state.history.append(entry)
+        self.tracker.log_steps(losses)
+        self.tracker.log("validation", val, state.step)
         stop = self.best.update(self.unwrapped(), state)
         log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
             f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if state.best is entry else ""),
@@ -287,6 +298,7 @@ class TrainingRun:
                                        self.progress)
         test = self.evaluate(self.test_loader, "fine-tuned on test", thresholds)
         steps.check_finite_loss(test, "fine-tuned model on the test split")
+        self.tracker.log("test", test, state.step)
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {state.base['accuracy']:.4f})", self.accelerator)
         peak_bytes, peak_kind = forward.peak_memory(self.device)

@@ -65,6 +65,8 @@ HELP = {
     "group_by_length": "batch texts of similar length together (less padding)",
     "compile": "torch.compile the model",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
+    "report_to": "experiment trackers to log to, comma-separated: none (default), tensorboard (event files in the "
+                 "run), mlflow (a store under --output-dir unless MLFLOW_TRACKING_URI is set), trackio, wandb, ...",
     "save_every": "write a checkpoint every N optimizer steps into the run in progress (default: only when Ctrl-C "
                   "or SIGTERM stops training), for --resume",
     "allow_unusual_labels": "train even if a label has very few rows (under 1%% and 10 rows, or under 3), a label "
