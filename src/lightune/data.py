@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Value
 
 from .errors import DataError
 from .forward import encode_texts
@@ -139,6 +139,8 @@ def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str
                                          for row in b["label"]]}, batched=True)
         return ds.cast_column("label", MULTI_HOT)
     index = [run_names.index(name) for name in names]
+    # as plain integers first: the source's ClassLabel may know fewer classes than the run (a subset of its labels)
+    ds = ds.cast_column("label", Value("int64"))
     ds = ds.map(lambda b: {"label": [index[label] for label in b["label"]]}, batched=True)
     return ds.cast_column("label", ClassLabel(names=list(run_names)))
 
