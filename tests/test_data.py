@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -222,3 +223,31 @@ def test_eval_size_just_below_the_split_size(missing):
     n = len(full.test) - missing
     splits = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": n}))
     assert len(splits.test) == n and set(splits.test["text"]) <= set(full.test["text"])
+
+
+def test_the_drawn_training_split_must_hold_rows_of_every_label(tmp_path):
+    """The source passes its label checks, the training split drawn from it (--train-size) must too."""
+    path = write_csv(tmp_path / "d.csv", synthetic_reviews(100))
+    for allowed in (False, True):  # one label: never allowed
+        with pytest.raises(DataError) as err:
+            data.build_splits(from_dict({"data": str(path), "train_size": 1, "allow_unusual_labels": allowed}))
+        assert re.fullmatch(re.escape(f"{path}: the training split (1 row, --train-size 1) has rows of the label ")
+                            + "'(neg|pos)'" + re.escape(" only; a classifier needs rows of at least two labels: raise "
+                                                        "--train-size"), str(err.value)), str(err.value)
+    three = write_csv(tmp_path / "three.csv", synthetic_reviews(200) + [(f"so so {i}", "meh") for i in range(30)])
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(three), "train_size": 2}))
+    assert str(err.value) == (f"{three}: the training split (2 rows, --train-size 2) has no row of the label(s) "
+                              "'meh' (labels: meh, neg, pos); raise --train-size, or pass --allow-unusual-labels")
+    splits = data.build_splits(from_dict({"data": str(three), "train_size": 2, "allow_unusual_labels": True}))
+    assert sorted(splits.train["label"]) == [1, 2]
+
+
+def test_a_multi_label_training_split_must_hold_rows_of_every_label(tmp_path):
+    rows = [(text, ["x", "y", ""][i % 3]) for i, (text, _) in enumerate(synthetic_reviews(60))]  # one label a row
+    path = write_csv(tmp_path / "multi.csv", rows, header=("text", "tags"))
+    settings = {"data": str(path), "problem": "multi_label", "label_column": "tags", "label_delimiter": ","}
+    assert len(data.build_splits(from_dict({**settings, "train_size": 10})).train) == 10
+    with pytest.raises(DataError, match=r"the training split \(1 row, --train-size 1\) has (no row of the label\(s\) |no "
+                                        r"row with a label)"):
+        data.build_splits(from_dict({**settings, "train_size": 1}))

@@ -11,8 +11,8 @@ from datasets import ClassLabel, Dataset, Value
 
 from .errors import DataError
 from .forward import encode_texts
-from .labels import (MULTI_HOT, check_classes, check_label_sets, deduplicate, encode_labels, is_multi_label,
-                     load_multi_label, resolve_label_names)
+from .labels import (MULTI_HOT, check_classes, check_label_sets, check_training_split, deduplicate, encode_labels,
+                     is_multi_label, load_multi_label, resolve_label_names)
 from .sources import PACKAGED_SOURCES, load_source
 from .texts import check_texts, clean_text
 
@@ -113,6 +113,7 @@ def build_splits(cfg) -> SplitData:
         seen = set(splits["train"]["text"]) | set(splits["validation"]["text"])
         splits["test"] = _drop_texts(test_source, seen)
     splits["train"] = _stratified_take(splits["train"], cfg.train_size, cfg.split_seed)
+    check_training_split(splits["train"], names, cfg.data, cfg.train_size, cfg.allow_unusual_labels)
     splits["validation"] = _stratified_take(splits["validation"], cfg.eval_size, cfg.split_seed)
     splits["test"] = _stratified_take(splits["test"], cfg.eval_size, cfg.split_seed)
     info = {
