@@ -145,7 +145,11 @@ def test_a_rare_but_real_label_and_a_test_set_with_one_label_pass(tmp_path):
         ("list.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
         ("doc.json", b'[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]', "not valid JSON at line 2, column 15"),
         ("ragged.csv", b"text,label\na,pos\nb,neg,extra,x\n", "Expected 2 fields in line 3, saw 4"),
-        ("empty.csv", b"", "No columns to parse from file"),
+        ("empty.csv", b"", "is empty"),
+        ("header.csv", b"text,label\n", "has a header but no rows"),
+        ("header.tsv", b"text\tlabel\r\n\n", "has a header but no rows"),
+        ("empty.jsonl", b"\n \n", "holds no records"),
+        ("empty.json", b"[]", "holds no records"),
         ("bad.parquet", b"not parquet", "Parquet magic bytes not found"),
     ],
 )
@@ -251,3 +255,22 @@ def test_a_multi_label_training_split_must_hold_rows_of_every_label(tmp_path):
     with pytest.raises(DataError, match=r"the training split \(1 row, --train-size 1\) has (no row of the label\(s\) |no "
                                         r"row with a label)"):
         data.build_splits(from_dict({**settings, "train_size": 1}))
+
+
+def test_a_parquet_file_without_rows_or_with_list_labels_is_one_line(tmp_path):
+    import pandas as pd
+
+    empty = tmp_path / "empty.parquet"
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=str)}).to_parquet(empty)
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(empty)}))
+    assert str(err.value) == f"{empty} has no rows"
+    texts = [text for text, _ in synthetic_reviews(40)]
+    for name, labels, kind in (("lists", [["pos"], ["neg"]] * 20, "lists"), ("records", [{"a": 1}] * 40, "records")):
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame({"text": texts, "label": labels}).to_parquet(path)
+        with pytest.raises(DataError) as err:
+            data.build_splits(from_dict({"data": str(path)}))
+        assert str(err.value) == (f"{path}: the label column 'label' holds {kind} (row 1: {labels[0]!r}); a "
+                                  "single-label source has one label a row, a name or a class index (multi-label data: "
+                                  "--problem multi_label with --label-column and --label-delimiter, or --label-columns)")
