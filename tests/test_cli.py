@@ -243,3 +243,31 @@ def test_predict_refuses_nan_probabilities(trained_tiny_run, tmp_path, capsys):
     assert main(["predict", str(broken), "great film", "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "gives NaN probabilities" in captured.err
+
+
+def test_options_may_follow_the_run_and_the_texts(trained_tiny_run, capsys):
+    run = str(trained_tiny_run.run_dir)
+    assert main(["predict", run, "--json", "great film"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["great film"]
+    assert main(["predict", "--device", "cpu", run, "awful mess", "--json", "loved it", "--truncation", "tail"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["awful mess", "loved it"]
+    assert main(["predict", run, "--", "--json"]) == 0  # after --, an option's name is a text
+    assert capsys.readouterr().out.endswith("\t--json\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "RUN", "--bogus\x1b[2J\u202e"], "lightune: error: unrecognized arguments: --bogus\\x1b[2J\\u202e"),
+    (["train", "--epochs", "1\x1b]0;x\x07"], "lightune train: error: argument --epochs: invalid float value: "
+                                             "'1\\x1b]0;x\\x07'"),
+    (["evaluate"], "lightune evaluate: error: the following arguments are required: run_dir"),
+])
+def test_argument_errors_are_escaped_for_the_terminal(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+def test_a_one_line_error_escapes_terminal_controls(capsys):
+    assert main(["predict", "no-run\x1b[2J\u202e", "great film"]) == 2
+    assert capsys.readouterr().err == "lightune: error: run directory not found: no-run\\x1b[2J\\u202e\n"

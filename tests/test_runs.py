@@ -147,3 +147,29 @@ def test_importing_inference_loads_neither_datasets_nor_matplotlib():
             "print(sorted(m for m in ('datasets', 'matplotlib', 'sklearn', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", "eight", "'r' is 'eight', not a positive integer"),
+    ("lora_alpha", None, "'lora_alpha' is None, not a number"),
+    ("lora_dropout", 2, "'lora_dropout' is 2, not a number from 0 to 1"),
+    ("target_modules", [1, 2], "'target_modules' is [1, 2], not a module name, a list of them or null"),
+    ("use_rslora", "yes", "'use_rslora' is 'yes', not true or false"),
+    ("peft_type", None, "'peft_type' is None, not a peft method name such as 'LORA'"),
+])
+def test_a_damaged_adapter_config_is_the_same_one_line_error_in_read_run_and_every_command(
+        trained_tiny_run, tmp_path, capsys, field, value, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    config_file = broken / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    expected = f"{config_file} is damaged: {message}"
+    with pytest.raises(ModelError) as err:
+        read_run(broken)
+    assert str(err.value) == expected
+    commands = {"predict": ["predict", str(broken), "great film"],
+                "serve": ["serve", str(broken), "--port", str(_free_port())],
+                "evaluate": ["evaluate", str(broken)]}
+    for name, args in commands.items():
+        assert main(args) == 2, name
+        assert _last_error(capsys) == f"lightune: error: {expected}", name

@@ -319,6 +319,8 @@ def _check_saved_folder(run: SavedRun) -> None:
         raise ModelError(f"{run.run_dir} has no saved {kind}/ directory")
     if run.is_adapter and not (saved / "adapter_config.json").is_file():
         raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
+    if run.is_adapter:
+        _check_adapter_config(saved / "adapter_config.json")
     if not run.is_adapter and not (saved / "config.json").is_file():
         raise ModelError(f"model missing: {saved}/config.json not found")
     if not run.weights_file.is_file():
@@ -327,3 +329,47 @@ def _check_saved_folder(run: SavedRun) -> None:
             raise ModelError(f"{run.run_dir} has its {kind} weights as {pickle.name}, a pickle, which is never "
                              f"loaded here; save them as {run.weights_file.name}")
         raise ModelError(f"{run.run_dir} has no {kind} weights ({kind}/{run.weights_file.name})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+_POSITIVE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+_FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+# The fields of adapter_config.json that lightune's methods write and peft reads, with what each must be: peft
+# takes the file as it is, and a value of another type fails deep in the model's loading (a TypeError for
+# "r": "eight"). Fields not named here are left to peft.
+ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str) and v != "", "a peft method name such as 'LORA'"),
+    "r": _POSITIVE, "num_virtual_tokens": _POSITIVE,
+    "lora_alpha": (_is_number, "a number"), "alpha": (_is_number, "a number"),
+    "lora_dropout": _FRACTION, "rank_dropout": _FRACTION, "module_dropout": _FRACTION, "vera_dropout": _FRACTION,
+    "target_modules": (_is_names, "a module name, a list of them or null"),
+    "feedforward_modules": (_is_names, "a module name, a list of them or null"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) for m in v)),
+                        "a list of module names or null"),
+    "layers_to_transform": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)),
+                            "a layer index, a list of them or null"),
+    "use_dora": _FLAG, "use_rslora": _FLAG, "fan_in_fan_out": _FLAG, "inference_mode": _FLAG,
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
+    "bias": (lambda v: isinstance(v, str), "a string such as 'none'"),
+    "task_type": _TEXT_OR_NULL, "base_model_name_or_path": _TEXT_OR_NULL,
+}
+
+
+def _check_adapter_config(path: Path) -> None:
+    """ModelError naming adapter_config.json and its first field that peft could not use (ADAPTER_FIELDS)."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is damaged: not a JSON object")
+    for key, (usable, expected) in ADAPTER_FIELDS.items():
+        if (key in config or key == "peft_type") and not usable(config.get(key)):
+            raise ModelError(f"{path} is damaged: {key!r} is {config.get(key)!r}, not {expected}")
