@@ -144,6 +144,26 @@ def test_output_dir_problems_fail_before_loading(tmp_path, capsys):
     assert capsys.readouterr().err == f"lightune: error: output_dir {file}: {file} is not a directory\n"
     assert main(["train", "--run-name", "victim.incomplete"]) == 2
     assert "run_name must not end in .incomplete" in capsys.readouterr().err
+    # a folder no directory can be made in (root may write into read-only folders, not into /proc)
+    assert main(["train", "--output-dir", "/proc/xyz/runs"]) == 2
+    assert capsys.readouterr().err == ("lightune: error: output_dir /proc/xyz/runs: cannot create a directory in /proc "
+                                       "(No such file or directory)\n")
+    from lightune.config import load_config
+
+    load_config(overrides={"output_dir": str(tmp_path / "new" / "runs")})  # checked by making a folder in tmp_path
+    assert list(tmp_path.iterdir()) == [file]  # and removing it
+
+
+def test_a_path_that_cannot_be_read_or_written_is_one_line_naming_it(monkeypatch, capsys):
+    from lightune.commands import predict
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/srv/runs/shared/adapter/adapter_model.safetensors")
+
+    monkeypatch.setattr(predict, "run", denied)
+    assert main(["predict", "RUN", "great film"]) == 2
+    assert capsys.readouterr().err == ("lightune: error: /srv/runs/shared/adapter/adapter_model.safetensors: "
+                                       "Permission denied\n")
 
 
 def test_unreadable_data_file_is_one_line(tmp_path):

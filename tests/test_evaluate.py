@@ -73,6 +73,7 @@ def test_a_source_with_other_labels_is_one_line_naming_both(trained_tiny_run, tm
     (["--name", "../x"], "name must be a plain directory name"),
     (["--output-dir", "{run}/inside"], "is inside the run directory"),
     (["--data", "no/such.csv"], "data not found"),
+    (["--output-dir", "/proc/xyz"], "output_dir /proc/xyz: cannot create a directory in /proc"),
 ])
 def test_bad_options_fail_before_the_model_loads(trained_tiny_run, capsys, no_model_loads, args, message):
     args = [a.replace("{run}", str(trained_tiny_run.run_dir)) for a in args]

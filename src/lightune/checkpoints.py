@@ -180,12 +180,14 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: cannot read its config.json ({exc})") from None
     saved.pop("method")
     saved.pop("resolved", None)
-    cfg = from_dict(saved)
+    # the resumed run is written beside the run it continues: that is where it must be able to write
+    cfg = from_dict({**saved, "output_dir": str(run.absolute().parent)})
     raw = read_toml(config_file) if config_file else {}
     given = {**expand_method(raw.get("train", raw)), **expand_method(overrides)}
     for key, value in sorted(given.items()):
-        if key not in RESUME_MAY_CHANGE and getattr(cfg, key) != value:
-            raise ConfigError(f"--resume {run_dir}: {key} {value!r} conflicts with the run's {getattr(cfg, key)!r}; "
+        own = saved.get(key) if key == "output_dir" else getattr(cfg, key)
+        if key not in RESUME_MAY_CHANGE and own != value:
+            raise ConfigError(f"--resume {run_dir}: {key} {value!r} conflicts with the run's {own!r}; "
                               f"a resumed run keeps its settings")
     return from_dict({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, base=cfg)
 

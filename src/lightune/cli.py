@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         _report_failure("interrupted", exc)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, with a way to get the traceback
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path that cannot be read or written
+            _report_failure(f"error: {exc.filename}: {exc.strerror or exc}", exc)
+            return 2
         if os.environ.get("LIGHTUNE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

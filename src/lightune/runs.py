@@ -29,10 +29,24 @@ CONFIG_FILE = "config.json"  # written first: the settings the run was given (an
 
 # -- writing: atomic files, staged and locked run directories ------------------------------------------------------
 
-def _umask_mode() -> int:
+def _umask_mode(kind: int = 0o666) -> int:
+    """The mode a new plain file (kind 0o666) or directory (0o777) gets under the process's umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return kind & ~mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every folder and file under root (and root) the mode the umask gives new ones, as other tools' outputs
+    have: mkdtemp makes 0700 folders and safetensors 0600 files, which a teammate could not read. Links are left
+    alone (chmod would follow them)."""
+    folder_mode, file_mode = _umask_mode(0o777), _umask_mode()
+    os.chmod(root, folder_mode)
+    for top, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode if name in folders else file_mode)
 
 
 @contextlib.contextmanager
@@ -94,12 +108,14 @@ def staged_run_dir(final: Path):
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    os.chmod(work, _umask_mode(0o777))  # mkdtemp's 0700: the run's folder is as shared as the umask says
     try:
         with run_lock(work):  # `train --resume` refuses a run that a live process is writing
             yield work
     except BaseException as exc:
         keep_incomplete(work, final, exc)
         raise
+    follow_umask(work)
     if not _rename_to_new(work, final):
         appeared = ConfigError(f"run directory {final} appeared while training")
         kept = keep_incomplete(work, final, appeared)
@@ -127,6 +143,8 @@ def run_lock(run_dir: Path | None):
 def keep_incomplete(work: Path, final: Path, exc: BaseException) -> Path:
     """Write error.txt into work and rename it to the first free `<final>.incomplete[-N]`; return that path."""
     (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    with contextlib.suppress(OSError):  # a failure is kept whatever its files' modes
+        follow_umask(work)
     for n in itertools.count(1):
         kept = final.parent / f"{final.name}{INCOMPLETE_SUFFIX}{'' if n == 1 else f'-{n}'}"
         if _rename_to_new(work, kept):
