@@ -280,6 +280,7 @@ def test_options_may_follow_the_run_and_the_texts(trained_tiny_run, capsys):
     (["train", "--epochs", "1\x1b]0;x\x07"], "lightune train: error: argument --epochs: invalid float value: "
                                              "'1\\x1b]0;x\\x07'"),
     (["evaluate"], "lightune evaluate: error: the following arguments are required: run_dir"),
+    (["predict"], "lightune predict: error: the following arguments are required: run_dir"),  # texts are optional
 ])
 def test_argument_errors_are_escaped_for_the_terminal(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
