@@ -144,6 +144,26 @@ def test_output_dir_problems_fail_before_loading(tmp_path, capsys):
     assert capsys.readouterr().err == f"lightune: error: output_dir {file}: {file} is not a directory\n"
     assert main(["train", "--run-name", "victim.incomplete"]) == 2
     assert "run_name must not end in .incomplete" in capsys.readouterr().err
+    # a folder no directory can be made in (root may write into read-only folders, not into /proc)
+    assert main(["train", "--output-dir", "/proc/xyz/runs"]) == 2
+    assert capsys.readouterr().err == ("lightune: error: output_dir /proc/xyz/runs: cannot create a directory in /proc "
+                                       "(No such file or directory)\n")
+    from lightune.config import load_config
+
+    load_config(overrides={"output_dir": str(tmp_path / "new" / "runs")})  # checked by making a folder in tmp_path
+    assert list(tmp_path.iterdir()) == [file]  # and removing it
+
+
+def test_a_path_that_cannot_be_read_or_written_is_one_line_naming_it(monkeypatch, capsys):
+    from lightune.commands import predict
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/srv/runs/shared/adapter/adapter_model.safetensors")
+
+    monkeypatch.setattr(predict, "run", denied)
+    assert main(["predict", "RUN", "great film"]) == 2
+    assert capsys.readouterr().err == ("lightune: error: /srv/runs/shared/adapter/adapter_model.safetensors: "
+                                       "Permission denied\n")
 
 
 def test_unreadable_data_file_is_one_line(tmp_path):
@@ -243,3 +263,32 @@ def test_predict_refuses_nan_probabilities(trained_tiny_run, tmp_path, capsys):
     assert main(["predict", str(broken), "great film", "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "gives NaN probabilities" in captured.err
+
+
+def test_options_may_follow_the_run_and_the_texts(trained_tiny_run, capsys):
+    run = str(trained_tiny_run.run_dir)
+    assert main(["predict", run, "--json", "great film"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["great film"]
+    assert main(["predict", "--device", "cpu", run, "awful mess", "--json", "loved it", "--truncation", "tail"]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["awful mess", "loved it"]
+    assert main(["predict", run, "--", "--json"]) == 0  # after --, an option's name is a text
+    assert capsys.readouterr().out.endswith("\t--json\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "RUN", "--bogus\x1b[2J\u202e"], "lightune: error: unrecognized arguments: --bogus\\x1b[2J\\u202e"),
+    (["train", "--epochs", "1\x1b]0;x\x07"], "lightune train: error: argument --epochs: invalid float value: "
+                                             "'1\\x1b]0;x\\x07'"),
+    (["evaluate"], "lightune evaluate: error: the following arguments are required: run_dir"),
+    (["predict"], "lightune predict: error: the following arguments are required: run_dir"),  # texts are optional
+])
+def test_argument_errors_are_escaped_for_the_terminal(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+def test_a_one_line_error_escapes_terminal_controls(capsys):
+    assert main(["predict", "no-run\x1b[2J\u202e", "great film"]) == 2
+    assert capsys.readouterr().err == "lightune: error: run directory not found: no-run\\x1b[2J\\u202e\n"

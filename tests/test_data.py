@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -144,7 +145,11 @@ def test_a_rare_but_real_label_and_a_test_set_with_one_label_pass(tmp_path):
         ("list.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
         ("doc.json", b'[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]', "not valid JSON at line 2, column 15"),
         ("ragged.csv", b"text,label\na,pos\nb,neg,extra,x\n", "Expected 2 fields in line 3, saw 4"),
-        ("empty.csv", b"", "No columns to parse from file"),
+        ("empty.csv", b"", "is empty"),
+        ("header.csv", b"text,label\n", "has a header but no rows"),
+        ("header.tsv", b"text\tlabel\r\n\n", "has a header but no rows"),
+        ("empty.jsonl", b"\n \n", "holds no records"),
+        ("empty.json", b"[]", "holds no records"),
         ("bad.parquet", b"not parquet", "Parquet magic bytes not found"),
     ],
 )
@@ -222,3 +227,50 @@ def test_eval_size_just_below_the_split_size(missing):
     n = len(full.test) - missing
     splits = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": n}))
     assert len(splits.test) == n and set(splits.test["text"]) <= set(full.test["text"])
+
+
+def test_the_drawn_training_split_must_hold_rows_of_every_label(tmp_path):
+    """The source passes its label checks, the training split drawn from it (--train-size) must too."""
+    path = write_csv(tmp_path / "d.csv", synthetic_reviews(100))
+    for allowed in (False, True):  # one label: never allowed
+        with pytest.raises(DataError) as err:
+            data.build_splits(from_dict({"data": str(path), "train_size": 1, "allow_unusual_labels": allowed}))
+        assert re.fullmatch(re.escape(f"{path}: the training split (1 row, --train-size 1) has rows of the label ")
+                            + "'(neg|pos)'" + re.escape(" only; a classifier needs rows of at least two labels: raise "
+                                                        "--train-size"), str(err.value)), str(err.value)
+    three = write_csv(tmp_path / "three.csv", synthetic_reviews(200) + [(f"so so {i}", "meh") for i in range(30)])
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(three), "train_size": 2}))
+    assert str(err.value) == (f"{three}: the training split (2 rows, --train-size 2) has no row of the label(s) "
+                              "'meh' (labels: meh, neg, pos); raise --train-size, or pass --allow-unusual-labels")
+    splits = data.build_splits(from_dict({"data": str(three), "train_size": 2, "allow_unusual_labels": True}))
+    assert sorted(splits.train["label"]) == [1, 2]
+
+
+def test_a_multi_label_training_split_must_hold_rows_of_every_label(tmp_path):
+    rows = [(text, ["x", "y", ""][i % 3]) for i, (text, _) in enumerate(synthetic_reviews(60))]  # one label a row
+    path = write_csv(tmp_path / "multi.csv", rows, header=("text", "tags"))
+    settings = {"data": str(path), "problem": "multi_label", "label_column": "tags", "label_delimiter": ","}
+    assert len(data.build_splits(from_dict({**settings, "train_size": 10})).train) == 10
+    with pytest.raises(DataError, match=r"the training split \(1 row, --train-size 1\) has (no row of the label\(s\) |no "
+                                        r"row with a label)"):
+        data.build_splits(from_dict({**settings, "train_size": 1}))
+
+
+def test_a_parquet_file_without_rows_or_with_list_labels_is_one_line(tmp_path):
+    import pandas as pd
+
+    empty = tmp_path / "empty.parquet"
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=str)}).to_parquet(empty)
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(empty)}))
+    assert str(err.value) == f"{empty} has no rows"
+    texts = [text for text, _ in synthetic_reviews(40)]
+    for name, labels, kind in (("lists", [["pos"], ["neg"]] * 20, "lists"), ("records", [{"a": 1}] * 40, "records")):
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame({"text": texts, "label": labels}).to_parquet(path)
+        with pytest.raises(DataError) as err:
+            data.build_splits(from_dict({"data": str(path)}))
+        assert str(err.value) == (f"{path}: the label column 'label' holds {kind} (row 1: {labels[0]!r}); a "
+                                  "single-label source has one label a row, a name or a class index (multi-label data: "
+                                  "--problem multi_label with --label-column and --label-delimiter, or --label-columns)")

@@ -73,6 +73,7 @@ def test_a_source_with_other_labels_is_one_line_naming_both(trained_tiny_run, tm
     (["--name", "../x"], "name must be a plain directory name"),
     (["--output-dir", "{run}/inside"], "is inside the run directory"),
     (["--data", "no/such.csv"], "data not found"),
+    (["--output-dir", "/proc/xyz"], "output_dir /proc/xyz: cannot create a directory in /proc"),
 ])
 def test_bad_options_fail_before_the_model_loads(trained_tiny_run, capsys, no_model_loads, args, message):
     args = [a.replace("{run}", str(trained_tiny_run.run_dir)) for a in args]
@@ -100,3 +101,23 @@ def test_other_methods_evaluate(tiny_config, method, tmp_path):
     result = json.loads((tmp_path / "ev" / f"{method}-on-reviews-test" / "metrics.json").read_text())
     assert result["method"] == method
     assert result["metrics"]["confusion_matrix"] == run.metrics["test"]["confusion_matrix"]
+
+
+def test_a_source_with_a_subset_of_the_runs_labels_is_scored(trained_tiny_run, tmp_path, capsys):
+    """Only 'pos' rows: per-class figures for the label present, no ROC-AUC (one class), the same predictions."""
+    rows = [(text, label) for text, label in synthetic_reviews(80, seed=5) if label == "pos"]
+    only_pos = write_csv(tmp_path / "only_pos.csv", rows)
+    assert evaluate(trained_tiny_run.run_dir, "--data", only_pos, "--split", "all", "--output-dir", tmp_path / "ev",
+                    "--name", "pos") == 0
+    result = json.loads((tmp_path / "ev" / "pos" / "metrics.json").read_text())
+    metrics = result["metrics"]
+    assert result["data"]["source_label_names"] == ["pos"] and result["data"]["label_names"] == ["neg", "pos"]
+    predicted = inference.Classifier(trained_tiny_run.run_dir, device="cpu").predict([t for t, _ in rows])
+    right = sum(p["label"] == "pos" for p in predicted)
+    assert metrics["accuracy"] == pytest.approx(right / len(rows))
+    assert metrics["confusion_matrix"] == [[0, 0], [len(rows) - right, right]]
+    assert list(metrics["per_class"]) == ["pos"] and metrics["per_class"]["pos"]["support"] == len(rows)
+    assert metrics["per_class"]["pos"]["recall"] == pytest.approx(right / len(rows))
+    assert metrics["recall"] == pytest.approx(right / len(rows))  # macro figures over the labels present
+    assert metrics["roc_auc"] is None and metrics["pr_auc"] is None
+    assert "| accuracy |" in capsys.readouterr().out

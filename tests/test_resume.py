@@ -1,6 +1,8 @@
 """Checkpoints (--save-every), SIGKILL/SIGTERM in the middle of training, and `lightune train --resume`."""
 
+import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightune import cli, runs
+from conftest import synthetic_reviews, write_csv
+from lightune import checkpoints, cli, runs
+from lightune.checkpoint_check import CHECKSUMS_KEY
 from lightune.checkpoints import STATE_FILE, latest_checkpoint
 
 SETTINGS = dict(epochs=2, learning_rate=1e-2, group_by_length=True)  # LoRA dropout 0.1: the random states matter
@@ -114,10 +118,9 @@ def _refusal(capsys, *args) -> str:
     return err
 
 
-def test_resume_refuses_what_it_cannot_continue(unfinished_run, tmp_path, capsys):
+def test_resume_refuses_what_it_cannot_continue(unfinished_run, interrupted_run, tmp_path, capsys):
     assert "the run has no checkpoint (train with --save-every N" in _refusal(capsys, "--resume", str(unfinished_run))
-    (unfinished_run / "checkpoint-3").mkdir()
-    (unfinished_run / "checkpoint-3" / STATE_FILE).write_text("{}")
+    shutil.copytree(latest_checkpoint(interrupted_run), unfinished_run / "checkpoint-7")  # a sound checkpoint
     assert "learning_rate 0.5 conflicts with the run's 0.01" in _refusal(
         capsys, "--resume", str(unfinished_run), "--lr", "0.5")
     config = tmp_path / "other.toml"
@@ -134,3 +137,129 @@ def test_resume_refuses_what_it_cannot_continue(unfinished_run, tmp_path, capsys
     assert f"run directory {unfinished_run.parent / 'halted'} already exists" in _refusal(
         capsys, "--resume", str(unfinished_run))
     assert (unfinished_run / "config.json").is_file()  # a refusal changes nothing
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run stopped (as by Ctrl-C) right after its first checkpoint: runs/cut.incomplete with checkpoint-7 of a
+    40-step schedule (2 epochs of 20 batches)."""
+    from lightune.config import load_config
+    from lightune.training import run_training
+
+    root = tmp_path_factory.mktemp("interrupted")
+    data = write_csv(root / "reviews.csv", synthetic_reviews(400))
+    cfg = load_config(overrides=dict(model=str(tiny_model_dir), data=str(data), train_size=None, eval_size=None,
+                                     max_length=32, epochs=2, batch_size=16, learning_rate=1e-2, save_every=7,
+                                     output_dir=str(root / "runs"), run_name="cut", head_init="random"))
+    save = checkpoints.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, progress=False)
+    run = root / "runs" / "cut.incomplete"
+    assert latest_checkpoint(run).name == "checkpoint-7"
+    return run
+
+
+def _contents(root: Path) -> dict[str, str]:
+    """Every file and folder under root: its sha256 (a folder: 'dir')."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def _truncate(name: str):
+    def damage(checkpoint: Path) -> None:
+        data = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(data[:len(data) // 2])
+    return damage
+
+
+def _flip_a_byte(name: str):
+    def damage(checkpoint: Path) -> None:
+        data = bytearray((checkpoint / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (checkpoint / name).write_bytes(bytes(data))
+    return damage
+
+
+def _state(**changes):
+    def damage(checkpoint: Path) -> None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        (checkpoint / STATE_FILE).write_text(json.dumps({**state, **changes}))
+    return damage
+
+
+def _sizes(checkpoint: Path, name: str) -> str:
+    size = (checkpoint / name).stat().st_size
+    return f"checkpoint-7/{name} is damaged: {size // 2} bytes, {size} when saved"
+
+
+DAMAGES = {
+    "trainable truncated": (_truncate("trainable.safetensors"), lambda c: _sizes(c, "trainable.safetensors")),
+    "best truncated": (_truncate("best.safetensors"), lambda c: _sizes(c, "best.safetensors")),
+    "optimizer truncated": (_truncate("optimizer.bin"), lambda c: _sizes(c, "optimizer.bin")),
+    "scheduler truncated": (_truncate("scheduler.bin"), lambda c: _sizes(c, "scheduler.bin")),
+    "optimizer changed": (_flip_a_byte("optimizer.bin"), lambda c: "checkpoint-7/optimizer.bin is damaged: its "
+                                                                   "content differs from when it was saved (sha256)"),
+    "optimizer missing": (lambda c: (c / "optimizer.bin").unlink(), lambda c: "checkpoint-7/optimizer.bin is missing"),
+    "state truncated": (_truncate(STATE_FILE), lambda c: "checkpoint-7/trainer_state.json is damaged: not valid JSON "
+                                                         "("),
+    "step beyond the schedule": (_state(step=1_000_000_000), lambda c: "checkpoint-7/trainer_state.json does not fit "
+                                                                       "the run: step 1000000000, but the run trains "
+                                                                       "40 steps"),
+    "step off its epoch": (_state(step=8), lambda c: "checkpoint-7/trainer_state.json does not fit the run: step 8 is "
+                                                     "not batch 7 of epoch 1 (20 batches an epoch)"),
+    "step not a number": (_state(step="7"), lambda c: "checkpoint-7/trainer_state.json is damaged: 'step' is '7', "
+                                                      "not an integer >= 0"),
+    "best index out of range": (_state(best_index=3), lambda c: "checkpoint-7/trainer_state.json is damaged: "
+                                                                "'best_index' is 3, but there is no evaluation yet"),
+    "checksums changed": (_state(**{CHECKSUMS_KEY: {"optimizer.bin": "x"}}),
+                          lambda c: "checkpoint-7/trainer_state.json is damaged: 'checksums' is not a table of file "
+                                    "sizes and sha256 digests"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_is_one_line_and_nothing_is_copied_or_removed(interrupted_run, tmp_path, capsys,
+                                                                           damage):
+    run = tmp_path / "runs" / "cut.incomplete"
+    shutil.copytree(interrupted_run, run)
+    checkpoint = run / "checkpoint-7"
+    harm, message = DAMAGES[damage]
+    expected = f"lightune: error: --resume {run}: {message(checkpoint)}"
+    harm(checkpoint)
+    before = _contents(run.parent)
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(expected), err
+    assert _contents(run.parent) == before  # no new run, no .incomplete-2, the damaged one as it was
+
+
+def test_a_checkpoint_records_the_checksums_of_its_files(interrupted_run):
+    checkpoint = latest_checkpoint(interrupted_run)
+    recorded = json.loads((checkpoint / STATE_FILE).read_text())[CHECKSUMS_KEY]
+    files = sorted(p.name for p in checkpoint.iterdir() if p.name != STATE_FILE)
+    assert sorted(recorded) == files and {"trainable.safetensors", "best.safetensors", "optimizer.bin",
+                                          "scheduler.bin", "random_states_0.pkl"} <= set(files)
+    for name, entry in recorded.items():
+        data = (checkpoint / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_checkpoint_without_checksums_still_resumes(interrupted_run, tmp_path, capsys):
+    """Checkpoints written before checksums existed: their files are checked by loading them."""
+    run = tmp_path / "runs" / "cut.incomplete"
+    shutil.copytree(interrupted_run, run)
+    state = json.loads((run / "checkpoint-7" / STATE_FILE).read_text())
+    del state[CHECKSUMS_KEY]
+    (run / "checkpoint-7" / STATE_FILE).write_text(json.dumps(state))
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
+    done = run.parent / "cut"
+    assert runs.is_complete_run(done) and not run.exists()
+    assert json.loads((done / "metrics.json").read_text())["training"]["resumed_from"] == {"run": run.name,
+                                                                                          "step": 7}

@@ -5,6 +5,7 @@ of one run are the same through evaluation, predict and serve (one forward path)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -147,3 +148,65 @@ def test_importing_inference_loads_neither_datasets_nor_matplotlib():
             "print(sorted(m for m in ('datasets', 'matplotlib', 'sklearn', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", "eight", "'r' is 'eight', not a positive integer"),
+    ("lora_alpha", None, "'lora_alpha' is None, not a number"),
+    ("lora_dropout", 2, "'lora_dropout' is 2, not a number from 0 to 1"),
+    ("target_modules", [1, 2], "'target_modules' is [1, 2], not a module name, a list of them or null"),
+    ("use_rslora", "yes", "'use_rslora' is 'yes', not true or false"),
+    ("peft_type", None, "'peft_type' is None, not a peft method name such as 'LORA'"),
+])
+def test_a_damaged_adapter_config_is_the_same_one_line_error_in_read_run_and_every_command(
+        trained_tiny_run, tmp_path, capsys, field, value, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny_run.run_dir, broken)
+    config_file = broken / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    expected = f"{config_file} is damaged: {message}"
+    with pytest.raises(ModelError) as err:
+        read_run(broken)
+    assert str(err.value) == expected
+    commands = {"predict": ["predict", str(broken), "great film"],
+                "serve": ["serve", str(broken), "--port", str(_free_port())],
+                "evaluate": ["evaluate", str(broken)]}
+    for name, args in commands.items():
+        assert main(args) == 2, name
+        assert _last_error(capsys) == f"lightune: error: {expected}", name
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def test_a_new_run_follows_the_umask(tmp_path):
+    """mkdtemp makes 0700 folders and safetensors 0600 files; a run is as readable as the umask says, finished or
+    kept as .incomplete."""
+    from safetensors.torch import save_file
+
+    from lightune.runs import staged_run_dir
+
+    previous = os.umask(0o027)
+    try:
+        with staged_run_dir(tmp_path / "done") as work:
+            (work / "adapter").mkdir()
+            save_file({"w": torch.zeros(2)}, work / "adapter" / "adapter_model.safetensors")
+            (work / "metrics.json").write_text("{}")
+        with pytest.raises(KeyboardInterrupt):
+            with staged_run_dir(tmp_path / "cut") as work:
+                save_file({"w": torch.zeros(2)}, work / "trainable.safetensors")
+                raise KeyboardInterrupt
+    finally:
+        os.umask(previous)
+    assert _modes(tmp_path / "done") == {".": 0o750, "adapter": 0o750, "adapter/adapter_model.safetensors": 0o640,
+                                         "metrics.json": 0o640}
+    assert _modes(tmp_path / "cut.incomplete") == {".": 0o750, "trainable.safetensors": 0o640, "error.txt": 0o640}
+
+
+def test_a_trained_run_is_readable_as_the_umask_allows(trained_tiny_run):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = _modes(trained_tiny_run.run_dir)
+    assert modes["."] == 0o777 & ~mask and modes["adapter/adapter_model.safetensors"] == 0o666 & ~mask
+    assert set(modes.values()) == {0o777 & ~mask, 0o666 & ~mask}

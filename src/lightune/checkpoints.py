@@ -2,9 +2,11 @@
 
 A checkpoint is `checkpoint-<step>/` in the run directory: accelerate's save_state (optimizer, scheduler, the
 random states of every process) with the trainable weights only (the frozen base is rebuilt from the config),
-the best evaluation's weights and trainer_state.json (data position, history, best evaluation). It is written
-as a hidden `.checkpoint-<step>.tmp` and renamed when complete, and older checkpoints are removed after that,
-so a kill at any moment leaves the previous checkpoint usable.
+the best evaluation's weights and trainer_state.json (data position, history, best evaluation, and the size and
+sha256 of every other file of the checkpoint). It is written as a hidden `.checkpoint-<step>.tmp` and renamed when
+complete, and older checkpoints are removed after that, so a kill at any moment leaves the previous checkpoint
+usable. A checkpoint is checked (checkpoint_check) before a run is resumed from it: a damaged one is refused in one
+line, before anything is loaded, copied or removed.
 
 TrainerState is trainer_state.json, field for field, and the state a run trains with; BestCheckpoint holds the best
 evaluation's weights (best.safetensors) and decides early stopping; resumed_run_dir is the one check of a run to
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint_check
+from .checkpoint_check import CHECKSUMS_KEY, DamagedCheckpoint
 from .config import TrainConfig, expand_method, from_dict, read_toml
 from .errors import ConfigError, ModelError
 
@@ -30,6 +34,8 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is not complete
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best.safetensors"
+# what every checkpoint holds besides its state: the weights, and accelerate's optimizer and scheduler states
+REQUIRED_FILES = (TRAINABLE_FILE, BEST_FILE, "optimizer.bin", "scheduler.bin")
 # a failed run kept by lightune (<name>.incomplete[-N]) or a staged one whose process was killed
 # (.<name>.<random>.partial)
 KEPT_RUN = re.compile(r"(?P<name>[^.].*)\.incomplete(-\d+)?|\.(?P<staged>.+)\.[a-z0-9_]+\.partial")
@@ -38,9 +44,10 @@ RESUME_MAY_CHANGE = {"save_every", "report_to"}  # settings a resumed run may ch
 
 @dataclass
 class TrainerState:
-    """Where a run stands: all that a checkpoint's trainer_state.json holds (its keys are these fields), and what
-    a resumed run starts from. While training, pending holds the losses as device tensors (read at the evaluation
-    points); the file holds their values."""
+    """Where a run stands: all that a checkpoint's trainer_state.json holds (its keys are these fields, and the
+    checksums of the checkpoint's files: checkpoint_check.CHECKSUMS_KEY), and what a resumed run starts from.
+    While training, pending holds the losses as device tensors (read at the evaluation points); the file holds
+    their values."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress (from 1; 0 before training)
@@ -122,9 +129,36 @@ def resumed_run_dir(run_dir: str | Path) -> Path:
                           f"a config.json)")
     if latest_checkpoint(run) is None:
         raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
+    checked_checkpoint(run)
     if (run.parent / name).exists():
         raise ConfigError(f"--resume {run_dir}: run directory {run.parent / name} already exists")
     return run.parent / name
+
+
+def checked_checkpoint(run_dir: str | Path) -> tuple[Path, TrainerState]:
+    """The latest checkpoint of run_dir and its state, checked (checkpoint_check): its trainer_state.json field by
+    field, every file of it present with the size and sha256 recorded when it was saved. ConfigError (one line)
+    naming the damaged file."""
+    checkpoint = latest_checkpoint(Path(run_dir))
+    where = f"{checkpoint.name}/{STATE_FILE}"
+    try:
+        try:
+            raw = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamagedCheckpoint(f"{where} is damaged: not valid JSON ({str(exc).splitlines()[0]})") from None
+        fields = checkpoint_check.state_fields(raw, [f.name for f in dataclasses.fields(TrainerState)], where)
+        checkpoint_check.check_files(checkpoint, raw.get(CHECKSUMS_KEY), REQUIRED_FILES)
+    except DamagedCheckpoint as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from None
+    return checkpoint, TrainerState(**fields)
+
+
+def check_schedule(run_dir: Path, checkpoint: Path, state: TrainerState, n_steps: int, steps_per_epoch: int) -> None:
+    """ConfigError (one line) unless the checkpoint's position lies within the resumed run's schedule."""
+    try:
+        checkpoint_check.check_position(state, n_steps, steps_per_epoch, f"{checkpoint.name}/{STATE_FILE}")
+    except DamagedCheckpoint as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from None
 
 
 def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -146,12 +180,14 @@ def resume_config(run_dir: str, config_file: str | None, overrides: dict[str, An
         raise ConfigError(f"--resume {run_dir}: cannot read its config.json ({exc})") from None
     saved.pop("method")
     saved.pop("resolved", None)
-    cfg = from_dict(saved)
+    # the resumed run is written beside the run it continues: that is where it must be able to write
+    cfg = from_dict({**saved, "output_dir": str(run.absolute().parent)})
     raw = read_toml(config_file) if config_file else {}
     given = {**expand_method(raw.get("train", raw)), **expand_method(overrides)}
     for key, value in sorted(given.items()):
-        if key not in RESUME_MAY_CHANGE and getattr(cfg, key) != value:
-            raise ConfigError(f"--resume {run_dir}: {key} {value!r} conflicts with the run's {getattr(cfg, key)!r}; "
+        own = saved.get(key) if key == "output_dir" else getattr(cfg, key)
+        if key not in RESUME_MAY_CHANGE and own != value:
+            raise ConfigError(f"--resume {run_dir}: {key} {value!r} conflicts with the run's {own!r}; "
                               f"a resumed run keeps its settings")
     return from_dict({k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}, base=cfg)
 
@@ -199,7 +235,8 @@ def save_checkpoint(accelerator, work: Path, state: TrainerState, best_weights: 
     accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
         save_file({n: w.contiguous() for n, w in best_weights.items()}, tmp / BEST_FILE)
-        write_json(tmp / STATE_FILE, dataclasses.asdict(state))
+        checksums = checkpoint_check.file_checksums(tmp, skip=STATE_FILE)  # checked before a resume
+        write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), CHECKSUMS_KEY: checksums})
         os.rename(tmp, final)
         remove_checkpoints(work, keep=final)
     accelerator.wait_for_everyone()
@@ -216,14 +253,19 @@ def remove_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
             shutil.rmtree(hidden)
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> tuple[TrainerState, dict]:
-    """Restore the prepared model's trainable weights, optimizer, scheduler and random states from checkpoint;
-    return (trainer state, best evaluation's weights)."""
+def load_checkpoint(accelerator, run_dir: Path, checkpoint: Path) -> dict:
+    """Restore the prepared model's trainable weights, optimizer, scheduler and random states from checkpoint (one
+    that checked_checkpoint accepted); return the best evaluation's weights. ConfigError (one line) when a file
+    cannot be loaded all the same."""
     from safetensors.torch import load_file
 
-    accelerator.load_state(str(checkpoint))
-    state = TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
-    return state, load_file(checkpoint / BEST_FILE, device=str(accelerator.device))
+    try:
+        accelerator.load_state(str(checkpoint))
+        return load_file(checkpoint / BEST_FILE, device=str(accelerator.device))
+    except Exception as exc:  # the libraries raise many types for a file they cannot read
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--resume {run_dir}: cannot load {checkpoint.name} ({type(exc).__name__}: {first})") \
+            from None
 
 
 class StopRequest:

@@ -12,14 +12,39 @@ import signal
 import sys
 
 from .commands import compare, evaluate, predict, serve, train
+from .commands.predict import printable
 from .commands.train import Terminated
 from .errors import LightuneError
 from .logs import quiet_libraries
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose error messages are safe for a terminal: what they quote of the command line has its
+    control and bidi characters written as escapes, as predict's output does."""
+
+    def error(self, message: str):
+        super().error(printable(message))
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: options and positionals in any order (`predict RUN --json TEXT`), as argparse's
+    parse_intermixed_args reads them (a plain parse ends a nargs='*' positional at the first option)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args parses in two passes through this method
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightune", description="LoRA / QLoRA fine-tuning of text classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lightune", description="LoRA / QLoRA fine-tuning of text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     train.add(sub)
     predict.add(sub)
     evaluate.add(sub)
@@ -47,7 +72,7 @@ def _report_failure(message: str, exc: BaseException, hint: str = "") -> None:
         checkpoint = latest_checkpoint(run)
         if checkpoint is not None:
             hint = f"stopped at {checkpoint.name}; resume with: lightune train --resume {run}"
-    print(f"lightune: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    print(printable(f"lightune: {message}" + (f" ({hint})" if hint else "")), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         _report_failure("interrupted", exc)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, with a way to get the traceback
+        if isinstance(exc, OSError) and exc.filename is not None:  # a path that cannot be read or written
+            _report_failure(f"error: {exc.filename}: {exc.strerror or exc}", exc)
+            return 2
         if os.environ.get("LIGHTUNE_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

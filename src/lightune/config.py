@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -206,8 +208,10 @@ def is_run_directory(path: Path) -> bool:
 
 
 def _check_output_dir(output_dir: str) -> None:
-    """ConfigError if output_dir or a folder above it is a file, or if it lies inside a run directory."""
-    path = Path(output_dir).absolute()
+    """ConfigError if output_dir or a folder above it is a file, if it lies inside a run directory, or if no
+    directory can be made in the deepest of them that exists (found by making one and removing it: os.access says
+    yes to root everywhere, /proc included), before anything loads."""
+    path, deepest = Path(output_dir).absolute(), None
     for folder in (path, *path.parents):
         try:
             if not folder.exists():
@@ -219,6 +223,12 @@ def _check_output_dir(output_dir: str) -> None:
         if is_run_directory(folder):
             raise ConfigError(f"output_dir {output_dir} is inside the run directory {folder}; "
                               "runs are never written into another run")
+        deepest = deepest or folder
+    try:
+        if deepest is not None:
+            os.rmdir(tempfile.mkdtemp(prefix=".lightune-write-check-", dir=deepest))
+    except OSError as exc:
+        raise ConfigError(f"output_dir {output_dir}: cannot create a directory in {deepest} ({exc.strerror})") from None
 
 
 def _check_method(cfg: TrainConfig) -> None:

@@ -7,12 +7,12 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Value
 
 from .errors import DataError
 from .forward import encode_texts
-from .labels import (MULTI_HOT, check_classes, check_label_sets, deduplicate, encode_labels, is_multi_label,
-                     load_multi_label, resolve_label_names)
+from .labels import (MULTI_HOT, check_classes, check_label_sets, check_training_split, deduplicate, encode_labels,
+                     is_multi_label, load_multi_label, resolve_label_names)
 from .sources import PACKAGED_SOURCES, load_source
 from .texts import check_texts, clean_text
 
@@ -113,6 +113,7 @@ def build_splits(cfg) -> SplitData:
         seen = set(splits["train"]["text"]) | set(splits["validation"]["text"])
         splits["test"] = _drop_texts(test_source, seen)
     splits["train"] = _stratified_take(splits["train"], cfg.train_size, cfg.split_seed)
+    check_training_split(splits["train"], names, cfg.data, cfg.train_size, cfg.allow_unusual_labels)
     splits["validation"] = _stratified_take(splits["validation"], cfg.eval_size, cfg.split_seed)
     splits["test"] = _stratified_take(splits["test"], cfg.eval_size, cfg.split_seed)
     info = {
@@ -139,6 +140,8 @@ def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str
                                          for row in b["label"]]}, batched=True)
         return ds.cast_column("label", MULTI_HOT)
     index = [run_names.index(name) for name in names]
+    # as plain integers first: the source's ClassLabel may know fewer classes than the run (a subset of its labels)
+    ds = ds.cast_column("label", Value("int64"))
     ds = ds.map(lambda b: {"label": [index[label] for label in b["label"]]}, batched=True)
     return ds.cast_column("label", ClassLabel(names=list(run_names)))
 

@@ -22,20 +22,23 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, n_classe
     """Accuracy, balanced accuracy, macro F1/precision/recall, per-class precision/recall/F1/support, the
     confusion matrix (rows: true, columns: predicted) and, for two classes with probabilities, ROC-AUC and
     PR-AUC (average precision) of the second class; an AUC is None when the labels hold one class only
-    (or the probabilities are not finite)."""
+    (or the probabilities are not finite). The per-class and macro figures are those of the classes the labels
+    hold (data with a subset of the classes: a class without rows has no recall); the confusion matrix has them
+    all."""
     classes = list(range(n_classes))
     names = label_names or [str(i) for i in classes]
+    present = sorted(set(labels.tolist()) & set(classes)) or classes
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, average="macro", labels=classes, zero_division=0
+        labels, predictions, average="macro", labels=present, zero_division=0
     )
-    per_class = precision_recall_fscore_support(labels, predictions, average=None, labels=classes, zero_division=0)
+    per_class = precision_recall_fscore_support(labels, predictions, average=None, labels=present, zero_division=0)
     metrics = {
         "accuracy": float(accuracy_score(labels, predictions)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
         "f1": float(f1),
         "precision": float(precision),
         "recall": float(recall),
-        "per_class": per_class_scores(names, per_class),
+        "per_class": per_class_scores([names[c] for c in present], per_class),
         "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
     }
     if n_classes == 2 and probabilities is not None:

@@ -90,6 +90,31 @@ def check_classes(ds: Dataset, label_names: list[str], where: str, allow_unusual
                         f"{', '.join(label_names)}); check --labels, or pass --allow-unusual-labels")
 
 
+def check_training_split(ds: Dataset, label_names: list[str], where: str, train_size: int | None = None,
+                         allow_unusual: bool = False) -> None:
+    """DataError unless the training split drawn from a source (--train-size) holds what the source's checks ask:
+    rows of at least two labels (always), and unless allow_unusual, rows of every label (multi-label: each label
+    on some row)."""
+    n = len(ds)
+    drawn = f"{where}: the training split ({n} row{'' if n == 1 else 's'}" + (
+        f", --train-size {train_size})" if train_size is not None else ")")
+    if is_multi_label(ds):
+        counts = [sum(column) for column in zip(*ds["label"])] or [0] * len(label_names)
+        if not any(counts):
+            raise DataError(f"{drawn} has no row with a label; raise --train-size")
+    else:
+        present = Counter(ds["label"])
+        counts = [present[i] for i in range(len(label_names))]
+        if sum(1 for count in counts if count) < 2:
+            only = [name for name, count in zip(label_names, counts) if count]
+            raise DataError(f"{drawn} has rows of the label {only[0]!r} only; a classifier needs rows of at least two "
+                            f"labels: raise --train-size" if only else f"{drawn} has no rows: raise --train-size")
+    unused = [name for name, count in zip(label_names, counts) if not count]
+    if unused and not allow_unusual:
+        raise DataError(f"{drawn} has no row of the label(s) {', '.join(map(repr, unused))} (labels: "
+                        f"{', '.join(label_names)}); raise --train-size, or pass --allow-unusual-labels")
+
+
 def deduplicate(ds: Dataset) -> Dataset:
     """Keep the first row of each distinct text; drop texts that appear with different labels."""
     first_row: dict[str, int] = {}

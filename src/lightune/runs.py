@@ -29,10 +29,24 @@ CONFIG_FILE = "config.json"  # written first: the settings the run was given (an
 
 # -- writing: atomic files, staged and locked run directories ------------------------------------------------------
 
-def _umask_mode() -> int:
+def _umask_mode(kind: int = 0o666) -> int:
+    """The mode a new plain file (kind 0o666) or directory (0o777) gets under the process's umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return kind & ~mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every folder and file under root (and root) the mode the umask gives new ones, as other tools' outputs
+    have: mkdtemp makes 0700 folders and safetensors 0600 files, which a teammate could not read. Links are left
+    alone (chmod would follow them)."""
+    folder_mode, file_mode = _umask_mode(0o777), _umask_mode()
+    os.chmod(root, folder_mode)
+    for top, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode if name in folders else file_mode)
 
 
 @contextlib.contextmanager
@@ -94,12 +108,14 @@ def staged_run_dir(final: Path):
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    os.chmod(work, _umask_mode(0o777))  # mkdtemp's 0700: the run's folder is as shared as the umask says
     try:
         with run_lock(work):  # `train --resume` refuses a run that a live process is writing
             yield work
     except BaseException as exc:
         keep_incomplete(work, final, exc)
         raise
+    follow_umask(work)
     if not _rename_to_new(work, final):
         appeared = ConfigError(f"run directory {final} appeared while training")
         kept = keep_incomplete(work, final, appeared)
@@ -127,6 +143,8 @@ def run_lock(run_dir: Path | None):
 def keep_incomplete(work: Path, final: Path, exc: BaseException) -> Path:
     """Write error.txt into work and rename it to the first free `<final>.incomplete[-N]`; return that path."""
     (work / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    with contextlib.suppress(OSError):  # a failure is kept whatever its files' modes
+        follow_umask(work)
     for n in itertools.count(1):
         kept = final.parent / f"{final.name}{INCOMPLETE_SUFFIX}{'' if n == 1 else f'-{n}'}"
         if _rename_to_new(work, kept):
@@ -319,6 +337,8 @@ def _check_saved_folder(run: SavedRun) -> None:
         raise ModelError(f"{run.run_dir} has no saved {kind}/ directory")
     if run.is_adapter and not (saved / "adapter_config.json").is_file():
         raise ModelError(f"adapter missing: {saved}/adapter_config.json not found")
+    if run.is_adapter:
+        _check_adapter_config(saved / "adapter_config.json")
     if not run.is_adapter and not (saved / "config.json").is_file():
         raise ModelError(f"model missing: {saved}/config.json not found")
     if not run.weights_file.is_file():
@@ -327,3 +347,47 @@ def _check_saved_folder(run: SavedRun) -> None:
             raise ModelError(f"{run.run_dir} has its {kind} weights as {pickle.name}, a pickle, which is never "
                              f"loaded here; save them as {run.weights_file.name}")
         raise ModelError(f"{run.run_dir} has no {kind} weights ({kind}/{run.weights_file.name})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_names(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+_POSITIVE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+_FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1")
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+# The fields of adapter_config.json that lightune's methods write and peft reads, with what each must be: peft
+# takes the file as it is, and a value of another type fails deep in the model's loading (a TypeError for
+# "r": "eight"). Fields not named here are left to peft.
+ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
+    "peft_type": (lambda v: isinstance(v, str) and v != "", "a peft method name such as 'LORA'"),
+    "r": _POSITIVE, "num_virtual_tokens": _POSITIVE,
+    "lora_alpha": (_is_number, "a number"), "alpha": (_is_number, "a number"),
+    "lora_dropout": _FRACTION, "rank_dropout": _FRACTION, "module_dropout": _FRACTION, "vera_dropout": _FRACTION,
+    "target_modules": (_is_names, "a module name, a list of them or null"),
+    "feedforward_modules": (_is_names, "a module name, a list of them or null"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) for m in v)),
+                        "a list of module names or null"),
+    "layers_to_transform": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)),
+                            "a layer index, a list of them or null"),
+    "use_dora": _FLAG, "use_rslora": _FLAG, "fan_in_fan_out": _FLAG, "inference_mode": _FLAG,
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
+    "bias": (lambda v: isinstance(v, str), "a string such as 'none'"),
+    "task_type": _TEXT_OR_NULL, "base_model_name_or_path": _TEXT_OR_NULL,
+}
+
+
+def _check_adapter_config(path: Path) -> None:
+    """ModelError naming adapter_config.json and its first field that peft could not use (ADAPTER_FIELDS)."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is damaged: not a JSON object")
+    for key, (usable, expected) in ADAPTER_FIELDS.items():
+        if (key in config or key == "peft_type") and not usable(config.get(key)):
+            raise ModelError(f"{path} is damaged: {key!r} is {config.get(key)!r}, not {expected}")

@@ -101,9 +101,31 @@ def read_file(path: Path) -> Dataset:
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         with _datasets_quiet():
-            return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {path}: {_first_line_of_cause(exc)}") from None
+        # a file without rows makes datasets fail in its own words ("Instruction "train" corresponds to no data!")
+        empty = _no_rows(path, fmt)
+        raise DataError(f"{path} {empty}" if empty else f"cannot read {path}: {_first_line_of_cause(exc)}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path} has no rows")
+    return ds
+
+
+def _no_rows(path: Path, fmt: str) -> str | None:
+    """What a data file without rows holds ("is empty", "has a header but no rows", ...), else None."""
+    if path.stat().st_size == 0:
+        return "is empty"
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return "has no rows" if pq.ParquetFile(path).metadata.num_rows == 0 else None
+        except Exception:  # not a parquet file: datasets' error says what it is
+            return None
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if fmt == "csv":
+        return "is empty" if not lines else "has a header but no rows" if len(lines) == 1 else None
+    return "holds no records" if not lines or "".join(lines).replace(" ", "") == "[]" else None
 
 
 def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
@@ -115,6 +137,12 @@ def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
             "set --text-column/--label-column"
         )
     ds = ds.select_columns([text_column, label_column])
+    feature = ds.features[label_column]
+    if not isinstance(feature, (datasets.Value, ClassLabel)):
+        kind = "records" if isinstance(feature, dict) else "lists"
+        raise DataError(f"{path}: the label column {label_column!r} holds {kind} (row 1: {ds[0][label_column]!r}); "
+                        "a single-label source has one label a row, a name or a class index (multi-label data: "
+                        "--problem multi_label with --label-column and --label-delimiter, or --label-columns)")
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
     if label_column != "label":

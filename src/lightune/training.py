@@ -128,7 +128,8 @@ class TrainingRun:
             self.accelerator)
 
     def setup_training(self) -> None:
-        """The loaders, the optimizer and the learning-rate schedule, prepared by accelerate."""
+        """The loaders, the optimizer and the learning-rate schedule, prepared by accelerate; resuming, the latest
+        checkpoint loaded into them, once it is checked against the run (before anything is written)."""
         cfg, accelerator = self.cfg, self.accelerator
         train_loader = make_train_loader(self.tokenized["train"], self.tokenizer, cfg.batch_size, cfg.group_by_length,
                                          cfg.seed, cfg.num_workers, self.pad)
@@ -146,6 +147,17 @@ class TrainingRun:
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
         checkpoints.register_trainable_hooks(accelerator)
+        if self.resume:
+            self.load_resumed()
+
+    def load_resumed(self) -> None:
+        """The model, optimizer, scheduler, random states and TrainerState of the resumed run's latest checkpoint,
+        checked first: its files against their checksums, its step against this run's schedule (ConfigError)."""
+        self.latest, saved = checkpoints.checked_checkpoint(self.resume)
+        checkpoints.check_schedule(self.resume, self.latest, saved, self.n_steps, len(self.train_loader))
+        self.best.weights = checkpoints.load_checkpoint(self.accelerator, self.resume, self.latest)
+        self.state = dataclasses.replace(saved, pending=[(torch.tensor(v, device=self.device), e, s)
+                                                         for v, e, s in saved.pending])
 
     def start(self, work: Path) -> None:
         """config.json into the staged run, then the state to train from: the resumed run's latest checkpoint, else
@@ -168,15 +180,13 @@ class TrainingRun:
         self.segment_start = time.perf_counter()
 
     def resume_from(self, work: Path) -> None:
-        """The model, optimizer, scheduler, random states and TrainerState of the resumed run's latest checkpoint."""
-        latest = checkpoints.latest_checkpoint(self.resume)
-        if self.accelerator.is_main_process:  # the new run is resumable from its first moment
-            shutil.copytree(latest, work / latest.name)
-        saved, self.best.weights = checkpoints.load_checkpoint(self.accelerator, latest)
-        self.state = dataclasses.replace(saved, pending=[(torch.tensor(v, device=self.device), e, s)
-                                                         for v, e, s in saved.pending])
-        self.resumed = {"run": self.resume.name, "step": saved.step}
-        log(f"resuming {self.resume} at step {saved.step} (epoch {saved.epoch}, batch {saved.batches_in_epoch})",
+        """Continue from the checkpoint load_resumed loaded: a copy of it in the new run, which is resumable from its
+        first moment."""
+        if self.accelerator.is_main_process:
+            shutil.copytree(self.latest, work / self.latest.name)
+        state = self.state
+        self.resumed = {"run": self.resume.name, "step": state.step}
+        log(f"resuming {self.resume} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})",
             self.accelerator)
 
     def evaluate_probe_start(self) -> None:

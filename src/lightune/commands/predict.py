@@ -18,7 +18,7 @@ from ..logs import silence_library_output
 def add(subparsers) -> None:
     predict = subparsers.add_parser("predict", help="classify texts with a finished run")
     predict.add_argument("run_dir", help="a run directory written by `lightune train`")
-    predict.add_argument("texts", nargs="*", help="texts to classify (default: read standard input)")
+    predict.add_argument("texts", nargs="*", default=[], help="texts to classify (default: read standard input)")
     predict.add_argument("--file", help="read texts from a file: one per line, or .jsonl with a 'text' field")
     predict.add_argument("--interactive", "-i", action="store_true", help="type texts one at a time")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
