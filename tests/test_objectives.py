@@ -93,7 +93,7 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     # the refitted head is saved with the adapters: a reload scores the test split as training did
     again = run_evaluation(EvaluationOptions(str(result.run_dir), device="cpu"), progress=False).result
     assert again["metrics"]["accuracy"] == m["test"]["accuracy"]
-    assert again["metrics"]["loss"] == pytest.approx(m["test"]["loss"], abs=1e-5)
+    assert again["metrics"]["loss"] == pytest.approx(m["calibration"]["test_nll_after"], abs=1e-5)  # at its T
     assert [p["label"] for p in Classifier(result.run_dir).predict(["great superb loved", "awful dull mess"])] == [
         "pos", "neg"]
 
