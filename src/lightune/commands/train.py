@@ -38,12 +38,15 @@ def add(subparsers) -> None:
     train = subparsers.add_parser("train", help="fine-tune a model and save a run directory",
                                   description="Fine-tune; with no arguments: LoRA on the packaged all-MiniLM-L6-v2 "
                                               "with packaged IMDb reviews.")
-    train.add_argument("--config", help="TOML file with the settings (top level or a [train] table)")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--config", help="TOML file with the settings (top level or a [train] table; flags override "
+                                        "it; default: none)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars (default: bars when standard error is "
+                                                            "a terminal)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a run that did not finish (RUN.incomplete, or the hidden .RUN.*.partial of a "
                             "killed process) from its latest checkpoint, with its own settings; the finished run "
-                            "takes its normal name and RUN_DIR is removed once it is complete")
+                            "takes its normal name and RUN_DIR is removed once it is complete (default: none, a new "
+                            "run)")
     add_config_arguments(train)
     train.set_defaults(run=run)
 
