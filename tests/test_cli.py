@@ -11,6 +11,7 @@ import pytest
 from conftest import write_csv
 from lightune.checkpoints import latest_checkpoint
 from lightune.cli import main
+from lightune.commands import train as train_command
 from lightune.commands.predict import read_texts_file
 
 
@@ -116,6 +117,7 @@ def test_unexpected_failure_ends_the_progress_bar_and_names_the_incomplete_run(t
         raise RuntimeError("boom")
 
     monkeypatch.setattr(steps, "backward_in_chunks", fail)  # inside the epoch's progress bar
+    monkeypatch.setattr(train_command, "progress_bars", lambda requested: requested)  # as on a terminal
     code = main(["train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--max-length", "32",
                  "--output-dir", str(tmp_path), "--run-name", "boom"])
     assert code == 1
@@ -292,3 +294,66 @@ def test_argument_errors_are_escaped_for_the_terminal(capsys, args, message):
 def test_a_one_line_error_escapes_terminal_controls(capsys):
     assert main(["predict", "no-run\x1b[2J\u202e", "great film"]) == 2
     assert capsys.readouterr().err == "lightune: error: run directory not found: no-run\\x1b[2J\\u202e\n"
+
+
+def test_every_train_flag_has_help_with_its_default():
+    from lightune.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = [a for a in train._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 50
+    for action in flags:
+        assert action.help and "default" in action.help, action.option_strings
+    data = next(a for a in flags if "--data" in a.option_strings)
+    assert ".json/" in data.help and ".jsonl" in data.help and ".csv" in data.help
+    help_text = train.format_help()
+    for shown in ("--dropout DROPOUT", "(default: 0.1)", "--seed SEED", "(default: 42)", "--device DEVICE",
+                  "--precision PRECISION", "--max-length MAX_LENGTH", "(default: 256)", "--text-column TEXT_COLUMN"):
+        assert shown in help_text
+
+
+def test_version_and_the_description_names_the_methods(capsys):
+    from lightune import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"lightune {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    description = " ".join(capsys.readouterr().out.split())
+    for method in ("LoRA", "QLoRA", "DoRA", "IA3", "VeRA", "prompt tuning"):
+        assert method in description
+
+
+def test_predict_checks_the_run_and_the_texts_before_the_heavy_imports(tmp_path):
+    code = ("import sys; from lightune.cli import main; code = main(sys.argv[1:]); "
+            "print(code, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "predict", str(tmp_path / "nope"), "x"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split("\n")[0] == "2 []"
+    assert out.stderr.strip() == f"lightune: error: run directory not found: {tmp_path / 'nope'}"
+
+
+def test_piped_training_shows_no_progress_bars_and_warns_about_tiny_splits(tiny_model_dir, tmp_path):
+    from conftest import synthetic_reviews
+
+    data = write_csv(tmp_path / "sixty.csv", synthetic_reviews(60))  # 6 validation and 6 test rows, 3 per label
+    result = run_cli("train", "--model", str(tiny_model_dir), "--data", str(data), "--train-size", "all",
+                     "--eval-size", "all", "--max-length", "32", "--epochs", "1", "--output-dir",
+                     str(tmp_path / "runs"), "--run-name", "tiny")  # no --quiet: stderr is a pipe here
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr and "it/s" not in result.stderr
+    warnings = result.stderr.splitlines()
+    assert warnings == [
+        "warning: the validation split has only 6 rows (under 50): the best checkpoint, the temperature and any "
+        "thresholds are chosen on it; give more data or a larger --eval-size / --validation-fraction",
+        "warning: the validation split has under 5 rows of some labels (neg 3, pos 3): their scores there are rough",
+        "warning: the test split has only 6 rows (under 50): its accuracy is a rough estimate; give more data or a "
+        "larger --eval-size / --test-fraction",
+        "warning: the test split has under 5 rows of some labels (neg 3, pos 3): their scores there are rough",
+    ] + [line for line in warnings[4:] if "below its base" in line]  # a tiny run may end below its base too
+    metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
+    assert metrics["warnings"] == [line.removeprefix("warning: ") for line in warnings]
+    report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    assert all(f"- Warning: {w}" in report for w in metrics["warnings"])

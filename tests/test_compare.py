@@ -184,11 +184,12 @@ def test_ctrl_c_stops_the_comparison(spec, monkeypatch):
         run_compare(plan_from_dict(spec({"rank": [2, 4]})), log=quiet)
 
 
-def test_cells_in_fresh_processes(spec):
+def test_cells_in_fresh_processes(spec, capfd):
     """The default: each cell in its own process; a failure there is recorded like any other."""
     raw = spec({"target_modules": ["query", "no_such_module"]}, max_steps=2)
     raw["compare"]["isolate"] = True
     result = run_compare(plan_from_dict(raw), progress=False, log=quiet)
+    assert "tokenizing" not in capfd.readouterr().err  # a cell shows the bars `lightune train` shows: none here
     status = dict(zip(result.cells["cell"], result.cells["status"]))
     assert status == {"target_modules=query": "trained", "target_modules=no_such_module": "failed"}
     assert "cannot attach LoRA" in result.cells.set_index("cell").loc["target_modules=no_such_module", "error"]
@@ -270,3 +271,17 @@ def test_reading_a_plan_loads_neither_torch_nor_the_cli(tmp_path):
             "assert 'lightune.cli' not in sys.modules, 'cli'")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_table_shows_the_objective_each_configuration_resolved_to(spec):
+    from lightune.compare_report import cell_row, display_rows, results_markdown, tabulate_cells
+
+    plan = plan_from_dict(spec({"pooling": ["mean", "cls"]}, train_size=48, head_init="probe"))
+    objectives = {"pooling=mean": "contrastive", "pooling=cls": "cross_entropy"}  # what `auto` chose per cell
+    rows = [cell_row(plan, cell, "trained", {"test": {"accuracy": 0.8, "f1": 0.8},
+                                             "training": {"objective": objectives[cell.name]}}) for cell in plan.cells]
+    cells, table = tabulate_cells(plan, rows)
+    header, shown = display_rows(plan, table)
+    column = header.index("objective")
+    assert {row[0]: row[column] for row in shown} == {"mean": "contrastive", "cls": "cross_entropy"}
+    assert "| objective |" in results_markdown(plan, cells, table, 1.0)

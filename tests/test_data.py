@@ -274,3 +274,23 @@ def test_a_parquet_file_without_rows_or_with_list_labels_is_one_line(tmp_path):
         assert str(err.value) == (f"{path}: the label column 'label' holds {kind} (row 1: {labels[0]!r}); a "
                                   "single-label source has one label a row, a name or a class index (multi-label data: "
                                   "--problem multi_label with --label-column and --label-delimiter, or --label-columns)")
+
+
+def test_small_evaluation_splits_are_warned_about_one_line_each():
+    from datasets import Dataset
+
+    def split(labels):
+        return Dataset.from_dict({"text": [f"t{i}" for i in range(len(labels))], "label": labels})
+
+    big = split([0, 1] * 30)
+    assert data.split_warnings(data.SplitData(big, big, big, ["neg", "pos"])) == []
+    few = data.SplitData(big, split([0, 1, 1, 1]), split([0, 1] * 30 + [1] * 4), ["neg", "pos"])
+    assert data.split_warnings(few) == [
+        "the validation split has only 4 rows (under 50): the best checkpoint, the temperature and any thresholds "
+        "are chosen on it; give more data or a larger --eval-size / --validation-fraction",
+        "the validation split has under 5 rows of some labels (neg 1, pos 3): their scores there are rough"]
+    # multi-label: the texts having each label
+    hot = split([[1.0, 0.0, 0.0]] * 30 + [[1.0, 1.0, 0.0]] * 25)
+    warned = data.split_warnings(data.SplitData(hot, hot, hot, ["a", "b", "c"]))
+    assert warned == [f"the {name} split has under 5 rows of some labels (c 0): their scores there are rough"
+                      for name in ("validation", "test")]

@@ -41,7 +41,10 @@ def test_the_runs_own_test_split_reproduces_its_metrics(trained_tiny_run, tmp_pa
     result, own = json.loads((written / "metrics.json").read_text()), trained_tiny_run.metrics
     for key in ("accuracy", "f1", "precision", "recall", "confusion_matrix"):
         assert result["metrics"][key] == own["test"][key], key
-    assert result["metrics"]["loss"] == pytest.approx(own["test"]["loss"], abs=1e-5)
+    # evaluate scores the probabilities as the run predicts them: its logits divided by its temperature
+    assert result["metrics"]["loss"] == pytest.approx(own["calibration"]["test_nll_after"], abs=1e-5)
+    assert result["metrics"]["ece"] == pytest.approx(own["calibration"]["ece_after"], abs=1e-6)
+    assert result["temperature"] == own["calibration"]["temperature"]
     assert result["data"]["fingerprint"] == own["data"]["fingerprints"]["test"]
     assert f"{own['test']['accuracy']:.4f}" in (written / "report.md").read_text()
     assert evaluate(run) == 0  # a second default evaluation gets a new directory

@@ -211,3 +211,21 @@ def test_three_labels_end_to_end(tiny_config, tmp_path):
     assert main(["evaluate", str(run.run_dir), "--output-dir", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "three-on-three-test" / "metrics.json").read_text())
     assert result["metrics"]["confusion_matrix"] == run.metrics["test"]["confusion_matrix"]
+
+
+def test_library_predict_prints_no_loading_bar_and_no_warning(trained_tiny_run):
+    import subprocess
+    import sys
+
+    code = ("import sys, lightune; out = lightune.predict(['great superb film', 'awful dull'], sys.argv[1]); "
+            "print([p['label'] for p in out])")
+    result = subprocess.run([sys.executable, "-c", code, str(trained_tiny_run.run_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['pos', 'neg']"
+    assert "Loading weights" not in result.stderr and "Warning" not in result.stderr, result.stderr
+    # the caller's own settings are left as they were
+    from transformers.utils import logging as hf_logging
+
+    Classifier(trained_tiny_run.run_dir)
+    assert hf_logging.is_progress_bar_enabled()

@@ -208,6 +208,21 @@ def test_a_tiny_model_learns_a_separable_multi_label_set(multi_label_run):
     assert "Subset accuracy" in report and "Multi-label thresholds" in report
 
 
+def test_a_multi_label_run_measures_its_calibration_but_fits_no_temperature(multi_label_run):
+    from lightune.calibration import NOT_FITTED_MULTI_LABEL
+    from lightune.runs import read_run
+
+    metrics = multi_label_run.metrics
+    cal = metrics["calibration"]
+    assert cal["temperature"] == 1.0 and cal["fitted_on"] is None and cal["not_fitted"] == NOT_FITTED_MULTI_LABEL
+    assert cal["ece_before"] == cal["ece_after"] == pytest.approx(metrics["test"]["ece"])  # the mean over labels
+    assert 0 <= cal["ece_before"] < 0.5
+    # the reliability bins pool every (text, label) probability of the test split
+    assert sum(cal["reliability_before"]["count"]) == metrics["data"]["sizes"]["test"] * len(LABELS)
+    assert read_run(multi_label_run.run_dir).temperature == 1.0
+    assert "no temperature (multi-label run" in (multi_label_run.run_dir / "report.md").read_text()
+
+
 def test_predict_returns_the_label_set_and_each_probability(multi_label_run):
     from lightune.inference import Classifier, predict
 

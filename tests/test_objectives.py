@@ -78,9 +78,14 @@ def few_shot_config(tiny_config, reviews_csv, **overrides):
     return tiny_config(**{**values, **overrides})
 
 
-def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_config, reviews_csv):
+def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_config, reviews_csv, capsys):
     result = run_training(few_shot_config(tiny_config, reviews_csv), progress=False)
     m = result.metrics
+    # auto said what it changed, and how to keep the given settings
+    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("objective auto")]
+    assert notice == ["objective auto chose contrastive for this few-shot run (48 training examples, at most 256): "
+                      "20 steps, batch size 32, learning rate 0.001, targets all-linear, best by accuracy; to "
+                      "keep the given settings add --objective cross_entropy"]
     assert m["training"]["objective"] == "contrastive" and m["training"]["steps"] == 20
     assert m["config"]["objective"] == "auto"  # as given; what it resolved to is saved beside it
     assert m["config"]["resolved"]["objective"] == "contrastive" and m["target_modules"] != ["query", "value"]
@@ -93,7 +98,7 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     # the refitted head is saved with the adapters: a reload scores the test split as training did
     again = run_evaluation(EvaluationOptions(str(result.run_dir), device="cpu"), progress=False).result
     assert again["metrics"]["accuracy"] == m["test"]["accuracy"]
-    assert again["metrics"]["loss"] == pytest.approx(m["test"]["loss"], abs=1e-5)
+    assert again["metrics"]["loss"] == pytest.approx(m["calibration"]["test_nll_after"], abs=1e-5)  # at its T
     assert [p["label"] for p in Classifier(result.run_dir).predict(["great superb loved", "awful dull mess"])] == [
         "pos", "neg"]
 
@@ -116,3 +121,16 @@ def test_a_contrastive_run_worse_than_its_probe_start_keeps_the_start(tiny_confi
 def test_cross_entropy_runs_record_their_objective(tiny_config):
     m = run_training(tiny_config(max_steps=2), progress=False).metrics
     assert m["training"]["objective"] == "cross_entropy" and m["best"]["metric"] == "loss"
+
+
+def test_auto_notice_names_the_raised_steps_and_nothing_for_cross_entropy():
+    given = load_config(overrides=dict(train_size=64, pooling="mean"))  # LoRA's 3e-3, a third of it contrastive
+    resolved = load_config(overrides=dict(train_size=64, pooling="mean", **{
+        k: v for k, v in objectives.resolved_settings(given, "contrastive").items() if k != "objective"}))
+    notice = objectives.auto_notice(given, resolved, "contrastive", 64, 40)
+    assert notice.startswith("objective auto chose contrastive for this few-shot run (64 training examples, at most "
+                             "256): 40 steps (the given epochs/max_steps give 4), batch size 32, learning rate 0.001, ")
+    assert notice.endswith("; to keep the given settings add --objective cross_entropy")
+    assert objectives.auto_notice(given, given, "cross_entropy", 2500, 157) is None
+    given_objective = load_config(overrides=dict(objective="contrastive", pooling="mean"))
+    assert objectives.auto_notice(given_objective, resolved, "contrastive", 64, 40) is None

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lightune import runs
+from lightune import reporting, runs
 from conftest import write_csv
 from lightune.errors import ConfigError, TrainingError
 from lightune.training import run_training
@@ -405,3 +405,29 @@ def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(ti
         torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads_a, grads_b):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_below_its_base_is_warned_about(tiny_config, monkeypatch, capsys):
+    import lightune.training as training
+
+    real = training.TrainingRun.evaluate
+
+    def evaluate(self, loader, desc, thresholds=None):
+        metrics = real(self, loader, desc, thresholds)
+        return {**metrics, "accuracy": 1.0} if desc == "base model on test" else metrics  # a base nothing beats
+
+    monkeypatch.setattr(training.TrainingRun, "evaluate", evaluate)
+    m = run_training(tiny_config(max_steps=1, run_name="below"), progress=False).metrics
+    assert m["test"]["accuracy"] < 1.0
+    expected = (f"the fine-tuned model is below its base on test (accuracy {m['test']['accuracy']:.4f} vs 1.0000, "
+                "untrained head/adapters); more data, more steps or another learning rate may help")
+    assert f"warning: {expected}" in capsys.readouterr().err.splitlines()
+    assert expected in m["warnings"]
+
+
+def test_report_names_the_base_models_head_start_as_the_log_does(trained_tiny_run):
+    metrics = trained_tiny_run.metrics
+    assert "| base (untrained head/adapters) |" in reporting.report_markdown(metrics)  # --head-init random
+    probe = {**metrics, "config": {**metrics["config"], "head_init": "probe"}}
+    assert "| base (linear probe head) |" in reporting.report_markdown(probe)
+    assert reporting.base_start("probe") == "linear probe head"

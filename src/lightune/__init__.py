@@ -1,4 +1,5 @@
-"""lightune: LoRA / QLoRA fine-tuning of pretrained transformer text classifiers.
+"""lightune: parameter-efficient fine-tuning (LoRA, QLoRA, DoRA, IA3, ...) of pretrained transformer text
+classifiers. As a library: train(), predict(), Classifier and evaluate() (README, "As a library").
 
 Heavy parts (torch, transformers) load on first use, so `lightune --help` and config checks stay fast.
 """
@@ -28,5 +29,14 @@ def train(config: TrainConfig | None = None, progress: bool = True, **overrides)
     return run_training(from_dict(overrides, base=config), progress=progress)
 
 
+def evaluate(run_dir, data: str | None = None, progress: bool = True, **options):
+    """Score a finished run on a data source (default: its own test split), as `lightune evaluate` does: the
+    options are EvaluationOptions' fields (split, eval_size, name, output_dir, ...). Writes evaluations/<name>/
+    beside the run; returns the EvaluationResult (out_dir, and result with its "metrics")."""
+    from .evaluate_run import EvaluationOptions, run_evaluation
+
+    return run_evaluation(EvaluationOptions(run_dir=str(run_dir), data=data, **options), progress=progress)
+
+
 __all__ = ["Classifier", "ConfigError", "DataError", "LightuneError", "ModelError", "RunResult", "TrainConfig",
-           "load_config", "predict", "run_training", "train"]
+           "evaluate", "load_config", "predict", "run_training", "train"]

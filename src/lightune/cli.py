@@ -43,7 +43,13 @@ class _CommandParser(_Parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lightune", description="LoRA / QLoRA fine-tuning of text classifiers.")
+    from . import __version__
+
+    parser = _Parser(
+        prog="lightune", description="Parameter-efficient fine-tuning of transformer text classifiers: LoRA (rsLoRA, "
+        "PiSSA, OLoRA), QLoRA (4-bit NF4) and 8-bit bases, DoRA, IA3, LoHa, LoKr, VeRA, prompt tuning, and full or "
+        "head-only baselines; then evaluate, predict, compare and serve.")
+    parser.add_argument("--version", action="version", version=f"lightune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     train.add(sub)
     predict.add(sub)

@@ -19,7 +19,7 @@ from .compare_plan import Cell, ComparePlan, load_plan, plan_from_dict
 from .compare_report import CompareResult, cell_row, summary_text, tabulate_cells, write_outputs
 from .config import TrainConfig
 from .errors import ConfigError, LightuneError
-from .logs import quiet_libraries
+from .logs import quiet_libraries, silence_library_output
 from .runs import is_complete_run, read_given_config, read_run, saved_config, write_text
 from .training import run_training
 
@@ -60,6 +60,7 @@ def check_existing(plan: ComparePlan) -> None:
 def _cell_worker(cfg: TrainConfig, progress: bool, conn) -> None:  # runs in a child process
     try:
         quiet_libraries()
+        silence_library_output()  # as `lightune train` does: no "tokenizing" bars of datasets in a cell
         result = run_training(cfg, progress=progress)
         conn.send(("ok", str(result.run_dir)))
     except KeyboardInterrupt:

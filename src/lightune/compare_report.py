@@ -40,6 +40,7 @@ def cell_row(plan: ComparePlan, cell: Cell, status: str, metrics: dict | None = 
         trainable_share=params.get("share", nan),
         weights_mb=megabytes(mem.get("weights_bytes")), peak_mb=megabytes(mem.get("peak_bytes")),
         peak_kind=mem.get("peak_kind", ""),
+        objective=train.get("objective", ""),  # what `--objective auto` resolved to in this cell
         train_steps=train.get("steps", nan), train_seconds=train.get("seconds", nan),
         train_samples_per_s=train.get("samples_per_s", nan), eval_samples_per_s=test.get("samples_per_s", nan),
         cell_seconds=nan if seconds is None else seconds,
@@ -79,6 +80,7 @@ def tabulate_cells(plan: ComparePlan, rows: list[dict]):
         if "method" not in plan.config_keys:
             row["method"] = first["method"]
         row["seeds"] = len(good)
+        row["objective"] = ", ".join(sorted(set(good["objective"]) - {""})) if len(good) else ""
         row["failed"] = int((group["status"] == "failed").sum())
         for metric in ("accuracy", "f1"):
             row[f"{metric}_mean"] = good[metric].mean() if len(good) else float("nan")
@@ -117,13 +119,14 @@ def _mean_std(mean: float, std: float) -> str:
 def display_rows(plan: ComparePlan, table) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows shared by results.md, report.html and the CLI summary."""
     keys = plan.config_keys or ["config"]
-    header = keys + ["seeds", "accuracy", "F1", "base acc.", "trainable params", "share", "weights MB", "peak MB",
+    header = keys + ["seeds", "accuracy", "F1", "objective", "base acc.", "trainable params", "share", "weights MB", "peak MB",
                      "train s", "train samples/s", "eval samples/s"]
     rows = []
     for _, r in table.iterrows():
         seeds = f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         rows.append([str(r[k]) for k in keys] + [
             seeds, _mean_std(r["accuracy_mean"], r["accuracy_std"]), _mean_std(r["f1_mean"], r["f1_std"]),
+            str(r["objective"]),
             _fmt(r["base_accuracy"], ".4f"), _fmt(r["trainable_params"], ","),
             _fmt(r["trainable_share"] * 100, ".3f") + ("%" if r["trainable_share"] == r["trainable_share"] else ""),
             _fmt(r["weights_mb"], ".1f"), _fmt(r["peak_mb"], ".0f"), _fmt(r["train_seconds"], ".1f"),

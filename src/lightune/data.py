@@ -127,6 +127,40 @@ def build_splits(cfg) -> SplitData:
     return SplitData(splits["train"], splits["validation"], splits["test"], names, info)
 
 
+# below these, the validation and test splits are warned about: a checkpoint, a temperature or thresholds chosen on
+# a few dozen texts (and an accuracy measured on them: one text of 40 is 2.5 points) are rough
+FEW_ROWS = 50
+FEW_ROWS_PER_LABEL = 5
+
+
+def split_warnings(splits: SplitData) -> list[str]:
+    """One line per evaluation split that is small: under FEW_ROWS rows, or under FEW_ROWS_PER_LABEL rows of a
+    label (texts that have it, for multi-label data)."""
+    uses = {"validation": "the best checkpoint, the temperature and any thresholds are chosen on it",
+            "test": "its accuracy is a rough estimate"}
+    out = []
+    for name, use in uses.items():
+        part = getattr(splits, name)
+        if len(part) < FEW_ROWS:
+            out.append(f"the {name} split has only {len(part)} rows (under {FEW_ROWS}): {use}; give more data or a "
+                       f"larger --eval-size / --{name}-fraction")
+        counts = label_counts(part, len(splits.label_names))
+        few = [f"{label} {n}" for label, n in zip(splits.label_names, counts) if n < FEW_ROWS_PER_LABEL]
+        if few:
+            out.append(f"the {name} split has under {FEW_ROWS_PER_LABEL} rows of some labels ({', '.join(few)}): "
+                       f"their scores there are rough")
+    return out
+
+
+def label_counts(ds: Dataset, n_labels: int) -> list[int]:
+    """Rows per label: of each class index, or of texts having each label (multi-hot rows)."""
+    counts = [0] * n_labels
+    for label in ds["label"]:
+        for i in (range(n_labels) if isinstance(label, list) else [label]):
+            counts[i] += bool(label[i]) if isinstance(label, list) else 1
+    return counts
+
+
 def match_labels(ds: Dataset, names: list[str], run_names: list[str], where: str) -> Dataset:
     """ds with its labels (class indices into names) mapped by name onto run_names' indices; DataError naming
     both sets when the source has a label the run does not know."""

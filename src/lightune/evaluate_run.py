@@ -85,6 +85,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     import time
 
     from . import data as data_mod
+    from .calibration import apply_temperature
     from .evaluation import score
     from .inference import Classifier
     from .reporting import write_evaluation_outputs
@@ -104,8 +105,9 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     seconds = time.perf_counter() - start
     import torch
 
-    scored = score(logits, torch.tensor(rows["label"]), len(classifier.label_names), classifier.label_names,
-                   classifier.thresholds)
+    # probabilities as the run predicts them: its logits divided by its temperature (the loss and ECE depend on it)
+    scored = score(apply_temperature(logits, run.temperature), torch.tensor(rows["label"]), len(classifier.label_names),
+                   classifier.label_names, classifier.thresholds)
     scored.update(examples=len(rows), seconds=seconds, samples_per_s=len(rows) / seconds)
     result = {
         "name": final.name,
@@ -116,12 +118,13 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
         "pooling": run.pooling,
         "max_length": classifier.max_length,
         "truncation": classifier.truncation,
+        "temperature": run.temperature,
         "problem": classifier.problem,
         **({"thresholds": dict(zip(classifier.label_names, classifier.thresholds))} if classifier.thresholds else {}),
         "device": classifier.device.type,
         "data": info,
         "metrics": scored,
-        "run_test": run.metrics.get("test", {}),
+        "run_test": run.test_as_predicted,
     }
     with staged_run_dir(final) as work:
         write_evaluation_outputs(work, result)

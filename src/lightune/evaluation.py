@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .calibration import expected_calibration_error
 from .forward import forward_logits
 
 
@@ -131,30 +132,46 @@ def own_share(loader, accelerator):
 
 def score(logits: torch.Tensor, labels: torch.Tensor, n_classes: int, label_names: list[str] | None = None,
           thresholds: list[float] | None = None) -> dict:
-    """Loss (unweighted cross-entropy) and the classification metrics of logits against labels; for multi-hot
-    labels (multi-label) the mean binary cross-entropy and multi_label_metrics at the thresholds (0.5 without)."""
+    """Loss (unweighted cross-entropy), expected calibration error (calibration.expected_calibration_error) and
+    the classification metrics of logits against labels; for multi-hot labels (multi-label) the mean binary
+    cross-entropy and multi_label_metrics at the thresholds (0.5 without). A finished run's logits come here
+    divided by its temperature (calibration.apply_temperature)."""
     if labels.dim() == 2:
         probabilities = torch.sigmoid(logits.float()).numpy()
         names = label_names or [str(i) for i in range(n_classes)]
         metrics = multi_label_metrics(labels.numpy(), multi_label_predictions(probabilities, thresholds), names)
         metrics["loss"] = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float()).item()
+        metrics["ece"] = _finite_or_none(expected_calibration_error(probabilities, labels.numpy()))
         return metrics
     probabilities = torch.softmax(logits.float(), dim=-1).numpy()
     metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), n_classes, probabilities,
                                      label_names)
     metrics["loss"] = torch.nn.functional.cross_entropy(logits, labels).item()
+    metrics["ece"] = _finite_or_none(expected_calibration_error(probabilities, labels.numpy()))
     return metrics
+
+
+def _finite_or_none(value: float) -> float | None:
+    """None for NaN (no rows, or broken weights' probabilities): metrics.json holds no NaN."""
+    return value if np.isfinite(value) else None
 
 
 def evaluate(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating", progress: bool = True,
              label_names: list[str] | None = None, thresholds: list[float] | None = None) -> dict:
     """The metrics of score (see classification_metrics) and throughput on one split."""
+    return evaluate_with_logits(model, loader, n_classes, accelerator, desc, progress, label_names, thresholds)[0]
+
+
+def evaluate_with_logits(model, loader, n_classes: int, accelerator=None, desc: str = "evaluating",
+                         progress: bool = True, label_names: list[str] | None = None,
+                         thresholds: list[float] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(evaluate's metrics, the logits, the labels): training keeps them to fit and measure calibration."""
     start = time.perf_counter()
     logits, labels = predict_logits(model, loader, accelerator, desc, progress)
     seconds = time.perf_counter() - start
     metrics = score(logits, labels, n_classes, label_names, thresholds)
     metrics.update(examples=len(labels), seconds=seconds, samples_per_s=len(labels) / seconds)
-    return metrics
+    return metrics, logits, labels
 
 
 def choose_thresholds(cfg, n_labels: int, model, val_loader, accelerator,

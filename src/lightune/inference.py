@@ -13,9 +13,11 @@ from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from . import heads, methods, models, quantization
+from .calibration import apply_temperature
 from .config import TRUNCATIONS
 from .errors import ConfigError, ModelError
 from .forward import resolve_device, texts_logits
+from .logs import quiet_model_loading
 from .texts import check_texts
 from .runs import SavedRun, read_run
 
@@ -34,7 +36,8 @@ class Classifier:
     """A fine-tuned classifier ready for batched prediction.
 
     `run` is a run directory or a run already read (runs.read_run); its fields (labels, max_length, truncation,
-    pooling, thresholds) are the run's, resolved once there. `truncation` overrides the run's.
+    pooling, thresholds, temperature) are the run's, resolved once there. `truncation` overrides the run's.
+    `logits` are the model's own; `predict`'s probabilities are of the logits divided by the temperature.
     """
 
     def __init__(self, run: str | Path | SavedRun, device: str = "auto", merge: bool = True, batch_size: int = 64,
@@ -50,12 +53,14 @@ class Classifier:
         self.truncation: str = truncation or self.run.truncation
         self.problem: str = self.run.problem
         self.thresholds: list[float] | None = self.run.thresholds  # multi-label only
+        self.temperature: float = self.run.temperature  # fitted on validation after training (1.0: none)
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (forward.eval_chunk_tokens)
-        with damaged_files_as_model_error(f"tokenizer from {self.run.saved}"):
-            self.tokenizer = AutoTokenizer.from_pretrained(self.run.saved)
-        self.model = load_model(self.run, self.device, merge).eval()
+        with quiet_model_loading():  # no loading bar or deprecation warnings in a user's program
+            with damaged_files_as_model_error(f"tokenizer from {self.run.saved}"):
+                self.tokenizer = AutoTokenizer.from_pretrained(self.run.saved)
+            self.model = load_model(self.run, self.device, merge).eval()
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
@@ -66,7 +71,8 @@ class Classifier:
         """[{text, label, probabilities: {label name: probability}}] for each text, in input order ({text, labels,
         probabilities} for a multi-label run; see to_predictions)."""
         texts = check_texts(texts)
-        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names, self.thresholds)
+        return to_predictions(texts, self.logits(texts) if texts else None, self.label_names, self.thresholds,
+                              self.temperature)
 
 
 def load_model(run: SavedRun, device: torch.device, merge: bool = True):
@@ -89,17 +95,19 @@ def load_model(run: SavedRun, device: torch.device, merge: bool = True):
 
 
 def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str],
-                   thresholds: list[float] | None = None) -> list[dict]:
-    """[{text, label, probabilities: {label name: probability}}] from logits in input order (softmax).
+                   thresholds: list[float] | None = None, temperature: float = 1.0) -> list[dict]:
+    """[{text, label, probabilities: {label name: probability}}] from logits in input order: the softmax of the
+    logits divided by the run's temperature (calibration.apply_temperature; the label is the same at any
+    temperature). Prediction (Classifier.predict) and serving both come here.
 
     With thresholds (a multi-label run): [{text, labels: [each label whose sigmoid probability reaches its
     threshold], probabilities: {label name: probability}}]; the probabilities do not sum to one.
     """
     if thresholds is not None:
-        probs = torch.sigmoid(logits.float()).tolist() if texts else []
+        probs = torch.sigmoid(apply_temperature(logits, temperature)).tolist() if texts else []
         return [{"text": text, "labels": [name for name, q, t in zip(label_names, p, thresholds) if q >= t],
                  "probabilities": dict(zip(label_names, p))} for text, p in zip(texts, probs)]
-    probs = torch.softmax(logits, dim=-1).tolist() if texts else []
+    probs = torch.softmax(apply_temperature(logits, temperature), dim=-1).tolist() if texts else []
     return [
         {"text": text, "label": label_names[max(range(len(p)), key=p.__getitem__)],
          "probabilities": dict(zip(label_names, p))}

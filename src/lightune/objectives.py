@@ -9,6 +9,7 @@ lightune trains the adapters (not the whole body) on in-batch pairs, so a step r
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,6 +87,27 @@ def resolved_settings(cfg, objective: str) -> dict:
         if cfg.target_modules is None and methods.get(cfg.peft).kind == "lora":
             settings["target_modules"] = ["all-linear"]
     return settings
+
+
+def auto_notice(given, resolved, objective: str, n_train: int, n_steps: int, processes: int = 1) -> str | None:
+    """One line for the log when `--objective auto` changed what the run trains with (the contrastive objective
+    for a few-shot run: its steps, batch size, learning rate, targets, best metric), with how to keep the given
+    settings; None when auto changed nothing (cross-entropy) or the objective was given."""
+    if given.objective != "auto" or objective != "contrastive":
+        return None
+    per_epoch = math.ceil(n_train / (given.batch_size * processes))
+    asked = given.max_steps or max(1, math.ceil(given.epochs * per_epoch))
+    changes = [f"{n_steps} steps" + (f" (the given epochs/max_steps give {asked})" if asked != n_steps else "")]
+    for key, label in (("batch_size", "batch size"), ("learning_rate", "learning rate"),
+                       ("target_modules", "targets"), ("metric_for_best", "best by")):
+        new = resolved.lr if key == "learning_rate" else getattr(resolved, key)
+        old = given.lr if key == "learning_rate" else getattr(given, key)
+        if new != old:
+            shown = ",".join(new) if isinstance(new, list) else (f"{new:g}" if isinstance(new, float) else new)
+            changes.append(f"{label} {shown}")
+    return (f"objective auto chose contrastive for this few-shot run ({n_train} training examples, at most "
+            f"{FEW_SHOT_MAX_EXAMPLES}): {', '.join(changes)}; to keep the given settings add --objective "
+            f"cross_entropy")
 
 
 def class_weight_tensor(setting, train_labels: list[int], n_classes: int, device: torch.device) -> torch.Tensor | None:

@@ -75,6 +75,58 @@ def plot_history(metrics: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_reliability(calibration: dict, path: Path) -> None:
+    """Reliability diagram of the test split: per confidence bin, the share of right predictions against the mean
+    confidence, before and after the run's temperature (a calibrated model lies on the diagonal); bars show how
+    many predictions each bin holds."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 5.2), sharex=True, height_ratios=(3, 1))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    n = calibration["bins"]
+    fitted = calibration.get("fitted_on") is not None
+    for when, style in (("before", "o-"), ("after", "s-")) if fitted else (("before", "o-"),):
+        bins = calibration[f"reliability_{when}"]
+        points = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"]) if c is not None]
+        label = (f"T = 1 (ECE {calibration['ece_before']:.3f})" if when == "before" else
+                 f"T = {calibration['temperature']:.2f} (ECE {calibration['ece_after']:.3f})")
+        ax.plot([c for c, _ in points], [a for _, a in points], style, label=label)
+        ax_count.bar([(i + 0.5) / n for i in range(n)], bins["count"], width=1 / n, alpha=0.5, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed frequency" if not fitted else "accuracy")
+    ax.set_title("Test split: reliability" + (f" ({n} bins)" if fitted else f" of every label ({n} bins)"))
+    ax.legend(loc="upper left", fontsize=8)
+    ax_count.set_xlabel("predicted probability (top class)" if fitted else "predicted probability (each label)")
+    ax_count.set_ylabel("predictions")
+    save_figure(fig, path)
+
+
+def base_start(head_init: str | None) -> str:
+    """What the base model of a run is: its head's start (the training log and report.md name it alike)."""
+    return "linear probe head" if head_init == "probe" else "untrained head/adapters"
+
+
+def below_base(test: dict, base: dict, head_init: str | None) -> str:
+    """The warning of a run whose fine-tuned model ends below its base on test."""
+    return (f"the fine-tuned model is below its base on test (accuracy {test['accuracy']:.4f} vs {base['accuracy']:.4f}, "
+            f"{base_start(head_init)}); more data, more steps or another learning rate may help")
+
+
+def calibration_lines(metrics: dict) -> list[str]:
+    """Markdown: the test split's ECE before and after the run's temperature (runs from before: none)."""
+    cal = metrics.get("calibration")
+    if not cal:
+        return []
+    if cal.get("fitted_on") is None:
+        return [f"- Calibration on test: expected calibration error (ECE, {cal['bins']} bins, mean over labels) "
+                f"{cal['ece_before']:.4f}; no temperature ({cal.get('not_fitted', 'not fitted')})."]
+    return [f"- Calibration on test: expected calibration error (ECE, {cal['bins']} bins of the top-class "
+            f"probability) {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after temperature "
+            f"{cal['temperature']:.3f} (fitted on validation, where the negative log-likelihood went from "
+            f"{cal['validation_nll_before']:.4f} to {cal['validation_nll_after']:.4f}; test "
+            f"{cal['test_nll_before']:.4f} to {cal['test_nll_after']:.4f}). Predict, serve and evaluate apply it; "
+            "accuracy is unchanged."]
+
+
 def megabytes(n_bytes: float | None) -> float:
     return float("nan") if n_bytes is None else n_bytes / 2**20
 
@@ -132,7 +184,7 @@ def report_markdown(metrics: dict) -> str:
         "| test split | accuracy | F1 (macro) | precision | recall | loss |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, m in (("base (untrained head/adapters)", base), ("fine-tuned", tuned)):
+    for name, m in ((f"base ({base_start(cfg.get('head_init'))})", base), ("fine-tuned", tuned)):
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['f1']:.4f} | {m['precision']:.4f} | "
                      f"{m['recall']:.4f} | {m['loss']:.4f} |")
     lines += [
@@ -142,10 +194,13 @@ def report_markdown(metrics: dict) -> str:
         f"- Training: {metrics['training']['steps']} steps, {metrics['training']['seconds']:.1f} s, "
         f"{metrics['training']['samples_per_s']:.1f} samples/s; evaluation {tuned['samples_per_s']:.1f} samples/s",
         *confusion_lines(tuned, data["label_names"], metrics.get("thresholds")),
+        *calibration_lines(metrics),
+        *[f"- Warning: {w}" for w in metrics.get("warnings", [])],
         "",
         *(["Fine-tuned on the test split, per class:", "", *per_class_lines(tuned)] if "per_class" in tuned else []),
         "![base vs fine-tuned](plots/before_after.png)",
         "![history](plots/history.png)",
+        *(["![reliability](plots/reliability.png)"] if metrics.get("calibration") else []),
         "",
     ]
     return "\n".join(lines)
@@ -157,6 +212,8 @@ def write_run_outputs(run_dir: Path, metrics: dict) -> None:
     plots.mkdir(exist_ok=True)
     plot_before_after(metrics["base"], metrics["test"], plots / "before_after.png")
     plot_history(metrics, plots / "history.png")
+    if metrics.get("calibration"):
+        plot_reliability(metrics["calibration"], plots / "reliability.png")
     (run_dir / "report.md").write_text(report_markdown(metrics))
     write_json(run_dir / COMPLETE_MARKER, metrics)
 
@@ -184,7 +241,7 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
 METRIC_ROWS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", "F1 (macro)"),
                ("f1_micro", "F1 (micro)"),
                ("precision", "precision (macro)"), ("recall", "recall (macro)"), ("roc_auc", "ROC-AUC"),
-               ("pr_auc", "PR-AUC"), ("loss", "loss"))
+               ("pr_auc", "PR-AUC"), ("loss", "loss"), ("ece", "ECE (calibration error)"))
 
 
 def evaluation_table(result: dict) -> list[str]:
@@ -208,7 +265,8 @@ def evaluation_report_markdown(result: dict) -> str:
         f"# lightune evaluation: {result['name']}",
         "",
         f"Run `{result['run_dir']}` ({result['method']} on `{result['model']}`, {result['pooling']} pooling, "
-        f"max_length {result['max_length']}, {result['truncation']} truncation) on `{data['source']}`, "
+        f"max_length {result['max_length']}, {result['truncation']} truncation, temperature "
+        f"{result.get('temperature', 1.0):.3f}) on `{data['source']}`, "
         f"split `{data['split']}`: {data['size']} texts "
         f"(fingerprint `{data['fingerprint']}`), device {result['device']}.",
         "",

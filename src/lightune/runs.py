@@ -187,11 +187,11 @@ def is_complete_run(path: Path) -> bool:
 # What runs written by older versions lack, and what it was then. Config settings (config.json, metrics.json's
 # "config"): LoRA's options, truncation (head: the tokenizer's own cut, the default until 2026-11-29), the problem
 # (single-label before multi-label existed), prompt tuning's length. Run fields (metrics.json): pooling ([CLS], the
-# only head before pooling was recorded).
+# only head before pooling was recorded), calibration (no temperature: the softmax of the logits as they are).
 OLD_CONFIG_DEFAULTS = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None,
                        "virtual_tokens": 20, "problem": "single_label", "label_columns": None,
                        "label_delimiter": None, "tune_thresholds": False}
-OLD_RUN_DEFAULTS = {"pooling": "cls"}
+OLD_RUN_DEFAULTS = {"pooling": "cls", "calibration": {"temperature": 1.0}}
 SAVED_POOLINGS = tuple(p for p in POOLINGS if p != "auto")  # what a run records: the pooling "auto" resolved to
 SAVED_KINDS = ("adapter", "model")  # the run's folder: a peft adapter + tokenizer, or the whole model
 PICKLED_WEIGHTS = {"adapter": "adapter_model.bin", "model": "pytorch_model.bin"}  # refused: loading runs code
@@ -249,6 +249,9 @@ class SavedRun:
     problem: str  # single_label or multi_label
     thresholds: list[float] | None  # a multi-label run's threshold per label, in label order; else None
     saved_kind: str  # adapter or model
+    # what the logits are divided by before the softmax (calibration.apply_temperature): fitted on validation
+    # after training; 1.0 for multi-label runs and runs from before calibration
+    temperature: float = 1.0
 
     @property
     def saved(self) -> Path:
@@ -262,6 +265,16 @@ class SavedRun:
     @property
     def weights_file(self) -> Path:
         return self.saved / ("adapter_model.safetensors" if self.is_adapter else "model.safetensors")
+
+    @property
+    def test_as_predicted(self) -> dict:
+        """The run's own test metrics as prediction sees them: loss and ECE at its temperature (the logits' own
+        for runs without one); accuracy and the other metrics do not depend on it."""
+        test = dict(self.metrics.get("test") or {})
+        calibration = self.metrics.get("calibration")
+        if isinstance(calibration, dict) and calibration.get("fitted_on"):
+            test.update(loss=calibration.get("test_nll_after"), ece=calibration.get("ece_after"))
+        return test
 
 
 def read_run(run_dir: str | Path) -> SavedRun:
@@ -314,7 +327,17 @@ def _saved_run(run_dir: Path, metrics: Any) -> SavedRun:
     return SavedRun(run_dir=run_dir, metrics=metrics, config=config, model=config["model"], method=config["method"],
                     peft=config["peft"], quantize=config["quantize"], label_names=names, max_length=length,
                     truncation=config["truncation"], pooling=fields["pooling"], problem=config["problem"],
-                    thresholds=_thresholds(fields, config["problem"], names), saved_kind=fields["saved"])
+                    thresholds=_thresholds(fields, config["problem"], names), saved_kind=fields["saved"],
+                    temperature=_temperature(fields))
+
+
+def _temperature(metrics: dict) -> float:
+    """The run's temperature: a positive finite number in "calibration" (1.0 for runs from before it)."""
+    calibration = metrics.get("calibration")
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _Damaged(f"'calibration.temperature' is {value!r}, not a positive number")
+    return float(value)
 
 
 def _thresholds(metrics: dict, problem: str, names: list[str]) -> list[float] | None:

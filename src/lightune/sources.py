@@ -12,18 +12,12 @@ import datasets
 from datasets import ClassLabel, Dataset, concatenate_datasets
 
 from .errors import DataError
+from .hub import HUB_ALIASES, check_hub_dataset
 from .texts import check_text_file
 
 PACKAGED_SOURCES = ("imdb", "rotten_tomatoes")
 PACKAGED_LABELS = ["negative", "positive"]
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# Hub datasets that need a column or split mapping; any other "hub:NAME" is loaded as is.
-HUB_ALIASES = {
-    "imdb": {"path": "stanfordnlp/imdb", "text": "text", "splits": ["train", "test"]},
-    "sst2": {"path": "stanfordnlp/sst2", "text": "sentence", "splits": ["train", "validation"]},
-    "rotten_tomatoes": {"path": "cornell-movie-review-data/rotten_tomatoes", "text": "text",
-                        "splits": ["train", "validation", "test"]},
-}
 
 
 def packaged_reviews_csv() -> Path:
@@ -152,6 +146,7 @@ def _load_file(path: Path, text_column: str, label_column: str) -> Dataset:
 
 def _load_hub(name: str) -> tuple[Dataset, list[str] | None]:
     alias = HUB_ALIASES.get(name, {"path": name, "text": "text", "splits": None})
+    check_hub_dataset(name)  # without network: the cache, or one line at once (no retries)
     try:
         loaded = datasets.load_dataset(alias["path"])
     except Exception as exc:

@@ -143,3 +143,14 @@ def check_finite_loss(metrics: dict, what: str) -> None:
     if not math.isfinite(metrics["loss"]):
         raise TrainingError(f"the loss of the {what} is {metrics['loss']}: the weights are not usable; "
                             "lower --lr or keep gradient clipping on (--max-grad-norm)")
+
+
+def supported_max_length(requested: int, tokenizer, model_config) -> int:
+    """requested, capped at what the tokenizer and the model's position embeddings take."""
+    limits = (tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None))
+    return min([requested] + [n for n in limits if isinstance(n, int) and n > 0])
+
+
+def total_steps(cfg, steps_per_epoch: int, least: int = 1) -> int:
+    """Optimizer steps of a run: max_steps, else the epochs asked for, raised to at least `least`."""
+    return cfg.max_steps or max(least, math.ceil(cfg.epochs * steps_per_epoch))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import checkpoints, forward, heads, methods, models, objectives, steps
+from . import calibration, checkpoints, forward, heads, hub, methods, models, objectives, steps
 from .tracking import RunTracker, check_report_to
 from .config import TrainConfig, check_class_weight_count, validate
-from .evaluation import choose_thresholds, evaluate
-from .reporting import write_run_outputs
+from .evaluation import choose_thresholds, evaluate_with_logits, predict_logits
+from .reporting import base_start, below_base, write_run_outputs
 from .runs import final_run_dir, run_lock, staged_run_dir, write_json
-from .steps import build_optimizer, chunk_budgets, make_eval_loader, make_train_loader
+from .steps import (build_optimizer, chunk_budgets, make_eval_loader, make_train_loader,  # noqa: F401 (re-exported)
+                    supported_max_length, total_steps)
 
 
 @dataclass
@@ -79,16 +80,21 @@ class TrainingRun:
         self.device = self.accelerator.device  # this process's GPU under `accelerate launch`
         forward.reset_peak_memory(self.device)
         self.final = checkpoints.resumed_run_dir(resume) if resume else final_run_dir(cfg)
+        hub.check_sources(cfg)  # a hub model or dataset without network: one line now, not a minute of retries
         self.model_config = models.load_model_config(cfg.model)  # fail fast on a bad model name, before the data work
         set_seed(cfg.seed)
         self.state = checkpoints.TrainerState()
         self.resumed: dict | None = None  # the run this one continues, and from which step
+        self.warnings: list[str] = []  # what the run warned about (stderr, metrics.json and report.md)
+        self.last_logits = self.best_logits = None  # (logits, labels) of the latest and the best evaluation
 
     def setup_data(self) -> None:
         """The splits (class weights checked against their labels before the model loads), tokenized."""
         cfg = self.cfg
         self.splits = data_mod.build_splits(cfg)
         check_class_weight_count(cfg.class_weights, self.splits.label_names)  # before the model loads
+        for message in data_mod.split_warnings(self.splits):
+            self.warn(message)
         self.n_classes = len(self.splits.label_names)
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.max_length = supported_max_length(cfg.max_length, self.tokenizer, self.model_config)
@@ -108,8 +114,8 @@ class TrainingRun:
         # from here on cfg holds the settings the objective resolves (the run saves the ones given, and these apart)
         self.objective = objectives.resolve_objective(cfg, len(self.splits.train), self.pooling)
         resolved = objectives.resolved_settings(cfg, self.objective)
-        given, self.cfg = cfg, dataclasses.replace(cfg, **resolved)
-        cfg = self.cfg
+        given = self.given_cfg = cfg
+        cfg = self.cfg = dataclasses.replace(cfg, **resolved)
         self.saved_config = given.to_dict()
         self.saved_config["resolved"].update(resolved, learning_rate=cfg.lr, pooling=self.pooling)
         self.contrastive = self.objective == "contrastive"
@@ -140,6 +146,8 @@ class TrainingRun:
         self.model, self.train_loader, self.optimizer = accelerator.prepare(self.model, train_loader, optimizer)
         # optimizer steps of this process (its shard of the data)
         self.n_steps = total_steps(cfg, len(self.train_loader), objectives.least_steps(self.objective))
+        log(objectives.auto_notice(self.given_cfg, cfg, self.objective, len(self.splits.train), self.n_steps,
+                                   accelerator.num_processes), accelerator)
         # a prepared scheduler steps once per process at each optimizer step
         scale = accelerator.num_processes
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
@@ -171,9 +179,8 @@ class TrainingRun:
             self.state.base = self.evaluate(self.test_loader, "base model on test")
             self.tracker.log("base", self.state.base, 0)
         base = self.state.base
-        start = "linear probe head" if self.cfg.head_init == "probe" else "untrained adapters/head"
-        log(f"base model ({start}, {self.pooling} pooling) on test: accuracy {base['accuracy']:.4f}, "
-            f"F1 {base['f1']:.4f}", self.accelerator)
+        log(f"base model ({base_start(self.cfg.head_init)}, {self.pooling} pooling) on test: accuracy "
+            f"{base['accuracy']:.4f}, F1 {base['f1']:.4f}", self.accelerator)
         # the probe start is a candidate: the saved model is never worse on validation
         if self.contrastive and not self.resume:
             self.evaluate_probe_start()
@@ -194,6 +201,7 @@ class TrainingRun:
         val = self.evaluate(self.val_loader, "validation, probe start")
         self.state.history.append({"epoch": 0.0, "step": 0, "train_loss": None, "validation": val})
         self.best.update(self.unwrapped(), self.state)
+        self.keep_if_best()
         log(f"contrastive objective, {self.n_steps} steps of {self.cfg.batch_size} texts at learning rate "
             f"{self.cfg.lr:g}; probe start on validation: accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}",
             self.accelerator)
@@ -272,6 +280,7 @@ class TrainingRun:
         self.tracker.log_steps(losses)
         self.tracker.log("validation", val, state.step)
         stop = self.best.update(self.unwrapped(), state)
+        self.keep_if_best()
         log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
             f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if state.best is entry else ""),
             self.accelerator)
@@ -311,12 +320,35 @@ class TrainingRun:
         self.tracker.log("test", test, state.step)
         log(f"fine-tuned on test: accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} "
             f"(base {state.base['accuracy']:.4f})", self.accelerator)
+        calibrated = self.calibrate(self.last_logits)
+        if test["accuracy"] < state.base["accuracy"]:
+            self.warn(below_base(test, state.base, cfg.head_init))
         peak_bytes, peak_kind = forward.peak_memory(self.device)
         saved_as = save_model(self.unwrapped(), self.tokenizer, work, cfg)
         metrics = self.metrics(test, saved_as, peak_bytes, peak_kind)
+        metrics.update(calibration=calibrated, warnings=self.warnings)
         if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
             metrics["thresholds"] = dict(zip(self.splits.label_names, thresholds))
         return metrics
+
+    def calibrate(self, test: tuple) -> dict:
+        """The temperature fitted on the best evaluation's validation logits and the test split's calibration."""
+        # a run resumed after its best evaluation evaluates the best weights on validation again
+        validation = self.best_logits or predict_logits(self.forward_model, self.val_loader, self.accelerator,
+                                                        "calibrating", self.progress)
+        result = calibration.calibrate(validation, test)
+        log(calibration.summary_line(result), self.accelerator)
+        return result
+
+    def keep_if_best(self) -> None:
+        """Keep the latest evaluation's logits when it is the best one (the temperature is fitted on them)."""
+        if self.state.best is self.state.history[-1]:
+            self.best_logits = self.last_logits
+
+    def warn(self, message: str) -> None:
+        """One line on standard error (main process), kept for metrics.json and report.md."""
+        self.warnings.append(message)
+        log(f"warning: {message}", self.accelerator, file=sys.stderr)
 
     def metrics(self, test: dict, saved_as: str, peak_bytes: int, peak_kind: str) -> dict:
         """metrics.json of the run (thresholds apart)."""
@@ -356,23 +388,14 @@ class TrainingRun:
 
     def evaluate(self, loader: DataLoader, desc: str, thresholds: list[float] | None = None) -> dict:
         """The metrics of the model being trained on one split (see evaluation.evaluate)."""
-        return evaluate(self.forward_model, loader, self.n_classes, self.accelerator, desc, self.progress,
-                        self.splits.label_names, thresholds)
+        metrics, logits, labels = evaluate_with_logits(self.forward_model, loader, self.n_classes, self.accelerator,
+                                                       desc, self.progress, self.splits.label_names, thresholds)
+        self.last_logits = (logits, labels)
+        return metrics
 
     def unwrapped(self):
         """The model without accelerate's wrappers: the one whose weights are read and written."""
         return self.accelerator.unwrap_model(self.model)
-
-
-def supported_max_length(requested: int, tokenizer, model_config) -> int:
-    """requested, capped at what the tokenizer and the model's position embeddings take."""
-    limits = (tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None))
-    return min([requested] + [n for n in limits if isinstance(n, int) and n > 0])
-
-
-def total_steps(cfg: TrainConfig, steps_per_epoch: int, least: int = 1) -> int:
-    """Optimizer steps of a run: max_steps, else the epochs asked for, raised to at least `least`."""
-    return cfg.max_steps or max(least, math.ceil(cfg.epochs * steps_per_epoch))
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
@@ -394,6 +417,7 @@ def _scratch_dir():
         yield Path(tmp)
 
 
-def log(message: str, accelerator: Accelerator | None = None) -> None:
-    if accelerator is None or accelerator.is_main_process:
-        tqdm.write(message)
+def log(message: str | None, accelerator: Accelerator | None = None, file=None) -> None:
+    """One line above the progress bars (main process); nothing for None."""
+    if message is not None and (accelerator is None or accelerator.is_main_process):
+        tqdm.write(message, file=file)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..logs import silence_library_output
+from ..logs import progress_bars, silence_library_output
 
 
 def add(subparsers) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"comparing {len(plan.cells)} cells in {plan.root}", file=sys.stderr)
     try:
-        result = run_compare(plan, progress=not args.quiet, isolate=False if args.in_process else None)
+        result = run_compare(plan, progress=progress_bars(not args.quiet), isolate=False if args.in_process else None)
     except KeyboardInterrupt:
         print(f"lightune: comparison interrupted; finished cells are kept in {plan.runs_dir}, run the same command "
               f"again to resume", file=sys.stderr)

@@ -49,6 +49,9 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runs import read_run
+
+    read_run(args.run_dir)  # a missing or unfinished run fails before the libraries load
     silence_library_output()
     from ..evaluate_run import EvaluationOptions, run_evaluation
     from ..reporting import evaluation_table

@@ -28,11 +28,15 @@ def add(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    silence_library_output()
+    from ..runs import read_run
+
+    # the run and the texts are checked before torch and transformers load (most of a short predict's time)
+    saved = read_run(args.run_dir)
+    texts = None if args.interactive else _texts_to_classify(args)  # bad input fails before the model loads
+    silence_library_output(datasets_too=False)
     from ..inference import Classifier
 
-    texts = None if args.interactive else _texts_to_classify(args)  # bad input fails before the model loads
-    classifier = Classifier(args.run_dir, device=args.device, truncation=args.truncation)
+    classifier = Classifier(saved, device=args.device, truncation=args.truncation)
     if args.interactive:
         print(f"labels: {printable(', '.join(classifier.label_names))}. Type a text and press Enter; an empty line "
               "quits.", file=sys.stderr)

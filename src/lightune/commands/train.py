@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from ..config import load_config
-from ..logs import silence_library_output
+from ..logs import progress_bars, silence_library_output
 from .options import add_config_arguments, cli_overrides
 
 
@@ -38,12 +38,15 @@ def add(subparsers) -> None:
     train = subparsers.add_parser("train", help="fine-tune a model and save a run directory",
                                   description="Fine-tune; with no arguments: LoRA on the packaged all-MiniLM-L6-v2 "
                                               "with packaged IMDb reviews.")
-    train.add_argument("--config", help="TOML file with the settings (top level or a [train] table)")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--config", help="TOML file with the settings (top level or a [train] table; flags override "
+                                        "it; default: none)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars (default: bars when standard error is "
+                                                            "a terminal)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a run that did not finish (RUN.incomplete, or the hidden .RUN.*.partial of a "
                             "killed process) from its latest checkpoint, with its own settings; the finished run "
-                            "takes its normal name and RUN_DIR is removed once it is complete")
+                            "takes its normal name and RUN_DIR is removed once it is complete (default: none, a new "
+                            "run)")
     add_config_arguments(train)
     train.set_defaults(run=run)
 
@@ -56,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, args.config, cli_overrides(args))
     else:
         cfg = load_config(args.config, cli_overrides(args))  # bad values fail here, before the heavy imports
+    from ..hub import check_sources
+
+    check_sources(cfg)  # a hub model or dataset without network fails here in one line, before torch loads
     silence_library_output()
     from ..training import run_training
 
     with _sigterm_raises_terminated():
-        result = run_training(cfg, progress=not args.quiet, resume=Path(args.resume) if args.resume else None)
+        result = run_training(cfg, progress=progress_bars(not args.quiet), resume=Path(args.resume) if args.resume else None)
     test, base = result.metrics["test"], result.metrics["base"]
     accuracy = "subset accuracy" if "subset_accuracy" in test else "accuracy"  # multi-label: every label right
     print(f"test {accuracy} {test['accuracy']:.4f} (base {base['accuracy']:.4f}), F1 {test['f1']:.4f}; "

@@ -341,7 +341,8 @@ def _add_predict_route(app: FastAPI, registry: AdapterRegistry, limits: Limits, 
                 request = await run_in_threadpool(registry.encode, texts, body.adapter)
                 logits = await asyncio.wrap_future(worker.submit(request))
                 served, predictions = request.adapter, to_predictions(texts, logits, request.adapter.label_names,
-                                                                         request.adapter.thresholds)
+                                                                         request.adapter.thresholds,
+                                                                         request.adapter.temperature)
         metrics.predictions.labels(served.name).inc()
         metrics.texts.labels(served.name).inc(len(texts))
         metrics.latency.labels(served.name).observe(time.perf_counter() - start)

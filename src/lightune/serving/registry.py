@@ -86,6 +86,7 @@ class ServedAdapter:
     truncation: str = "head"  # which tokens of a long text are kept (forward.encode_texts)
     kind: str | None = None  # what adapters on one base must share (methods.sharing_kind): lora, ia3, vera r=8 ...
     thresholds: list[float] | None = None  # a multi-label run's threshold per label (to_predictions)
+    temperature: float = 1.0  # the run's calibration: its logits are divided by it before the softmax (to_predictions)
 
     def info(self) -> dict:
         return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
@@ -189,7 +190,8 @@ class AdapterRegistry:
                              peft=run.peft, quantize=run.quantize, label_names=run.label_names,
                              max_length=run.max_length, tokenizer=tokenizer, tokenizer_key=tokenizer_key,
                              saved=run.saved, shown=shown, pooling=run.pooling, truncation=run.truncation,
-                             kind=methods.sharing_kind(run.config), thresholds=run.thresholds)
+                             kind=methods.sharing_kind(run.config), thresholds=run.thresholds,
+                             temperature=run.temperature)
 
     def _check_compatible(self, adapter: ServedAdapter) -> None:
         if adapter.name in self.adapters:
@@ -303,7 +305,7 @@ class AdapterRegistry:
         if not texts:
             return self._get(adapter), []
         served, logits = self.logits(texts, adapter)
-        return served, to_predictions(texts, logits, served.label_names, served.thresholds)
+        return served, to_predictions(texts, logits, served.label_names, served.thresholds, served.temperature)
 
     # -- batched prediction: several requests, several adapters, shared forward passes ---------------------------
     def _mixes(self, name: str) -> bool:
