@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import checkpoints, forward, heads, methods, models, objectives, steps
+from . import checkpoints, forward, heads, methods, model_card, models, objectives, steps
 from .config import TrainConfig, check_class_weight_count, validate
 from .evaluation import choose_thresholds, evaluate
 from .reporting import write_run_outputs
@@ -294,6 +294,7 @@ class TrainingRun:
         metrics = self.metrics(test, saved_as, peak_bytes, peak_kind)
         if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
             metrics["thresholds"] = dict(zip(self.splits.label_names, thresholds))
+        model_card.write_card(work / saved_as, metrics, saved_as)  # labels, data, metrics, how to load
         return metrics
 
     def metrics(self, test: dict, saved_as: str, peak_bytes: int, peak_kind: str) -> dict:
@@ -354,10 +355,16 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int, least: int = 1) -> int:
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
-    """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/."""
+    """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/.
+
+    Portable (model_card): an adapter names its base by the hub id where it has one and carries the run's labels
+    in a config.json beside it; the model card is written once the metrics are known (finish)."""
     folder = run_dir / methods.get(cfg.peft).saves
+    model_card.name_base_by_hub_id(model, cfg.model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if folder.name == "adapter":
+        model_card.save_label_config(model, folder, cfg.problem)
     return folder.name
 
 
