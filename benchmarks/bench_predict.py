@@ -7,8 +7,9 @@ lightune: Classifier.predict(): adapter merged into the base weights, texts sort
 Besides texts/s it prints the useful compute rate (the FLOPs of the unpadded texts per second) next to the
 best rate of one large fp32 matrix product of the model's own shapes, measured in the same process: a recipe
 near that rate has little left to gain from any fp32 path (only fewer FLOPs or lower precision help there).
---alternatives also times torch.compile, dynamic int8 quantization and ONNX Runtime (if installed) on the
-merged model.
+It also times the run exported by `lightune export --format onnx` (pooling, head and probabilities in one graph)
+in ONNX Runtime, fed the same token-budget batches, beside the PyTorch path (needs pip install 'lightune[export]').
+--alternatives also times torch.compile and dynamic int8 quantization on the merged model.
 
     python benchmarks/bench_predict.py                          # trains a small adapter first
     python benchmarks/bench_predict.py --run-dir runs/<run> --data rotten_tomatoes --alternatives
@@ -17,7 +18,6 @@ merged model.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import tempfile
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--texts", type=int, default=1000)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--alternatives", action="store_true",
-                   help="also time torch.compile, dynamic int8 and ONNX Runtime on the merged model")
+                   help="also time torch.compile and dynamic int8 on the merged model")
     return p.parse_args(argv)
 
 
@@ -134,24 +134,21 @@ class OnnxClassifier:
         return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
-def onnx_runtime(classifier, texts: list[str], folder: str):
-    """Lightune's batching through ONNX Runtime (the merged model exported with torch.onnx)."""
+def exported_onnx(classifier, texts: list[str], folder: str):
+    """Lightune's batching through ONNX Runtime on the run as `lightune export --format onnx` writes it (the export
+    checks its probabilities against lightune's before it is used here); the first of its outputs is the logits."""
     import onnxruntime
-    import torch
 
-    model = classifier.model
-    sample = classifier.tokenizer(["a short text", "a slightly longer text to pad"], padding=True, return_tensors="pt")
-    # the exported graph takes its inputs in the order of forward()'s parameters
-    names = [k for k in inspect.signature(model.forward).parameters if k in sample]
-    sample = {k: sample[k] for k in names}
-    path = os.path.join(folder, "model.onnx")
-    torch.onnx.export(model, (), path, kwargs=sample, input_names=names, output_names=["logits"],
-                      dynamic_axes={**{k: {0: "batch", 1: "tokens"} for k in names}, "logits": {0: "batch"}},
-                      dynamo=False)
+    from lightune.export import export_run
+
+    # head_tail has no tokenizer equivalent; the graph itself is the same whatever the cut (the tokens come from
+    # the classifier here)
+    truncation = "tail" if classifier.truncation == "head_tail" else None
+    out = export_run(classifier.run_dir, os.path.join(folder, "onnx"), "onnx", truncation, log=lambda line: None)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return with_model(classifier, OnnxClassifier(session, names), texts)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return with_model(classifier, OnnxClassifier(session, [i.name for i in session.get_inputs()]), texts)
 
 
 def alternatives(classifier, texts: list[str], folder: str) -> dict:
@@ -162,7 +159,6 @@ def alternatives(classifier, texts: list[str], folder: str) -> dict:
         "torch.compile": lambda: with_model(classifier, torch.compile(classifier.model), texts),
         "dynamic int8": lambda: with_model(classifier, torch.ao.quantization.quantize_dynamic(
             classifier.model, {torch.nn.Linear}, dtype=torch.qint8), texts),
-        "onnxruntime": lambda: onnx_runtime(classifier, texts, folder),
     }
     results = {}
     for name, run in paths.items():
@@ -194,6 +190,10 @@ def main(argv=None) -> int:
         ceiling = matmul_flops_per_s(fast.model.config, fast.device)
         rows = {"common": (*per_text(common, texts), "per text, unmerged adapter"),
                 "lightune": (*batched(fast, texts), "merged, token-budget batches")}
+        try:
+            rows["onnx export"] = (*exported_onnx(fast, texts, tmp), "lightune export --format onnx, ONNX Runtime")
+        except Exception as exc:  # report, do not hide, a path this machine cannot run (onnxruntime missing)
+            rows["onnx export"] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if args.alternatives:
             for name, result in alternatives(fast, texts, tmp).items():
                 rows[name] = (*result, "merged, token-budget batches") if isinstance(result, tuple) else result
@@ -218,6 +218,10 @@ def main(argv=None) -> int:
     print(f"speed-up (lightune / common): {common_s / fast_s:.2f}x; max probability difference "
           f"{float((common_p - fast_p).abs().max()):.2e}; a path at the ceiling would be "
           f"{ceiling / (flops / common_s):.2f}x the common recipe")
+    if isinstance(rows["onnx export"], tuple):
+        onnx_s, onnx_p, _ = rows["onnx export"]
+        print(f"ONNX Runtime / PyTorch (lightune): {fast_s / onnx_s:.2f}x the speed; max probability difference "
+              f"{float((onnx_p - fast_p).abs().max()):.2e}")
     return 0
 
 

@@ -149,3 +149,23 @@ def client(registry):
     from lightune.serving import create_app
 
     return TestClient(create_app(registry, LIMITS))
+
+
+def packaged_model_hub_cache(root: Path) -> Path:
+    """A Hugging Face hub cache (under root) holding the packaged all-MiniLM-L6-v2 under its hub id, as a user
+    online would have it after a download: what a run's adapter names as its base loads offline from there
+    (pass it as cache_dir, or as HF_HUB_CACHE to a subprocess)."""
+    from lightune.models import resolve_model_path
+
+    source = Path(resolve_model_path("all-MiniLM-L6-v2"))
+    repo = root / "models--sentence-transformers--all-MiniLM-L6-v2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in source.rglob("*"):
+        if file.is_file():
+            link = snapshot / file.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(file)
+    return root

@@ -29,15 +29,22 @@ def test_lora_on_real_reviews_beats_the_base_model(real_run):
     assert 0.002 < m["parameters"]["share"] < 0.02
 
 
-def test_real_adapter_reloads_with_stock_peft_and_same_logits(real_run):
+def test_real_adapter_reloads_with_stock_peft_and_same_logits(real_run, tmp_path):
+    import json
+
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
+    from conftest import packaged_model_hub_cache
     from lightune.inference import Classifier
 
     texts = ["A moving, beautifully acted film.", "Two hours of my life I will never get back."]
     adapter = real_run.run_dir / "adapter"
-    stock = AutoPeftModelForSequenceClassification.from_pretrained(adapter).eval()
+    # the adapter names its base by its hub id, which loads from a hub cache as it would online
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "sentence-transformers/all-MiniLM-L6-v2"
+    stock = AutoPeftModelForSequenceClassification.from_pretrained(
+        adapter, cache_dir=str(packaged_model_hub_cache(tmp_path / "hub"))).eval()
     enc = AutoTokenizer.from_pretrained(adapter)(texts, padding=True, truncation=True, max_length=128,
                                                  return_tensors="pt")
     with torch.no_grad():

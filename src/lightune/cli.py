@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .commands import compare, evaluate, predict, serve, train
+from .commands import compare, evaluate, export, predict, serve, train
 from .commands.predict import printable
 from .commands.train import Terminated
 from .errors import LightuneError
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add(sub)
     compare.add(sub)
     serve.add(sub)
+    export.add(sub)
     return parser
 
 

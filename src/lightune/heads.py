@@ -73,7 +73,10 @@ class MeanPooler(nn.Module):
 
 
 def use_mean_pooling(model) -> None:
-    """Make the classifier read the masked mean of the last token states (BERT-style models)."""
+    """Make the classifier read the masked mean of the last token states (BERT-style models). On a peft model it
+    changes the model inside (get_base_model()): its `base_model` is peft's tuner, not the encoder."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     encoder = model.base_model
     pooler = MeanPooler()
     encoder.pooler = pooler

@@ -75,20 +75,24 @@ class Classifier:
                               self.temperature)
 
 
-def load_model(run: SavedRun, device: torch.device, merge: bool = True):
+def load_model(run: SavedRun, device: torch.device, merge: bool = True, dequantize: bool = False):
     """The run's model on `device` for prediction: its whole saved model, or the base with its adapter (merged into
-    unquantized bases when the method merges and `merge` is on)."""
+    unquantized bases when the method merges and `merge` is on). `dequantize` (export): a 4-bit or 8-bit base is
+    turned back into plain weights of its dtype first (transformers' dequantize), so the adapter merges into it."""
     if not run.is_adapter:
         with damaged_files_as_model_error(f"model from {run.saved}"):
             model = AutoModelForSequenceClassification.from_pretrained(run.saved)
         heads.apply_pooling(model, run.pooling)
         return model.to(device)
     base = models.load_base_on_device(run.model, run.label_names, run.quantize, device, run.problem)
+    dequantize = dequantize and run.quantize != "none"
+    if dequantize:
+        base = base.dequantize()
     heads.apply_pooling(base, run.pooling)
     with damaged_files_as_model_error(f"adapter from {run.saved}"):
         model = PeftModel.from_pretrained(base, run.saved)
     # Quantized bases cannot take merged weights without dequantizing: keep adapters separate there.
-    if merge and methods.get(run.peft).merges and run.quantize == "none":
+    if merge and methods.get(run.peft).merges and (run.quantize == "none" or dequantize):
         return model.merge_and_unload()
     quantization.allow_cpu_inference_layout(model)  # prediction only: bitsandbytes' fast CPU layout may be used
     return model

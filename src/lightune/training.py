@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import calibration, checkpoints, forward, heads, hub, methods, models, objectives, steps
+from . import calibration, checkpoints, forward, heads, hub, methods, model_card, models, objectives, steps
 from .tracking import RunTracker, check_report_to
 from .config import TrainConfig, check_class_weight_count, validate
 from .evaluation import choose_thresholds, evaluate_with_logits, predict_logits
@@ -329,6 +329,7 @@ class TrainingRun:
         metrics.update(calibration=calibrated, warnings=self.warnings)
         if thresholds is not None:  # multi-label: what predict, serve and evaluate apply to the probabilities
             metrics["thresholds"] = dict(zip(self.splits.label_names, thresholds))
+        model_card.write_card(work / saved_as, metrics, saved_as)  # labels, data, metrics, how to load
         return metrics
 
     def calibrate(self, test: tuple) -> dict:
@@ -399,10 +400,16 @@ class TrainingRun:
 
 
 def save_model(model, tokenizer, run_dir: Path, cfg: TrainConfig) -> str:
-    """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/."""
+    """The method's folder (methods registry): a peft adapter + tokenizer in adapter/, or the whole model in model/.
+
+    Portable (model_card): an adapter names its base by the hub id where it has one and carries the run's labels
+    in a config.json beside it; the model card is written once the metrics are known (finish)."""
     folder = run_dir / methods.get(cfg.peft).saves
+    model_card.name_base_by_hub_id(model, cfg.model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if folder.name == "adapter":
+        model_card.save_label_config(model, folder, cfg.problem)
     return folder.name
 
 
