@@ -8,8 +8,6 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lightune.serving import Access, AdapterRegistry, AdapterRoot, adapter_name_for, create_app  # noqa: E402
 from serve_fixtures import (  # noqa: E402
     LIMITS, TEXTS, LiveServer, classify_in_page, free_port, headless_chromium, labels_of, model_held,
-    serve_in_process)
+    serve_in_process, start_server)
 
 @pytest.fixture(scope="module")
 def loading(tmp_path_factory) -> Access:
@@ -232,6 +230,8 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
     (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
     (["RUN", "--batch-wait-ms", "-1"], "--batch-wait-ms must be between 0 and 1000, got -1"),
+    (["RUN", "--shutdown-timeout", "0"], "--shutdown-timeout must be more than 0 and at most 3600 (seconds), got 0"),
+    (["RUN", "--body-timeout", "nan"], "--body-timeout must be more than 0 and at most 3600 (seconds), got nan"),
     (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
      "2 run directories but --max-adapters is 1"),
 ])
@@ -267,22 +267,6 @@ def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeyp
     assert capsys.readouterr().err == (f"lightune: error: cannot listen on 127.0.0.1:{port}: the port is in use; "
                                        "stop the other server or choose another --port\n")
     assert loads == []
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, int]:
-    """`python -m lightune serve ARGS` on a free port of 127.0.0.1, once /health answers."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lightune", "serve", *args, "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process, port
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the server did not start: {process.communicate()[1][-2000:]}")
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_tiny_run):
