@@ -80,6 +80,9 @@ def test_malformed_json_is_400(client, content, message):
     ({"texts": []}, "texts is empty: give at least one text"),
     ({"texts": ["great", ""]}, "text 2 is empty"),
     ({"texts": ["great", "   "]}, "text 2 is empty"),
+    ({"texts": ["great", "<br />"]}, "text 2 is empty"),  # empty once cleaned: like whitespace
+    ({"texts": ["\u200b\ufeff"]}, "text 1 is empty"),
+    ({"texts": ["great", "\x01\u2060 <br>"]}, "text 2 is empty"),
     ({"texts": ["great"] * 5}, "too many texts: 5, the limit is 4 per request"),
     ({"texts": ["great", "x" * 201]}, "text 2 is too long: 201 characters, the limit is 200"),
     ({"texts": "great film"}, "texts: Input should be a valid list"),
@@ -137,15 +140,18 @@ def test_metrics_in_prometheus_text_format(registry):
 
 # -- adapters, health, schema ------------------------------------------------------------------------------------
 
-def test_list_adapters_and_health(client, trained_tiny_run):
+def test_list_adapters_and_health(client, trained_tiny_run, tiny_model_dir):
     body = client.get("/adapters").json()
     assert body["default"] == "good"
     assert [a["name"] for a in body["adapters"]] == ["good", "flipped"]
     good = body["adapters"][0]
     assert good["labels"] == ["neg", "pos"] and good["method"] == "lora" and good["max_length"] == 32
-    assert good["run_dir"] == str(trained_tiny_run.run_dir.resolve())
+    # names, never a path of the server: the run directory's and the base model directory's
+    assert (good["run_dir"], good["model"]) == ("lora", tiny_model_dir.name)
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["adapters"] == 2 and health["device"] == "cpu"
+    assert health == {"status": "ok", "base_model": tiny_model_dir.name, "device": "cpu", "adapters": 2}
+    for response in (client.get("/adapters"), client.get("/health")):
+        assert "/" not in response.text
 
 
 def test_health_answers_while_a_slow_prediction_holds_the_model_lock(client, registry):
@@ -250,7 +256,9 @@ def test_cli_serves_on_a_socket_bound_before_loading(trained_tiny_run, monkeypat
     client = TestClient(served["app"], base_url=f"http://127.0.0.1:{port}")
     assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
     assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
-    assert "serving good on " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "serving good on " in err
+    assert f"adapter 'good' loaded from {trained_tiny_run.run_dir.resolve()}" in err  # paths: in the server's log
 
 
 def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeypatch, capsys):

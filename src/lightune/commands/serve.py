@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import re
 import socket
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                               f"{getattr(args, flag):g}")
     api_key = api_key_of(args)
     sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
+    log_handler = _server_log()
     try:
         import uvicorn
 
@@ -96,8 +98,21 @@ def run(args: argparse.Namespace) -> int:
         GracefulServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout)) \
             .run(sockets=[sock])
     finally:
+        logging.getLogger("lightune.serve").removeHandler(log_handler)
         sock.close()
     return 0
+
+
+def _server_log() -> logging.Handler:
+    """The server's own log (adapters loaded, with their paths; errors) on standard error, like uvicorn's."""
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logger = logging.getLogger("lightune.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32,

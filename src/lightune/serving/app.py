@@ -87,8 +87,8 @@ class PredictResponse(BaseModel):
 
 class AdapterInfo(BaseModel):
     name: str
-    run_dir: str
-    model: str
+    run_dir: str = Field(description="the run directory's name (its path on the server is in the server's log)")
+    model: str = Field(description="the base model: its hub id, or a local directory's name")
     method: str
     labels: list[str]
     max_length: int
@@ -106,7 +106,8 @@ class AddAdapterRequest(BaseModel):
 
 class Health(BaseModel):
     status: str
-    base_model: str | None = Field(default=None, description="(with an API key set: only for requests with it)")
+    base_model: str | None = Field(default=None, description="its hub id, or a local directory's name (with an API "
+                                                             "key set: only for requests with it)")
     device: str | None = None
     adapters: int | None = None
 
@@ -211,8 +212,9 @@ class GracefulServer(uvicorn.Server):
     """uvicorn's server; on SIGTERM or Ctrl-C it stops accepting connections, answers the requests in flight (the
     batching worker runs until the app shuts down, after them) and returns, so `lightune serve` exits 0: a stop
     that was asked for. Requests still running after the config's timeout_graceful_shutdown are cancelled (503),
-    so a client that stalls cannot hold the server. uvicorn (0.29+) raises the signal again once it has shut down, which would end the process
-    with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits at once (uvicorn's force exit)."""
+    so a client that stalls cannot hold the server. uvicorn (0.29+) raises the signal again once it has shut
+    down, which would end the process with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits
+    at once (uvicorn's force exit)."""
 
     @contextmanager
     def capture_signals(self):
@@ -266,7 +268,7 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     if access.api_key is not None:
         app.add_middleware(BearerKey, key=access.api_key)
-    app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(RequestCounter, metrics=metrics, routes=app.router.routes)
     if access.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
     app.state.registry, app.state.limits, app.state.queue, app.state.worker = registry, limits, admission, worker
@@ -317,7 +319,7 @@ def _add_page_and_health_routes(app: FastAPI, registry: AdapterRegistry, access:
         # wait for them, nor for a free worker thread)
         if access.api_key is not None and not key_matches(request.headers, access.api_key):
             return {"status": "ok"}
-        return {"status": "ok", "base_model": registry.base_model, "device": str(registry.device),
+        return {"status": "ok", "base_model": registry.base_model_name, "device": str(registry.device),
                 "adapters": len(registry.adapters)}
 
 
