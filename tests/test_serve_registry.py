@@ -171,3 +171,14 @@ def test_files_over_their_size_limit_are_refused_unread(trained_tiny_run, tmp_pa
         reg.check_run("big", run, shown="big")
     assert str(error.value) == message
     assert time.monotonic() - start < 10 and _peak_rss_mb() - before < 100
+
+
+def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused(trained_tiny_run, tmp_path):
+    import os
+    import shutil
+
+    run = tmp_path / "fifo"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    os.mkfifo(run / "adapter" / "vocab.txt")  # reading it would wait for a writer forever
+    with pytest.raises(ModelError, match="^fifo/adapter/vocab.txt is not a regular file$"):
+        AdapterRegistry(device="cpu").check_run("fifo", run, shown="fifo")

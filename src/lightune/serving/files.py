@@ -33,9 +33,12 @@ def check_file_size(path: Path, limit: int, what: str) -> None:
 
 
 def tokenizer_files(saved: Path) -> list[Path]:
-    """The tokenizer files in an adapter folder, each checked against MAX_TOKENIZER_FILE_BYTES (ModelError)."""
-    files = [saved / name for name in TOKENIZER_FILES if (saved / name).is_file()]
+    """The tokenizer files in an adapter folder, each a regular file within MAX_TOKENIZER_FILE_BYTES (ModelError:
+    a pipe or a device would never end, whatever its size says)."""
+    files = [saved / name for name in TOKENIZER_FILES if (saved / name).exists()]
     for file in files:
+        if not file.is_file():
+            raise ModelError(f"{file} is not a regular file")
         check_file_size(file, MAX_TOKENIZER_FILE_BYTES, "a tokenizer file")
     return files
 
