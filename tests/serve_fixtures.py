@@ -4,8 +4,11 @@ headless browser, `lightune serve` in this process. Their fixtures are in confte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -94,6 +97,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_server(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`python -m lightune serve ARGS` on a free port of 127.0.0.1, once it accepts connections (`env`: variables
+    added to this process's environment)."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "lightune", "serve", *args, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not start: {process.communicate()[1][-2000:]}")
 
 
 class LiveServer:

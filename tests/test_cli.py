@@ -1,6 +1,7 @@
 """The command line as a user meets it: one-line errors with non-zero exits, train then predict."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from lightune.checkpoints import latest_checkpoint
 from lightune.cli import main
 from lightune.commands import train as train_command
 from lightune.commands.predict import read_texts_file
+from lightune.errors import ModelError
 
 
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -94,7 +96,7 @@ def test_train_then_predict_from_args_stdin_and_files(tiny_model_dir, reviews_cs
 
 def test_read_texts_file_plain_and_bad_jsonl(tmp_path):
     plain = tmp_path / "t.txt"
-    plain.write_text("one\n\n two \n")
+    plain.write_text("one\n\n two \n<br />\n\u200b\ufeff\n")  # lines empty once cleaned: skipped like blank ones
     assert read_texts_file(str(plain)) == ["one", " two "]
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"text": "a"}\nnot json\n')
@@ -252,7 +254,61 @@ def test_predict_with_a_damaged_run_exits_2(trained_tiny_run, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"lightune: error: {broken / 'metrics.json'} is damaged: not valid JSON")
 
 
-def test_predict_refuses_nan_probabilities(trained_tiny_run, tmp_path, capsys):
+def _signal_in_finalizer():
+    signal.raise_signal(signal.SIGTERM)  # the handler runs in here, at the next instruction
+    sum(range(1000))
+
+
+class _Freed:
+    def __del__(self):
+        _signal_in_finalizer()
+
+
+class _Plain:
+    pass
+
+
+def _finalized():
+    """An object with a weakref.finalize callback (a finalizer not named __del__, as tempfile's)."""
+    import weakref
+
+    obj = _Plain()
+    weakref.finalize(obj, _signal_in_finalizer)
+    return obj
+
+
+@pytest.mark.parametrize("make", [_Freed, _finalized], ids=["__del__", "weakref.finalize"])
+def test_sigterm_in_a_finalizer_is_raised_outside_it(capsys, make):
+    """SIGTERM just after "run saved" landed in a finalizer (tqdm's or a Dataset's __del__): Python printed the
+    Terminated raised there as "Exception ignored in ..." with a traceback, and the signal was lost."""
+    from lightune.commands.train import Terminated, _sigterm_raises_terminated
+
+    with pytest.raises(Terminated):
+        with _sigterm_raises_terminated():
+            make()  # freed at once
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the handler before it, restored
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("blank", ["<br />", "\u200b", "\ufeff", "\x01\x02"])
+def test_predict_refuses_texts_empty_once_cleaned(trained_tiny_run, capsys, blank):
+    """Like "  ": one line and exit 2, from the command line and the library alike."""
+    from lightune.errors import DataError
+    from lightune.inference import predict
+
+    assert main(["predict", str(trained_tiny_run.run_dir), "great film", blank]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "lightune: error: text 2 is empty\n")
+    with pytest.raises(DataError, match="^text 1 is empty$"):
+        predict([blank], trained_tiny_run.run_dir, device="cpu")
+
+
+@pytest.fixture
+def nan_run(trained_tiny_run, tmp_path):
+    """A copy of the shared run whose adapter weights are all NaN."""
     import shutil
 
     import torch
@@ -262,9 +318,31 @@ def test_predict_refuses_nan_probabilities(trained_tiny_run, tmp_path, capsys):
     shutil.copytree(trained_tiny_run.run_dir, broken)
     weights = broken / "adapter" / "adapter_model.safetensors"
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
-    assert main(["predict", str(broken), "great film", "--json"]) == 2
+    return broken
+
+
+def test_nan_weights_are_refused_alike_by_predict_evaluate_and_serve(nan_run, capsys):
+    """One check (inference.check_finite_weights), one message; serve used to answer probabilities null."""
+    from fastapi.testclient import TestClient
+
+    from lightune.serving import Access, AdapterRegistry, AdapterRoot, create_app
+
+    message = f"{nan_run}/adapter/adapter_model.safetensors holds NaN or infinite weights: the run is broken; " \
+              "train it again"
+    assert main(["predict", str(nan_run), "great film", "--json"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "gives NaN probabilities" in captured.err
+    assert (captured.out, captured.err) == ("", f"lightune: error: {message}\n")
+    assert main(["evaluate", str(nan_run)]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"lightune: error: {message}\n")
+    assert not (nan_run.parent / "evaluations").exists()
+
+    registry = AdapterRegistry(device="cpu")
+    with pytest.raises(ModelError, match=f"^{re.escape(message)}$"):
+        registry.add("nan", nan_run)
+    client = TestClient(create_app(registry, access=Access(adapter_root=AdapterRoot(nan_run.parent))))
+    response = client.post("/adapters", json={"run_dir": "nan"})
+    assert (response.status_code, response.json()) == (400, {"detail": message.replace(str(nan_run), "nan")})
 
 
 def test_options_may_follow_the_run_and_the_texts(trained_tiny_run, capsys):

@@ -105,9 +105,10 @@ def test_run_time_loading_stays_inside_the_root(trained_tiny_run, runs_root, tmp
     assert reg.names() == ["good"]
 
     added = client.post("/adapters", json={"run_dir": str(runs_root / "ok")})  # absolute, inside: fine
-    assert (added.status_code, added.json()["name"], added.json()["run_dir"]) == (201, "ok", str(runs_root / "ok"))
+    assert (added.status_code, added.json()["name"], added.json()["run_dir"]) == (201, "ok", "ok")
     added = client.post("/adapters", json={"name": "again", "run_dir": "./ok/"})
-    assert (added.status_code, added.json()["run_dir"]) == (201, "./ok/")
+    assert (added.status_code, added.json()["run_dir"]) == (201, "ok")  # the run directory's name, not a path
+    assert str(tmp_path) not in client.get("/adapters").text
     assert client.delete("/adapters/again").status_code == 200
 
 
@@ -131,6 +132,27 @@ def test_an_api_key_closes_every_endpoint_but_the_page_and_health(registry):
     assert client.get("/").status_code == 200
     assert client.get("/health").json() == {"status": "ok"}  # what is served: only with the key
     assert client.get("/health", headers=authorized).json()["adapters"] == 2
+    listed = client.get("/adapters", headers=authorized).json()["adapters"]
+    assert [(a["name"], a["run_dir"]) for a in listed] == [("good", "lora"), ("flipped", "flipped")]
+
+
+def test_refused_requests_are_counted_under_their_route(registry):
+    """401s are answered before routing; /metrics counts them by the path's route all the same."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = TestClient(create_app(registry, LIMITS, Access(api_key=KEY)))
+    authorized = {"Authorization": f"Bearer {KEY}"}
+    assert client.post("/predict", json={"texts": ["great"]}).status_code == 401
+    assert client.post("/predict", json={"texts": ["great"]}, headers={"Authorization": "Bearer no"}).status_code == 401
+    assert client.delete("/adapters/good").status_code == 401
+    assert client.get("/no-such-page").status_code == 401
+    assert client.post("/predict", content=b"x" * 3000, headers=authorized).status_code == 413
+    text = client.get("/metrics", headers=authorized).text
+    requests = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == "lightune_http_requests_total"}
+    assert requests == {("POST", "/predict", "401"): 2, ("DELETE", "/adapters/{name}", "401"): 1,
+                        ("GET", "other", "401"): 1, ("POST", "/predict", "413"): 1}
 
 
 def test_cli_api_key_from_the_environment_and_a_warning_off_loopback(trained_tiny_run, monkeypatch, capsys):

@@ -8,8 +8,6 @@ import json
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lightune.serving import Access, AdapterRegistry, AdapterRoot, adapter_name_for, create_app  # noqa: E402
 from serve_fixtures import (  # noqa: E402
     LIMITS, TEXTS, LiveServer, classify_in_page, free_port, headless_chromium, labels_of, model_held,
-    serve_in_process)
+    serve_in_process, start_server)
 
 @pytest.fixture(scope="module")
 def loading(tmp_path_factory) -> Access:
@@ -82,6 +80,9 @@ def test_malformed_json_is_400(client, content, message):
     ({"texts": []}, "texts is empty: give at least one text"),
     ({"texts": ["great", ""]}, "text 2 is empty"),
     ({"texts": ["great", "   "]}, "text 2 is empty"),
+    ({"texts": ["great", "<br />"]}, "text 2 is empty"),  # empty once cleaned: like whitespace
+    ({"texts": ["\u200b\ufeff"]}, "text 1 is empty"),
+    ({"texts": ["great", "\x01\u2060 <br>"]}, "text 2 is empty"),
     ({"texts": ["great"] * 5}, "too many texts: 5, the limit is 4 per request"),
     ({"texts": ["great", "x" * 201]}, "text 2 is too long: 201 characters, the limit is 200"),
     ({"texts": "great film"}, "texts: Input should be a valid list"),
@@ -139,15 +140,18 @@ def test_metrics_in_prometheus_text_format(registry):
 
 # -- adapters, health, schema ------------------------------------------------------------------------------------
 
-def test_list_adapters_and_health(client, trained_tiny_run):
+def test_list_adapters_and_health(client, trained_tiny_run, tiny_model_dir):
     body = client.get("/adapters").json()
     assert body["default"] == "good"
     assert [a["name"] for a in body["adapters"]] == ["good", "flipped"]
     good = body["adapters"][0]
     assert good["labels"] == ["neg", "pos"] and good["method"] == "lora" and good["max_length"] == 32
-    assert good["run_dir"] == str(trained_tiny_run.run_dir.resolve())
+    # names, never a path of the server: the run directory's and the base model directory's
+    assert (good["run_dir"], good["model"]) == ("lora", tiny_model_dir.name)
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["adapters"] == 2 and health["device"] == "cpu"
+    assert health == {"status": "ok", "base_model": tiny_model_dir.name, "device": "cpu", "adapters": 2}
+    for response in (client.get("/adapters"), client.get("/health")):
+        assert "/" not in response.text
 
 
 def test_health_answers_while_a_slow_prediction_holds_the_model_lock(client, registry):
@@ -232,6 +236,8 @@ def test_cli_bad_run_dir_is_one_line():
     (["RUN", "--max-texts", "0"], "--max-texts must be >= 1, got 0"),
     (["RUN", "--max-adapters", "0"], "--max-adapters must be >= 1, got 0"),
     (["RUN", "--batch-wait-ms", "-1"], "--batch-wait-ms must be between 0 and 1000, got -1"),
+    (["RUN", "--shutdown-timeout", "0"], "--shutdown-timeout must be more than 0 and at most 3600 (seconds), got 0"),
+    (["RUN", "--body-timeout", "nan"], "--body-timeout must be more than 0 and at most 3600 (seconds), got nan"),
     (["RUN", "RUN", "--name", "a", "--name", "b", "--max-adapters", "1"],
      "2 run directories but --max-adapters is 1"),
 ])
@@ -250,7 +256,9 @@ def test_cli_serves_on_a_socket_bound_before_loading(trained_tiny_run, monkeypat
     client = TestClient(served["app"], base_url=f"http://127.0.0.1:{port}")
     assert labels_of(client.post("/predict", json={"texts": TEXTS})) == ["pos", "neg", "pos", "neg"]
     assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
-    assert "serving good on " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "serving good on " in err
+    assert f"adapter 'good' loaded from {trained_tiny_run.run_dir.resolve()}" in err  # paths: in the server's log
 
 
 def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeypatch, capsys):
@@ -267,22 +275,6 @@ def test_cli_port_in_use_fails_before_loading_anything(trained_tiny_run, monkeyp
     assert capsys.readouterr().err == (f"lightune: error: cannot listen on 127.0.0.1:{port}: the port is in use; "
                                        "stop the other server or choose another --port\n")
     assert loads == []
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, int]:
-    """`python -m lightune serve ARGS` on a free port of 127.0.0.1, once /health answers."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "lightune", "serve", *args, "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process, port
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the server did not start: {process.communicate()[1][-2000:]}")
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits_0(trained_tiny_run):

@@ -114,3 +114,71 @@ def test_dora_and_an_old_lora_run_share_one_base(trained_tiny_run, dora_run, tmp
                                rtol=1e-5, atol=1e-5)
     _, dora_logits = reg.logits(TEXTS, "dora")
     torch.testing.assert_close(dora_logits, Classifier(dora_run, merge=False).logits(TEXTS), rtol=1e-5, atol=1e-5)
+
+
+# -- what loading reads: the adapter's own files, each within a size limit; NaN weights refused ---------------------
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _with_sparse_file(run_dir, dest, name: str, size: int):
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    with open(dest / "adapter" / name, "wb") as fh:  # a new file, or one of the run's emptied
+        fh.truncate(size)  # sparse: no disk, but a reader gets `size` bytes
+    return dest
+
+
+def test_loading_reads_only_the_adapters_files(trained_tiny_run, tmp_path):
+    """A 1 GB file beside the adapter is never read (the tokenizer digest used to read every file whole)."""
+    from fastapi.testclient import TestClient
+
+    from lightune.serving import Access, AdapterRoot, create_app
+    from serve_fixtures import LIMITS
+
+    root = tmp_path / "root"
+    _with_sparse_file(trained_tiny_run.run_dir, root / "big", "junk.bin", 2**30)
+    reg = AdapterRegistry(device="cpu")
+    reg.add("good", trained_tiny_run.run_dir)
+    client = TestClient(create_app(reg, LIMITS, Access(adapter_root=AdapterRoot(root))))
+    before = _peak_rss_mb()
+    added = client.post("/adapters", json={"run_dir": "big"})
+    assert added.status_code == 201, added.text
+    assert _peak_rss_mb() - before < 300
+    assert labels_of_registry(reg, "big") == labels_of_registry(reg, "good")
+
+
+def labels_of_registry(reg, name: str) -> list[str]:
+    return [p["label"] for p in reg.predict(TEXTS, name)[1]]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("vocab.txt", "big/adapter/vocab.txt is 200.0 MB, more than 128.0 MB: too large for a tokenizer file"),
+    ("adapter_config.json", "big/adapter/adapter_config.json is 200.0 MB, more than 1.0 MB: too large for an "
+                            "adapter's configuration"),
+])
+def test_files_over_their_size_limit_are_refused_unread(trained_tiny_run, tmp_path, name, message):
+    import time
+
+    run = _with_sparse_file(trained_tiny_run.run_dir, tmp_path / "big", name, 200 * 2**20)  # added, or replaced
+    reg = AdapterRegistry(device="cpu")
+    start, before = time.monotonic(), _peak_rss_mb()
+    with pytest.raises(ModelError) as error:
+        reg.check_run("big", run, shown="big")
+    assert str(error.value) == message
+    assert time.monotonic() - start < 10 and _peak_rss_mb() - before < 100
+
+
+def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused(trained_tiny_run, tmp_path):
+    import os
+    import shutil
+
+    run = tmp_path / "fifo"
+    shutil.copytree(trained_tiny_run.run_dir, run)
+    os.mkfifo(run / "adapter" / "vocab.txt")  # reading it would wait for a writer forever
+    with pytest.raises(ModelError, match="^fifo/adapter/vocab.txt is not a regular file$"):
+        AdapterRegistry(device="cpu").check_run("fifo", run, shown="fifo")

@@ -87,11 +87,12 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     from . import data as data_mod
     from .calibration import apply_temperature
     from .evaluation import score
-    from .inference import Classifier
+    from .inference import Classifier, check_finite_weights
     from .reporting import write_evaluation_outputs
     from .runs import free_output_dir, read_run, staged_run_dir
 
     run = read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
+    check_finite_weights(run)  # so does a broken one
     explicit_name = options.name is not None
     options = resolve(options, run.config)
     final = free_output_dir(Path(options.output_dir), options.name, explicit=explicit_name)

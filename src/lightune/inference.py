@@ -32,6 +32,34 @@ def damaged_files_as_model_error(what: str):
         raise ModelError(f"cannot load {what}: {first}") from None
 
 
+NONFINITE_WEIGHTS = "{file} holds NaN or infinite weights: the run is broken; train it again"
+
+
+def check_finite_weights(run: SavedRun) -> None:
+    """ModelError when the run's saved weights hold NaN or infinity: the one check of prediction, evaluation and
+    serving (a broken run would classify every text with probabilities NaN)."""
+    with damaged_files_as_model_error(f"{run.saved_kind} from {run.saved}"):  # the words load_model uses
+        stat = run.weights_file.stat()
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        finite = _finite_tensors(str(run.weights_file), version)
+    if not finite:
+        raise ModelError(NONFINITE_WEIGHTS.format(file=run.weights_file))
+
+
+@lru_cache(maxsize=8)
+def _finite_tensors(path: str, version: tuple) -> bool:
+    """Whether every floating-point tensor of a safetensors file is finite (read one tensor at a time; cached per
+    version of the file: evaluation checks before loading its data, then the Classifier again)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as weights:
+        for name in weights.keys():
+            tensor = weights.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return False
+    return True
+
+
 class Classifier:
     """A fine-tuned classifier ready for batched prediction.
 
@@ -57,6 +85,7 @@ class Classifier:
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.chunk_tokens = chunk_tokens  # None: the device default (forward.eval_chunk_tokens)
+        check_finite_weights(self.run)
         with quiet_model_loading():  # no loading bar or deprecation warnings in a user's program
             with damaged_files_as_model_error(f"tokenizer from {self.run.saved}"):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.run.saved)

@@ -6,27 +6,48 @@ from __future__ import annotations
 import codecs
 import itertools
 import re
+import unicodedata
 from pathlib import Path
 
 from .errors import DataError
 
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")
+# zero-width space, word joiner, zero-width no-break space (a byte-order mark): they only ever separate or join
+# words invisibly (BERT's tokenizer drops them too); joiners that shape scripts (ZWJ, ZWNJ) stay
+_ZERO_WIDTH = re.compile("[\u200b\u2060\ufeff]")
+_INVISIBLE = ("Cc", "Cf")  # control and format characters (bidi marks, soft hyphens, ...)
+# what a blank text may start with: whitespace, HTML line breaks, the usual control and format characters (the
+# others are found by their category)
+_LEADING_INVISIBLE = re.compile(r"(?:\s|<br\s*/?>|[\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e"
+                                r"\u2060-\u2064\u2066-\u206f\ufeff])*", re.IGNORECASE)
 
 
 def clean_text(text: str) -> str:
-    """Turn HTML line breaks into spaces and collapse whitespace."""
-    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", text)).strip()
+    """Turn HTML line breaks into spaces, drop zero-width spaces and byte-order marks, and collapse whitespace.
+
+    Control characters stay: real reviews hold C1 characters (IMDb's \x96 and \x97 dashes, from cp1252), and
+    tokenizers treat them their own way."""
+    return _SPACES.sub(" ", _HTML_BREAK.sub(" ", _ZERO_WIDTH.sub("", text))).strip()
+
+
+def is_blank(text: str) -> bool:
+    """True when nothing visible is left once the text is cleaned: whitespace, HTML line breaks, control and format
+    characters (zero-width spaces, a byte-order mark, bidi marks) only. Such a text is empty, like "  "."""
+    rest = text[_LEADING_INVISIBLE.match(text).end():]
+    if rest and unicodedata.category(rest[0]) not in _INVISIBLE:  # visible, and cleaning keeps it: at once
+        return False
+    return all(char.isspace() or unicodedata.category(char) in _INVISIBLE for char in clean_text(rest))
 
 
 def check_texts(texts, where: str | None = None) -> list[str]:
-    """The texts as a list; DataError naming the first one that is missing, not a string or blank (with `where`, a
-    data source's rows: "WHERE: row N ..."; without, a caller's list: "text N ...")."""
+    """The texts as a list; DataError naming the first one that is missing, not a string or blank, also once
+    cleaned (with `where`, a data source's rows: "WHERE: row N ..."; without, a caller's list: "text N ...")."""
     if isinstance(texts, str):
         raise DataError("predict() takes a list of texts, not a single string")
     texts = list(texts)
     for i, text in enumerate(texts):
-        if isinstance(text, str) and text.strip():
+        if isinstance(text, str) and not is_blank(text):
             continue
         if where is None:
             raise DataError(f"text {i + 1} is " + ("empty" if isinstance(text, str) else

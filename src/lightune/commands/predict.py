@@ -77,8 +77,11 @@ def read_texts_file(path: str) -> list[str]:
 
 
 def _text_lines(text: str) -> list[str]:
-    """Non-blank lines split at line feeds only (str.splitlines would also split at \\x0b, \\x85, \\u2028...)."""
-    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    """Non-blank lines (texts.is_blank: nothing visible once cleaned) split at line feeds only (str.splitlines would
+    also split at \\x0b, \\x85, \\u2028...)."""
+    from ..texts import is_blank
+
+    return [line.removesuffix("\r") for line in text.split("\n") if not is_blank(line)]
 
 
 # Characters that move the cursor, retitle or clear a terminal, or reorder the text shown (bidi controls).

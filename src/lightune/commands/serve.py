@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import re
 import socket
@@ -46,6 +47,11 @@ def add(subparsers) -> None:
     serve.add_argument("--max-queue", type=int, default=32,
                        help="most prediction requests admitted at once, running or waiting; one more gets 503 "
                             "with Retry-After (default 32)")
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="the most seconds a client may take to send a request body; 408 after them (default 30)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C, the most seconds to finish the requests in flight; those still "
+                            "running are then answered 503 and the server exits (default 30)")
     serve.add_argument("--max-adapters", type=int, default=16,
                        help="most adapters loaded at once, those given here included (default 16)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer API_KEY' on every endpoint but / and "
@@ -66,8 +72,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {args.batch_wait_ms:g}")
+    for flag in ("body_timeout", "shutdown_timeout"):
+        if not 0 < getattr(args, flag) <= 3600:  # NaN fails too
+            raise ConfigError(f"--{flag.replace('_', '-')} must be more than 0 and at most 3600 (seconds), got "
+                              f"{getattr(args, flag):g}")
     api_key = api_key_of(args)
     sock = bound_socket(args.host, args.port)  # before anything loads: a port in use fails at once
+    log_handler = _server_log()
     try:
         import uvicorn
 
@@ -80,14 +91,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
                   f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
         registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
-        limits = Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue)
+        limits = Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue, args.body_timeout)
         app = create_app(registry, limits, access, Batching(args.batching == "on", args.batch_wait_ms))
         print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
               f"http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
-        GracefulServer(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        GracefulServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout)) \
+            .run(sockets=[sock])
     finally:
+        logging.getLogger("lightune.serve").removeHandler(log_handler)
         sock.close()
     return 0
+
+
+def _server_log() -> logging.Handler:
+    """The server's own log (adapters loaded, with their paths; errors) on standard error, like uvicorn's."""
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logger = logging.getLogger("lightune.serve")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32,
@@ -113,8 +138,11 @@ def bound_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (uvicorn listens on it); ConfigError with one line when that is not possible."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # the address's own protocol (IPPROTO_TCP), not 0: asyncio sets TCP_NODELAY only on accepted sockets whose
+        # proto says TCP, and without it every response after the first on a kept-alive connection waits ~40 ms
+        # (Nagle's algorithm against the client's delayed ACK)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     try:

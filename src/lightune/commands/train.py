@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
+import sys
+import threading
 from pathlib import Path
 
 from ..config import load_config
@@ -18,20 +21,57 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def _sigterm_raises_terminated():
-    """While the block runs in the main thread, SIGTERM raises Terminated; the previous handler is restored after."""
+    """While the block runs in the main thread, SIGTERM raises Terminated; the previous handler is restored after.
+
+    An exception raised in a finalizer (the __del__ of a tqdm bar or a datasets Dataset that the interrupted code
+    was freeing) cannot leave it: Python prints it as "Exception ignored in ..." with a traceback and goes on as if
+    no signal had come. So a signal that lands in one is delivered again a moment later (_deliver_later), and a
+    Terminated that a finalizer swallowed all the same (one not named __del__) too, without the traceback."""
     def handler(signum, frame):
+        if _in_finalizer(frame):
+            _deliver_later(signum)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt saving error.txt
         raise Terminated("terminated by SIGTERM")
+
+    def swallowed(unraisable):
+        if not isinstance(unraisable.exc_value, Terminated):
+            return previous_hook(unraisable)
+        signal.signal(signal.SIGTERM, handler)
+        _deliver_later(signal.SIGTERM)
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: signals stay as they are
         yield
         return
+    previous_hook, sys.unraisablehook = sys.unraisablehook, swallowed
+    _FINALIZERS.add(swallowed.__code__)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        _FINALIZERS.discard(swallowed.__code__)
+
+
+_FINALIZERS: set = set()  # code that runs like a finalizer: a signal handler must not raise in it
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code in _FINALIZERS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _deliver_later(signum: int, delay_s: float = 0.05) -> None:
+    """Send the signal to this process again after delay_s, from a helper thread (the handler then runs in the main
+    thread, past the finalizer)."""
+    timer = threading.Timer(delay_s, os.kill, (os.getpid(), signum))
+    timer.daemon = True  # a process that ends meanwhile ends as it would have
+    timer.start()
 
 
 def add(subparsers) -> None:

@@ -4,7 +4,8 @@ Concurrent requests are batched: a worker thread runs the requests waiting toget
 adapters in one forward pass (peft's per-row `adapter_names`).
 
 registry.py holds the adapters and runs the forward passes, batching.py queues requests and batches them,
-access.py decides who may use the server, metrics.py counts for Prometheus, app.py is the FastAPI app."""
+access.py decides who may use the server, metrics.py counts for Prometheus, files.py bounds what adding a run reads
+and names it to clients, app.py is the FastAPI app."""
 
 from .access import OPEN_PATHS, Access, AccessDenied, AdapterRoot, BearerKey, is_loopback, key_matches, trusted_hosts
 from .app import (ERRORS, AddAdapterRequest, AdapterInfo, AdapterList, BodySizeLimit, BodyTooLarge, ErrorResponse,

@@ -112,8 +112,10 @@ class BearerKey:
         self.key = key
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan (startup, shutdown) has no headers; nor path to close
+            return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or key_matches(headers, self.key):
+        if scope["path"] in OPEN_PATHS or key_matches(headers, self.key):
             return await self.app(scope, receive, send)
         detail = "wrong API key" if "authorization" in headers else \
             "this server needs an API key: send the header 'Authorization: Bearer <key>'"

@@ -40,6 +40,7 @@ class Limits:
     max_chars: int = 5000
     max_body_bytes: int = 1_000_000
     max_queue: int = 32  # prediction requests admitted at once, running or waiting for the model
+    body_timeout_s: float = 30.0  # the most time a client may take to send a request's body (408 after it)
 
 
 def _valid_unicode(text: str) -> str:
@@ -86,8 +87,8 @@ class PredictResponse(BaseModel):
 
 class AdapterInfo(BaseModel):
     name: str
-    run_dir: str
-    model: str
+    run_dir: str = Field(description="the run directory's name (its path on the server is in the server's log)")
+    model: str = Field(description="the base model: its hub id, or a local directory's name")
     method: str
     labels: list[str]
     max_length: int
@@ -105,7 +106,8 @@ class AddAdapterRequest(BaseModel):
 
 class Health(BaseModel):
     status: str
-    base_model: str | None = Field(default=None, description="(with an API key set: only for requests with it)")
+    base_model: str | None = Field(default=None, description="its hub id, or a local directory's name (with an API "
+                                                             "key set: only for requests with it)")
     device: str | None = None
     adapters: int | None = None
 
@@ -122,12 +124,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body too large: the limit is {limit} bytes")
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over the limit, by Content-Length or while it streams in."""
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float):
+        # the rest of the body may still come: the connection cannot carry another request
+        super().__init__(408, f"request body not received within {seconds:g} s", headers={"Connection": "close"})
 
-    def __init__(self, app, max_bytes: int):
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over the limit, by Content-Length or while it streams in; 408 for a body that
+    does not arrive within timeout_s (a client that stalls mid-body would otherwise hold its request, and a
+    shutdown waiting for it, forever)."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,11 +148,18 @@ class BodySizeLimit:
             status, detail = (413, BodyTooLarge(self.max_bytes).detail) if length.isdigit() else \
                 (400, "bad Content-Length header")
             return await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-        received = 0
+        received, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body only http.disconnect comes, whenever the client leaves: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout_s) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -155,7 +173,8 @@ class UnexpectedErrors:
     """ASGI middleware: an exception that no handler turns into a 4xx (a bug) is a one-line 500.
 
     The traceback goes to the server's log, not to the client, and the keep-alive connection stays open
-    (starlette's own 500 handler re-raises, and uvicorn then drops the connection)."""
+    (starlette's own 500 handler re-raises, and uvicorn then drops the connection). A request that a shutdown
+    cancels (GracefulServer's timeout) is a 503."""
 
     def __init__(self, app):
         self.app = app
@@ -172,6 +191,14 @@ class UnexpectedErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when the graceful shutdown times out (--shutdown-timeout);
+            # answer them (it would log each as an "Exception in ASGI application" traceback and answer 500)
+            if started:
+                raise
+            log.warning("shutting down: %s %s cancelled, not answered in time", scope.get("method"), scope.get("path"))
+            await JSONResponse({"detail": "the server is shutting down: the request was not answered in time"},
+                               status_code=503, headers={"Connection": "close"})(scope, receive, send)
         except Exception as exc:
             if started:  # too late for a clean answer: let the server close the connection
                 raise
@@ -184,8 +211,10 @@ class UnexpectedErrors:
 class GracefulServer(uvicorn.Server):
     """uvicorn's server; on SIGTERM or Ctrl-C it stops accepting connections, answers the requests in flight (the
     batching worker runs until the app shuts down, after them) and returns, so `lightune serve` exits 0: a stop
-    that was asked for. uvicorn (0.29+) raises the signal again once it has shut down, which would end the process
-    with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits at once (uvicorn's force exit)."""
+    that was asked for. Requests still running after the config's timeout_graceful_shutdown are cancelled (503),
+    so a client that stalls cannot hold the server. uvicorn (0.29+) raises the signal again once it has shut
+    down, which would end the process with SIGTERM's status or a KeyboardInterrupt instead. A second Ctrl-C quits
+    at once (uvicorn's force exit)."""
 
     @contextmanager
     def capture_signals(self):
@@ -236,10 +265,10 @@ def create_app(registry: AdapterRegistry, limits: Limits | None = None, access: 
                   description="Fine-tuned text classifiers: several adapters on one base model.")
     # each middleware added wraps the ones before it: the Host check runs first, errors are caught innermost
     app.add_middleware(UnexpectedErrors)
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
     if access.api_key is not None:
         app.add_middleware(BearerKey, key=access.api_key)
-    app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(RequestCounter, metrics=metrics, routes=app.router.routes)
     if access.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts, www_redirect=False)
     app.state.registry, app.state.limits, app.state.queue, app.state.worker = registry, limits, admission, worker
@@ -290,7 +319,7 @@ def _add_page_and_health_routes(app: FastAPI, registry: AdapterRegistry, access:
         # wait for them, nor for a free worker thread)
         if access.api_key is not None and not key_matches(request.headers, access.api_key):
             return {"status": "ok"}
-        return {"status": "ok", "base_model": registry.base_model, "device": str(registry.device),
+        return {"status": "ok", "base_model": registry.base_model_name, "device": str(registry.device),
                 "adapters": len(registry.adapters)}
 
 

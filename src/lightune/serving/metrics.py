@@ -47,11 +47,15 @@ HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 class RequestCounter:
     """ASGI middleware: counts every answered request in lightune_http_requests_total by its route's path
-    template (/adapters/{name}, not the name itself: the label set stays small) and status."""
+    template (/adapters/{name}, not the name itself: the label set stays small) and status.
 
-    def __init__(self, app, metrics: ServerMetrics):
+    Requests answered before routing (401 without the API key, 413, a bad Host) are counted under the route their
+    path matches among `routes` (the app's), not as "other"."""
+
+    def __init__(self, app, metrics: ServerMetrics, routes: list | None = None):
         self.app = app
         self.metrics = metrics
+        self.routes = routes if routes is not None else []  # the app's list: routes added later are in it
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -59,9 +63,15 @@ class RequestCounter:
 
         async def counting_send(message):
             if message["type"] == "http.response.start":  # labels from small sets only: no series per client
-                route = getattr(scope.get("route"), "path", "other")
+                route = getattr(scope.get("route") or self._route(scope), "path", "other")
                 method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
                 self.metrics.requests.labels(route, method, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+    def _route(self, scope):
+        """The route whose path matches the request's (any method), or None."""
+        from starlette.routing import Match
+
+        return next((route for route in self.routes if route.matches(scope)[0] != Match.NONE), None)

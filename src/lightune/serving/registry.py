@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
+import logging
 import re
 import threading
 from collections import OrderedDict, defaultdict
@@ -21,10 +21,12 @@ from .. import heads, methods, models, quantization
 from ..errors import AdapterConflictError, LightuneError, ModelError, UnknownAdapterError
 from ..forward import (encode_texts, eval_chunk_tokens, forward_logits, pad_multiple, resolve_device, texts_logits,
                        token_budget_batches)
-from ..inference import to_predictions
+from ..inference import check_finite_weights, to_predictions
 from ..runs import read_run
 from ..texts import check_texts, clean_text
+from .files import check_adapter_files, shown_model, tokenizer_key
 
+log = logging.getLogger("lightune.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -42,15 +44,6 @@ def _first_line(exc: BaseException) -> str:
 def _with_shown_path(message: str, run_dir: Path, shown: str) -> str:
     """The message with the server's path of a run replaced by the name the client gave for it."""
     return message.replace(str(run_dir), shown)
-
-
-def _tokenizer_key(saved: Path) -> str:
-    """A digest of the tokenizer files in an adapter folder (every file but the adapter's own and its README)."""
-    digest = hashlib.sha256()
-    for file in sorted(saved.iterdir()):
-        if file.is_file() and not file.name.startswith("adapter_") and file.name != "README.md":
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def _release_freed_memory() -> None:
@@ -89,8 +82,9 @@ class ServedAdapter:
     temperature: float = 1.0  # the run's calibration: its logits are divided by it before the softmax (to_predictions)
 
     def info(self) -> dict:
-        return {"name": self.name, "run_dir": self.shown, "model": self.model, "method": self.method,
-                "labels": list(self.label_names), "max_length": self.max_length}
+        """What clients see of it: names, never a path of the server (the log has those)."""
+        return {"name": self.name, "run_dir": self.run_dir.name, "model": shown_model(self.model),
+                "method": self.method, "labels": list(self.label_names), "max_length": self.max_length}
 
 
 @dataclass
@@ -134,6 +128,7 @@ class AdapterRegistry:
         self.model: PeftModel | None = None
         self.adapters: OrderedDict[str, ServedAdapter] = OrderedDict()
         self.base_model: str | None = None  # the resolved model path or hub id shared by every adapter
+        self.base_model_name: str | None = None  # as clients see it (files.shown_model: never a server path)
         self.quantization: str | None = None  # the served base's storage: none, nf4 or int8
         self.kind: str | None = None  # the peft kind of the served adapters (methods registry): lora, ia3
         self.pooling: str | None = None
@@ -178,17 +173,18 @@ class AdapterRegistry:
         problem = method.serving_problem(run.config) if method.serving_problem else None
         if problem:
             raise ModelError(f"{shown}: {problem} (use `lightune predict` for it)")
+        files = check_adapter_files(run.saved)  # only what loading reads, each within a size limit
+        check_finite_weights(run)
         try:
-            tokenizer_key = _tokenizer_key(run.saved)
+            key = tokenizer_key(run.saved, files)
             with self._table:
-                tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == tokenizer_key),
-                                 None)
+                tokenizer = next((a.tokenizer for a in self.adapters.values() if a.tokenizer_key == key), None)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(run.saved)
         except Exception as exc:  # whatever its files hold: the run cannot be served, the server is fine
             raise ModelError(f"cannot load the tokenizer of {shown}: {_first_line(exc)}") from None
         return ServedAdapter(name=name, run_dir=run.run_dir.resolve(), model=run.model, method=run.method,
                              peft=run.peft, quantize=run.quantize, label_names=run.label_names,
-                             max_length=run.max_length, tokenizer=tokenizer, tokenizer_key=tokenizer_key,
+                             max_length=run.max_length, tokenizer=tokenizer, tokenizer_key=key,
                              saved=run.saved, shown=shown, pooling=run.pooling, truncation=run.truncation,
                              kind=methods.sharing_kind(run.config), thresholds=run.thresholds,
                              temperature=run.temperature)
@@ -254,6 +250,7 @@ class AdapterRegistry:
                     self.model = PeftModel.from_pretrained(base, saved, adapter_name=name).eval()
                     quantization.allow_cpu_inference_layout(self.model)  # serving never trains
                     self.base_model = models.resolve_model_path(adapter.model)
+                    self.base_model_name = shown_model(adapter.model)
                     self.quantization = adapter.quantize
                     self.kind = adapter.kind
                     self.pooling = adapter.pooling
@@ -269,6 +266,7 @@ class AdapterRegistry:
                 raise ModelError(f"cannot load the adapter of {adapter.shown}: {message}") from None
             with self._table:
                 self.adapters[name] = adapter
+            log.info("adapter %r loaded from %s", name, adapter.run_dir)
             return adapter
 
     def remove(self, name: str) -> None:
@@ -280,6 +278,7 @@ class AdapterRegistry:
             self.model.delete_adapter(name)
             with self._table:
                 del self.adapters[name]
+        log.info("adapter %r unloaded", name)
         _release_freed_memory()
 
     def _get(self, name: str | None) -> ServedAdapter:
