@@ -140,6 +140,8 @@ def checked_checkpoint(run_dir: str | Path) -> tuple[Path, TrainerState]:
     field, every file of it present with the size and sha256 recorded when it was saved. ConfigError (one line)
     naming the damaged file."""
     checkpoint = latest_checkpoint(Path(run_dir))
+    if checkpoint is None:
+        raise ConfigError(f"--resume {run_dir}: the run has no checkpoint (train with --save-every N to write them)")
     where = f"{checkpoint.name}/{STATE_FILE}"
     try:
         try:
