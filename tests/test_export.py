@@ -130,11 +130,16 @@ def test_transformers_export_gives_lightunes_probabilities_without_lightune_or_p
             pytest.approx(expected[-1]["probabilities"], abs=1e-3)
 
 
-def test_onnx_export_gives_lightunes_probabilities_in_onnx_runtime(tiny_config, tmp_path):
+@pytest.mark.parametrize("scenario", ["mean pooling, tail cut", "multi-label, tuned thresholds"])
+def test_onnx_export_gives_lightunes_probabilities_in_onnx_runtime(scenario, tiny_config, tmp_path):
     pytest.importorskip("onnxruntime")
     from lightune.training import run_training
 
-    run = run_training(tiny_config(pooling="mean", epochs=1), progress=False)
+    overrides = {"epochs": 1, **SCENARIOS[scenario]}
+    if "problem" in overrides:
+        overrides["data"] = str(multi_label_csv(tmp_path / "labels.csv"))
+    run = run_training(tiny_config(**overrides), progress=False)
+    names = run.metrics["data"]["label_names"]
     out = tmp_path / "onnx"
     code, err = export(run.run_dir, out, "--format", "onnx")
     assert code == 0, err
@@ -145,9 +150,11 @@ def test_onnx_export_gives_lightunes_probabilities_in_onnx_runtime(tiny_config, 
     for texts in (TEXTS, TEXTS[:1]):  # a batch, and one text alone
         namespace = run_snippet(snippet, f'path = "{out}"', 'path = "."', texts)
         expected = [list(p["probabilities"].values()) for p in lightune_probabilities(run.run_dir, texts)]
-        assert namespace["probabilities"].shape == (len(texts), 2)
+        assert namespace["probabilities"].shape == (len(texts), len(names))
         assert abs(namespace["probabilities"] - torch.tensor(expected).numpy()).max() <= 1e-4
-    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert config.get("label_thresholds") == run.metrics.get("thresholds")
 
 
 @pytest.mark.parametrize("quantize, tolerance", [("nf4", 1e-5), ("int8", 0.05)])
@@ -184,8 +191,15 @@ def test_full_and_head_runs_export_as_they_are(peft, tiny_config, tmp_path):
     assert export(run.run_dir, out) == (0, "")
     classifier = pipeline("text-classification", model=str(out), truncation=True)
     got = [{s["label"]: s["score"] for s in row} for row in classifier(TEXTS, top_k=None)]
-    for row, p in zip(got, lightune_probabilities(run.run_dir, TEXTS)):
+    expected = lightune_probabilities(run.run_dir, TEXTS)
+    for row, p in zip(got, expected):
         assert row == pytest.approx(p["probabilities"], abs=1e-5, rel=0)
+    # the run's own model/ folder: its card's transformers snippet, as written
+    saved = run.run_dir / "model"
+    card = code_after((saved / "README.md").read_text(), "## How to load")
+    namespace = run_snippet(card, f'path = "{saved}"', 'path = "."', TEXTS)
+    torch.testing.assert_close(namespace["probabilities"], torch.tensor(
+        [list(p["probabilities"].values()) for p in expected]), rtol=0, atol=1e-5)
 
 
 def test_prompt_tuning_run_is_refused_with_the_reason(tiny_config, tmp_path):
@@ -241,14 +255,23 @@ def unfinished(run_dir: Path, tmp_path: Path) -> Path:
     (lambda run, tmp: tmp / "nowhere", [], "run directory not found"),
     (unfinished, [], "is not a finished lightune run (no metrics.json/config.json)"),
     (damaged, [], "metrics.json is damaged: not valid JSON"),
+    (lambda run, tmp: run, ["INSIDE"], "is inside the run"),
 ])
 def test_bad_requests_are_one_line_and_write_nothing(make_run, flags, message, trained_tiny_run, tmp_path):
     run_dir = make_run(trained_tiny_run.run_dir, tmp_path) if make_run else trained_tiny_run.run_dir
     out = tmp_path / "out" / "exported"
+    if flags == ["INSIDE"]:  # an OUT inside the run: a finished run is never altered
+        import shutil
+
+        run_dir, flags = Path(shutil.copytree(run_dir, tmp_path / "run")), []
+        out = run_dir / "out" / "exported"
+        before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     code, err = export(run_dir, out, *flags)
     assert code == 2 and err.startswith("lightune: error: ") and err.count("\n") == 1, err
     assert message in err
-    assert not out.exists() and not (tmp_path / "out").exists()
+    assert not out.exists() and not (tmp_path / "out").exists() and not out.parent.exists()
+    if message == "is inside the run":
+        assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
 def test_an_existing_target_is_never_overwritten(trained_tiny_run, tmp_path):
@@ -290,3 +313,44 @@ def test_a_calibration_temperature_divides_the_final_layer(trained_tiny_run):
     calibrated = classifier.logits(TEXTS)
     classifier.model = plain
     torch.testing.assert_close(calibrated, classifier.logits(TEXTS) / 2, rtol=0, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_a_default_run_of_the_real_model_leaves_lightune(tmp_path):
+    """The issue's case: a mean-pooled, tail-cut run of the packaged MiniLM. Its export predicts without lightune
+    and peft, in ONNX Runtime too, and the README's stock-peft snippet loads its adapter by the base's hub id (from
+    a hub cache, as after a download), all giving lightune's probabilities."""
+    pytest.importorskip("onnxruntime")
+    from conftest import packaged_model_hub_cache
+    from lightune.config import load_config
+    from lightune.training import run_training
+
+    run = run_training(load_config(overrides=dict(
+        data="rotten_tomatoes", train_size=64, eval_size=32, max_steps=4, objective="cross_entropy",
+        output_dir=str(tmp_path / "runs"), run_name="default")), progress=False)
+    assert run.metrics["pooling"] == "mean" and run.metrics["config"]["truncation"] == "tail"
+    texts = ["A wonderful, moving film.", "Dull and far too long.",
+             "It starts well.<br /><br />" + "Then nothing happens for two hours and it is dull. " * 40]
+    expected = lightune_probabilities(run.run_dir, texts)
+
+    out = tmp_path / "exported"
+    assert export(run.run_dir, out)[0] == 0
+    got = without_lightune(out, texts)
+    for row, p in zip(got["scores"], expected):
+        assert {s["label"]: s["score"] for s in row} == pytest.approx(p["probabilities"], abs=1e-5, rel=0)
+
+    code, err = export(run.run_dir, tmp_path / "onnx", "--format", "onnx")
+    assert code == 0, err
+    snippet = code_after((tmp_path / "onnx" / "README.md").read_text(), "## How to load")
+    namespace = run_snippet(snippet, f'path = "{tmp_path / "onnx"}"', 'path = "."', texts)
+    assert abs(namespace["probabilities"] - [list(p["probabilities"].values()) for p in expected]).max() <= 1e-4
+
+    readme = code_after((Path(__file__).resolve().parents[1] / "README.md").read_text(), "The adapter is portable")
+    script = readme.replace("runs/<run>/adapter", str(run.run_dir / "adapter"))
+    script = re.sub(r"^texts = .*$", f"texts = {texts!r}", script, count=1, flags=re.M)
+    script += "\nimport json\nprint('\\nRESULT ' + json.dumps(probabilities.tolist()))\n"
+    env = {**os.environ, "HF_HUB_CACHE": str(packaged_model_hub_cache(tmp_path / "hub")), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock = json.loads(done.stdout.split("\nRESULT ")[-1])
+    assert abs(torch.tensor(stock) - torch.tensor([list(p["probabilities"].values()) for p in expected])).max() <= 1e-5

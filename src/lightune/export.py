@@ -55,6 +55,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "transformers", 
     if out.exists() or out.is_symlink():
         raise ConfigError(f"{out} already exists; an export never overwrites: choose a new OUT")
     run = read_run(run_dir)
+    if out.resolve().is_relative_to(run.run_dir.resolve()):
+        raise ConfigError(f"{out} is inside the run {run.run_dir}, which is never altered: choose an OUT outside it")
     truncation = export_truncation(run, truncation)
     if fmt == "onnx":
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
@@ -65,9 +67,10 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "transformers", 
         log(f"export: {note}")
     tokenizer = exported_tokenizer(run, truncation)
     if truncation != run.truncation:
-        notes.append(f"Cut with truncation {truncation} instead of the run's {run.truncation} (no tokenizer can "
-                     f"do {run.truncation}): texts longer than {run.max_length} tokens are classified as "
-                     f"`lightune predict --truncation {truncation}` does.")
+        why = "no tokenizer can do it" if run.truncation not in EXPORT_TRUNCATIONS else "asked for with --truncation"
+        notes.append(f"Cut with truncation {truncation} instead of the run's {run.truncation} ({why}): texts longer "
+                     f"than {run.max_length} tokens are classified as `lightune predict --truncation {truncation}` "
+                     "does.")
     with staged_export(out) as work:
         if fmt == "onnx":
             difference = save_onnx(model, tokenizer, run, work, truncation)
@@ -84,8 +87,10 @@ def export_truncation(run: SavedRun, requested: str | None) -> str:
     """The cut the exported tokenizer makes; ConfigError for runs whose model or cut cannot be exported."""
     method = methods.get(run.peft)
     if run.is_adapter and not method.merges:
-        raise ConfigError(f"cannot export a {method.title} run: its trained virtual tokens are put before every "
-                          "input by peft and cannot be merged into the base weights; use lightune predict or serve")
+        why = ("its trained virtual tokens are put before every input by peft" if run.peft == "prompt"
+               else "its adapter")
+        raise ConfigError(f"cannot export a {method.title} run: {why} and cannot be merged into the base weights; "
+                          "use lightune predict or serve")
     if requested is not None and requested not in EXPORT_TRUNCATIONS:
         raise ConfigError(f"--truncation for an export must be one of {', '.join(EXPORT_TRUNCATIONS)} (what a "
                           f"tokenizer can do); got {requested!r}")

@@ -16,7 +16,7 @@ def add(subparsers) -> None:
                     "with pooling, head and probabilities, checked with ONNX Runtime (onnx: needs "
                     "pip install 'lightune[export]'). OUT must not exist.")
     export.add_argument("run_dir", help="a run directory written by `lightune train`")
-    export.add_argument("out", help="the directory to create (never overwritten)")
+    export.add_argument("out", metavar="OUT", help="the directory to create (never overwritten)")
     # --format and --truncation are checked by lightune.export: a wrong value is one line there, not a usage
     export.add_argument("--format", dest="fmt", default="transformers", metavar="{transformers,onnx}",
                         help="transformers (default): safetensors for transformers; onnx: model.onnx for ONNX Runtime")
