@@ -25,7 +25,7 @@ def closure(name: str, extras: tuple[str, ...] = (), seen: dict | None = None) -
 
 
 if __name__ == "__main__":
-    versions = closure("lightune", ("dev", "bench"))
+    versions = closure("lightune", ("dev", "bench", "tracking", "export", "tune"))  # every extra (dev names some)
     versions.pop("lightune")
     print("# The tested set: CI installs exactly these (pip install -c constraints.txt); see README, 'Install'.")
     print("# Regenerate after an upgrade: python3 .ci/constraints.py > constraints.txt")
