@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .commands import compare, evaluate, predict, serve, train
+from .commands import compare, evaluate, predict, serve, train, tune
 from .commands.train import Terminated
 from .errors import LightuneError
 from .logs import quiet_libraries
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add(sub)
     evaluate.add(sub)
     compare.add(sub)
+    tune.add(sub)
     serve.add(sub)
     return parser
 
