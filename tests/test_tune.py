@@ -9,18 +9,19 @@ import subprocess
 import sys
 import time
 
-import optuna
 import pandas as pd
 import pytest
 
-import lightune.tune as tune
-from lightune.cli import main
-from lightune.config import load_config
-from lightune.errors import ConfigError
-from lightune.runs import read_run
-from lightune.tune import run_tune
-from lightune.tune_plan import load_plan, plan_from_dict
-from lightune.tune_report import toml_value
+optuna = pytest.importorskip("optuna", reason="the tune extra: pip install -e '.[tune]'")
+
+import lightune.tune as tune  # noqa: E402
+from lightune.cli import main  # noqa: E402
+from lightune.config import load_config  # noqa: E402
+from lightune.errors import ConfigError  # noqa: E402
+from lightune.runs import read_run  # noqa: E402
+from lightune.tune import run_tune  # noqa: E402
+from lightune.tune_plan import load_plan, plan_from_dict  # noqa: E402
+from lightune.tune_report import toml_value  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEARCH = {"learning_rate": {"low": 1e-3, "high": 3e-2, "log": True}, "rank": {"choices": [2, 4]}}
@@ -151,9 +152,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(spec, tmp_path,
         proc = subprocess.Popen([sys.executable, "-m", "lightune", "tune", path, "--quiet"], stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     deadline = time.time() + 240
-    while "trial 1: " not in log.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-trial: trial 0 finished, trial 1 running
+    while not list(plan.runs_dir.glob(".trial-1.*.partial")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-trial: trial 0 finished, trial 1 training
     proc.wait()
     assert "trial 1: " in log.read_text(), log.read_text()
     states = {t.number: t.state.name for t in study_of(plan).trials}

@@ -30,7 +30,7 @@ from typing import Callable
 
 from .compare import _one_line, train_cell
 from .errors import ConfigError
-from .logs import quiet_libraries
+from .logs import quiet_libraries, silence_library_output
 from .runs import keep_incomplete, run_lock, write_text
 from .tune_plan import VALIDATION_OBJECTIVES, TunePlan, load_plan, plan_from_dict
 from .tune_report import TuneResult, describe_values, summary_text, write_outputs
@@ -279,6 +279,7 @@ def work(plan: TunePlan, ref: StorageRef, worker: int, progress: bool, log: Call
 
 def _worker_main(plan: TunePlan, ref: StorageRef, worker: int) -> None:  # a spawned worker process
     quiet_libraries()
+    silence_library_output()
     _end_with_parent(os.getppid())
     log = partial(_log, prefix=f"[worker {worker}] ")
     try:

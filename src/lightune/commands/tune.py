@@ -55,7 +55,12 @@ def check_storage_url(url: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from ..tune_plan import load_plan
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError('lightune tune needs Optuna: pip install "lightune[tune]" (or pip install optuna)')
 
     overrides = {"trials": _integer(args.trials), "workers": _integer(args.workers), "objectives": args.objectives,
                  "output_dir": args.output_dir, "isolate": False if args.in_process else None}
