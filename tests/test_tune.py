@@ -287,3 +287,18 @@ def test_sqlite_study_is_not_shared_by_several_workers(spec):
     (plan.root / "study.db").touch()
     with pytest.raises(ConfigError, match="study.db is a SQLite study, which Optuna advises against for several"):
         run_tune(plan, progress=False, log=quiet)
+
+
+def test_storage_url_holds_the_study_with_a_heartbeat(spec, tmp_path):
+    """--storage: the study lives in the given database (here SQLite by URL, standing in for PostgreSQL), with
+    Optuna's heartbeat on; the study directory gets the runs and the results, no study file of its own."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    plan = plan_from_dict(spec(trials=1, search={"rank": [2, 4]}))
+    result = run_tune(plan, storage=url, progress=False, log=quiet)
+    assert result.counts["complete"] == 1 and result.storage == url
+    assert not (plan.root / "study.db").exists() and not (plan.root / "study.journal").exists()
+    study = optuna.load_study(study_name=plan.name, storage=url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert tune.StorageRef("rdb", url, local=False).open().get_heartbeat_interval() == tune.HEARTBEAT_S
+    with pytest.raises(ConfigError, match=r"cannot open the study storage mysql\+nosuchdriver://u:\*\*\*@host/db: "):
+        tune.StorageRef("rdb", "mysql+nosuchdriver://u:secret@host/db", local=False).open()  # password hidden

@@ -114,13 +114,14 @@ def describe_values(objectives: list[str], values: list[float]) -> str:
     return ", ".join(out)
 
 
-def best_toml(plan: TunePlan, trial, settings: dict, test: dict | None, what: str = "The best configuration") -> str:
+def best_toml(plan: TunePlan, trial, settings: dict, test: dict | None, what: str = "The best configuration",
+              file: str = "best.toml") -> str:
     lines = [f"# {what} of the search {plan.name!r}: trial {trial.number} "
              f"({describe_values(plan.objectives, trial.values)})"]
     if test is not None:
         lines.append(f"# Its test accuracy {test['accuracy']:.4f}, F1 {test['f1']:.4f} (measured once, after the "
                      f"search, in {trial.user_attrs.get('run_dir')})")
-    lines += ["# Train it again with: lightune train --config best.toml", "", "[train]"]
+    lines += [f"# Train it again with: lightune train --config {file}", "", "[train]"]
     lines += [f"{key} = {toml_value(value)}" for key, value in settings.items() if value is not None]
     return "\n".join(lines) + "\n"
 
@@ -139,8 +140,8 @@ def plot_study(plan: TunePlan, study, plots_dir: Path) -> tuple[dict[str, Path],
     wanted = [("Optimization history", "history", lambda: ovm.plot_optimization_history(study, **target)),
               ("Parameter importances", "importances", lambda: ovm.plot_param_importances(study, **target))]
     if several:
-        names = [n if n in ("seconds",) else ("memory (peak bytes)" if n == "memory" else f"validation {n}")
-                 for n in plan.objectives]
+        labels = {"seconds": "training seconds", "memory": "peak memory (bytes)"}
+        names = [labels.get(n, f"validation {n}") for n in plan.objectives]
         wanted.append(("Pareto front", "pareto_front", lambda: ovm.plot_pareto_front(study, target_names=names)))
     elif any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         wanted.append(("Validation at each evaluation", "intermediate",
@@ -260,7 +261,8 @@ def write_outputs(plan: TunePlan, study, seconds: float, storage: str) -> TuneRe
             (root / "pareto").mkdir(exist_ok=True)
             path = root / "pareto" / f"trial-{trial.number}.toml"
             settings = plan.settings(trial.params)
-            write_text(path, best_toml(plan, trial, settings, None, "A Pareto-optimal configuration"))
+            write_text(path, best_toml(plan, trial, settings, None, "A Pareto-optimal configuration",
+                                       f"pareto/{path.name}"))
             files[f"pareto/trial-{trial.number}.toml"] = path
     return TuneResult(plan, cells, best, pareto, files, seconds, storage)
 
