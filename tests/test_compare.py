@@ -36,11 +36,11 @@ def count_calls(monkeypatch, fail_for: dict | None = None):
     calls = []
     real = compare.run_training
 
-    def wrapped(cfg, progress=True):
+    def wrapped(cfg, progress=True, **kwargs):
         calls.append(cfg.run_name)
         if fail_for and cfg.run_name in fail_for:
             raise fail_for[cfg.run_name]
-        return real(cfg, progress=progress)
+        return real(cfg, progress=progress, **kwargs)
 
     monkeypatch.setattr(compare, "run_training", wrapped)
     return calls

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .commands import compare, evaluate, export, predict, serve, train
+from .commands import compare, evaluate, export, predict, serve, train, tune
 from .commands.predict import printable
 from .commands.train import Terminated
 from .errors import LightuneError
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add(sub)
     evaluate.add(sub)
     compare.add(sub)
+    tune.add(sub)
     serve.add(sub)
     export.add(sub)
     return parser

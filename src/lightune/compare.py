@@ -8,6 +8,7 @@ interrupted comparison resumes; a cell that fails is recorded with its error and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -57,11 +58,11 @@ def check_existing(plan: ComparePlan) -> None:
                               f"or choose another [compare] name")
 
 
-def _cell_worker(cfg: TrainConfig, progress: bool, conn) -> None:  # runs in a child process
+def _cell_worker(cfg: TrainConfig, progress: bool, conn, report: bool = False) -> None:  # runs in a child process
     try:
         quiet_libraries()
         silence_library_output()  # as `lightune train` does: no "tokenizing" bars of datasets in a cell
-        result = run_training(cfg, progress=progress)
+        result = run_training(cfg, progress=progress, on_evaluation=_evaluation_messenger(conn) if report else None)
         conn.send(("ok", str(result.run_dir)))
     except KeyboardInterrupt:
         conn.send(("interrupted", ""))
@@ -71,19 +72,60 @@ def _cell_worker(cfg: TrainConfig, progress: bool, conn) -> None:  # runs in a c
         conn.close()
 
 
-def _run_isolated(cfg: TrainConfig, progress: bool) -> dict:
-    """Train one cell in a fresh Python process (so its peak memory is its own); metrics from metrics.json."""
+class CellStopped(Exception):
+    """Raised in a cell's process when the parent's on_evaluation stopped it (e.g. a pruned search trial)."""
+
+
+def _evaluation_messenger(conn) -> Callable[[int, dict], None]:
+    """The child's on_evaluation: each evaluation goes to the parent, which answers go on or stop. A parent that
+    is gone (EOFError) ends the cell too, at its next evaluation."""
+
+    def on_evaluation(step: int, validation: dict) -> None:
+        conn.send(("evaluation", step, validation))
+        if conn.recv() != "go":
+            raise CellStopped(f"stopped by the parent at step {step}")
+
+    return on_evaluation
+
+
+def _answer_evaluations(conn, on_evaluation) -> tuple[tuple | None, Exception | None]:
+    """Receive the child's messages, answering each evaluation with on_evaluation's verdict, until its last one;
+    returns (that message or None when the child died, the exception on_evaluation raised)."""
+    stopped = None
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return None, stopped
+        if message[0] != "evaluation":
+            return message, stopped
+        try:
+            on_evaluation(message[1], message[2])
+        except Exception as exc:  # noqa: BLE001 - e.g. optuna.TrialPruned: stop the child, raise it once it ended
+            stopped = exc
+        with contextlib.suppress(OSError):
+            conn.send("go" if stopped is None else "stop")
+
+
+def _run_isolated(cfg: TrainConfig, progress: bool, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one cell in a fresh Python process (so its peak memory is its own); metrics from metrics.json. With
+    on_evaluation, each evaluation is passed to it here, in the parent (see run_training)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_cell_worker, args=(cfg, progress, child))
+    parent, child = ctx.Pipe(duplex=on_evaluation is not None)
+    proc = ctx.Process(target=_cell_worker, args=(cfg, progress, child, on_evaluation is not None))
     proc.start()
     child.close()
+    stopped = None
     try:
-        message = parent.recv()
-    except EOFError:
-        message = None
+        if on_evaluation is None:
+            try:
+                message = parent.recv()
+            except EOFError:
+                message = None
+        else:
+            message, stopped = _answer_evaluations(parent, on_evaluation)
     except KeyboardInterrupt:
         proc.join(10)  # the child got the Ctrl-C too: let it move its staging directory aside
         if proc.is_alive():
@@ -94,6 +136,8 @@ def _run_isolated(cfg: TrainConfig, progress: bool) -> dict:
         if proc.is_alive():
             proc.terminate()
             proc.join()
+    if stopped is not None:
+        raise stopped
     if message is None:
         raise RuntimeError(f"the training process died (exit code {proc.exitcode})")
     if message[0] == "interrupted":
@@ -111,8 +155,18 @@ class CellError(Exception):
         self.trace = trace
 
 
-def _run_in_process(cfg: TrainConfig, progress: bool) -> dict:
-    return run_training(cfg, progress=progress).metrics  # which resets the GPU's peak-memory counters itself
+def _run_in_process(cfg: TrainConfig, progress: bool, on_evaluation: Callable[[int, dict], None] | None = None
+                    ) -> dict:
+    # run_training resets the GPU's peak-memory counters itself
+    return run_training(cfg, progress=progress, on_evaluation=on_evaluation).metrics
+
+
+def train_cell(cfg: TrainConfig, isolate: bool, progress: bool,
+               on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one configuration into an ordinary run directory and return its metrics: the one place a cell of
+    `compare` and a trial of `tune` are trained. isolate: in a fresh process (peak memory its own); on_evaluation:
+    see run_training (with isolate it runs here, in this process)."""
+    return _run_isolated(cfg, progress, on_evaluation) if isolate else _run_in_process(cfg, progress, on_evaluation)
 
 
 def run_compare(plan: ComparePlan, progress: bool = True, log: Callable[[str], None] | None = None,
@@ -137,7 +191,7 @@ def run_compare(plan: ComparePlan, progress: bool = True, log: Callable[[str], N
         log(f"[{i}/{n}] {cell.name}: training")
         cell_start = time.perf_counter()
         try:
-            metrics = _run_isolated(cell.cfg, progress) if isolate else _run_in_process(cell.cfg, progress)
+            metrics = train_cell(cell.cfg, isolate, progress)
         except Exception as exc:  # noqa: BLE001 - a failed cell is recorded; KeyboardInterrupt still stops us
             message = _one_line(exc)
             log(f"[{i}/{n}] {cell.name}: FAILED: {message}")

@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -41,11 +42,14 @@ class RunResult:
     metrics: dict
 
 
-def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None) -> RunResult:
+def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = None,
+                 on_evaluation: Callable[[int, dict], None] | None = None) -> RunResult:
     """Train one configuration end to end and save a complete run directory; with resume (a run that did not
     finish, see checkpoints.resume_config for its config), continue from its latest checkpoint and remove it once
-    the new run is complete."""
+    the new run is complete. on_evaluation(step, validation metrics) is called at each evaluation point (a
+    hyperparameter search reports them to its pruner); an exception it raises ends the run as a failed one."""
     run = TrainingRun(cfg, progress, Path(resume) if resume else None)
+    run.on_evaluation = on_evaluation
     run.setup_data()
     run.setup_model()
     run.setup_training()
@@ -66,6 +70,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
 
 class TrainingRun:
     """One run of the recipe: its phases in the order run_training calls them, then their helpers."""
+
+    on_evaluation: Callable[[int, dict], None] | None = None  # see run_training
 
     def __init__(self, cfg: TrainConfig, progress: bool, resume: Path | None):
         validate(cfg)
@@ -284,6 +290,8 @@ class TrainingRun:
         log(f"{where}: train loss {entry['train_loss']:.4f}, validation accuracy {val['accuracy']:.4f}, "
             f"F1 {val['f1']:.4f}, loss {val['loss']:.4f}" + (" (best)" if state.best is entry else ""),
             self.accelerator)
+        if self.on_evaluation is not None:
+            self.on_evaluation(state.step, val)
         self.segment_start = time.perf_counter()
         return stop
 
