@@ -82,7 +82,7 @@ def test_readme_and_card_stock_peft_snippets_give_lightunes_probabilities(mean_r
     from lightune import predict
 
     adapter = str(mean_run.run_dir / "adapter")
-    texts = ["great wonderful film", "awful boring plot", LONG]
+    texts = ["great wonderful film", "awful boring plot", "the   movie<br /><br />was a dull mess", LONG]
     expected = torch.tensor([list(p["probabilities"].values()) for p in predict(texts, mean_run.run_dir)])
     readme = code_after(README.read_text(), "The adapter is portable")
     assert "runs/<run>/adapter" in readme and "max_length=256" in readme

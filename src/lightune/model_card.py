@@ -85,10 +85,7 @@ def card_text(metrics: dict, kind: str, notes: list[str] = ()) -> str:
           for i, name in enumerate(names)),
         *(["", "A label is predicted when its sigmoid probability reaches its threshold "
                 "(`label_thresholds` in config.json)."] if multi and kind != "adapter" else []),
-        "", "## Data", "",
-        f"Trained on `{data['train_source']}`, tested on `{data['test_source']}` (split `{data['split']}`): "
-        f"{data['sizes']['train']} train, {data['sizes']['validation']} validation, {data['sizes']['test']} test "
-        f"examples (test fingerprint `{data['fingerprints']['test']}`).", "",
+        "", "## Data", "", data_line(data), "",
         "## Test metrics", "",
         "| metric | fine-tuned | base model |", "| --- | ---: | ---: |",
         *(f"| {label} | {test[key]:.4f} | {base[key]:.4f} |" if key in base else f"| {label} | {test[key]:.4f} | |"
@@ -100,6 +97,19 @@ def card_text(metrics: dict, kind: str, notes: list[str] = ()) -> str:
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def data_line(data: dict) -> str:
+    """Where the run's data came from and how it was split (runs of older versions record less)."""
+    sizes, fingerprints = data.get("sizes") or {}, data.get("fingerprints") or {}
+    line = f"Trained on `{data.get('train_source', 'unknown')}`, tested on `{data.get('test_source', 'unknown')}`"
+    if data.get("split"):
+        line += f" (split `{data['split']}`)"
+    if sizes:
+        line += ": " + ", ".join(f"{sizes[k]} {k}" for k in ("train", "validation", "test") if k in sizes) + " examples"
+    if fingerprints.get("test"):
+        line += f" (test fingerprint `{fingerprints['test']}`)"
+    return line + "."
 
 
 def how_to_load(kind: str, config: dict, metrics: dict, multi: bool) -> list[str]:
@@ -119,7 +129,7 @@ def how_to_load(kind: str, config: dict, metrics: dict, multi: bool) -> list[str
     return [
         "With lightune: `lightune predict RUN`, `lightune serve`, or `lightune export RUN OUT` for a model that "
         "needs neither lightune nor peft. With " + ("stock peft:" if kind == "adapter" else "transformers:"), "",
-        CODE, "import torch", loader, "from transformers import AutoConfig, AutoTokenizer", "",
+        CODE, "import re", "", "import torch", loader, "from transformers import AutoConfig, AutoTokenizer", "",
         'path = "."  # this folder', *load,
         *(["from lightune.heads import use_mean_pooling  # the head reads the mean of the token states, not [CLS]",
            "use_mean_pooling(model)"] if mean else []),
@@ -129,6 +139,7 @@ def how_to_load(kind: str, config: dict, metrics: dict, multi: bool) -> list[str
         *(["# head_tail: no tokenizer setting keeps head and tail; texts longer than max_length come out otherwise"]
           if truncation == "head_tail" else []),
         f"texts = {EXAMPLE_TEXTS}",
+        "texts = [re.sub(r\"\\s+\", \" \", re.sub(r\"(?i)<br\\s*/?>\", \" \", t)).strip() for t in texts]  # as lightune cleans",
         f"batch = tokenizer(texts, truncation=True, max_length={length}, padding=True, return_tensors=\"pt\")",
         "with torch.no_grad():",
         f"    probabilities = model(**batch).logits.{'sigmoid()' if multi else 'softmax(-1)'}",
