@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lightune import reporting
+from lightune import reporting, runs
 from conftest import write_csv
 from lightune.errors import ConfigError, TrainingError
 from lightune.training import run_training
@@ -14,7 +14,7 @@ def _is_png(path) -> bool:
 
 def test_lora_run_learns_and_writes_a_complete_run(trained_tiny_run):
     run, metrics = trained_tiny_run.run_dir, trained_tiny_run.metrics
-    assert run.name == "lora" and reporting.is_complete_run(run)
+    assert run.name == "lora" and runs.is_complete_run(run)
     assert metrics["test"]["accuracy"] >= 0.85 > metrics["base"]["accuracy"]
     assert metrics["test"]["f1"] > metrics["base"]["f1"]
     on_disk = json.loads((run / "metrics.json").read_text())
@@ -86,7 +86,7 @@ def test_failed_run_leaves_an_incomplete_directory_only(tiny_config, monkeypatch
     assert not (Path(root) / "boom").exists()
     failed = Path(root) / "boom.incomplete"
     assert failed.is_dir() and (failed / "error.txt").is_file()
-    assert not reporting.is_complete_run(failed)
+    assert not runs.is_complete_run(failed)
     assert not list(Path(root).glob(".boom*"))
 
 
@@ -139,7 +139,7 @@ def test_max_length_is_capped_at_the_model_positions(tiny_config, tmp_path, caps
 
 def test_staged_dir_publishes_only_on_success(tmp_path):
     final = tmp_path / "run"
-    with reporting.staged_run_dir(final) as work:
+    with runs.staged_run_dir(final) as work:
         (work / "file.txt").write_text("x")
         assert not final.exists()
     assert (final / "file.txt").read_text() == "x"
@@ -151,7 +151,7 @@ def test_a_failed_run_never_removes_an_existing_directory(tmp_path):
     earlier.mkdir()
     (earlier / "metrics.json").write_text('{"kept": true}')
     for attempt in (2, 3):
-        with pytest.raises(RuntimeError), reporting.staged_run_dir(final) as work:
+        with pytest.raises(RuntimeError), runs.staged_run_dir(final) as work:
             (work / "config.json").write_text("{}")
             raise RuntimeError(f"attempt {attempt}")
         kept = tmp_path / f"victim.incomplete-{attempt}"
@@ -162,7 +162,7 @@ def test_a_failed_run_never_removes_an_existing_directory(tmp_path):
 
 
 def test_failure_names_the_kept_directory_on_the_exception(tmp_path):
-    with pytest.raises(KeyboardInterrupt) as err, reporting.staged_run_dir(tmp_path / "run"):
+    with pytest.raises(KeyboardInterrupt) as err, runs.staged_run_dir(tmp_path / "run"):
         raise KeyboardInterrupt
     assert err.value.incomplete_run_dir == tmp_path / "run.incomplete"
 
@@ -170,7 +170,7 @@ def test_failure_names_the_kept_directory_on_the_exception(tmp_path):
 def test_a_run_that_appears_while_training_is_kept_not_replaced(tmp_path):
     final = tmp_path / "run"
     with pytest.raises(ConfigError, match="appeared while training; this run is kept in .*run.incomplete"):
-        with reporting.staged_run_dir(final) as work:
+        with runs.staged_run_dir(final) as work:
             (work / "metrics.json").write_text("new")
             final.mkdir()  # another process finished a run of the same name meanwhile
             (final / "metrics.json").write_text("other")
@@ -180,7 +180,7 @@ def test_a_run_that_appears_while_training_is_kept_not_replaced(tmp_path):
 
 def test_metrics_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
-        reporting.write_json(tmp_path / "metrics.json", {"loss": float("nan")})
+        runs.write_json(tmp_path / "metrics.json", {"loss": float("nan")})
     assert not list(tmp_path.iterdir())  # neither the file nor a temporary one
 
 
@@ -332,17 +332,17 @@ def test_eval_steps_keep_the_best_checkpoint_and_stop_early(tiny_config, monkeyp
     from lightune.data import build_splits
     from lightune.inference import Classifier
 
-    real_evaluate, true_losses = training.evaluate, []
+    real_evaluate, true_losses = training.evaluate_with_logits, []
 
     def evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs):
-        metrics = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
+        metrics, logits, labels = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
         if desc.startswith("validation"):
             true_losses.append(metrics["loss"])
             if len(true_losses) > 2:
                 metrics = {**metrics, "loss": metrics["loss"] + 10}
-        return metrics
+        return metrics, logits, labels
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate_with_logits", evaluate)
     cfg = tiny_config(run_name="best", eval_steps=4, early_stopping_patience=2, epochs=3)
     result = run_training(cfg, progress=False)
     metrics = result.metrics
