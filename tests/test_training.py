@@ -332,17 +332,17 @@ def test_eval_steps_keep_the_best_checkpoint_and_stop_early(tiny_config, monkeyp
     from lightune.data import build_splits
     from lightune.inference import Classifier
 
-    real_evaluate, true_losses = training.evaluate, []
+    real_evaluate, true_losses = training.evaluate_with_logits, []
 
     def evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs):
-        metrics = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
+        metrics, logits, labels = real_evaluate(model, loader, n_classes, accelerator, desc, *args, **kwargs)
         if desc.startswith("validation"):
             true_losses.append(metrics["loss"])
             if len(true_losses) > 2:
                 metrics = {**metrics, "loss": metrics["loss"] + 10}
-        return metrics
+        return metrics, logits, labels
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate_with_logits", evaluate)
     cfg = tiny_config(run_name="best", eval_steps=4, early_stopping_patience=2, epochs=3)
     result = run_training(cfg, progress=False)
     metrics = result.metrics
