@@ -78,6 +78,17 @@ def _normalise(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def check_setting_keys(table: str, values: dict[str, Any], why_reserved: str) -> None:
+    """ConfigError for a key of a [table] of settings that is not a train setting, or that names or places the
+    runs (compare and tune do that themselves: why_reserved says how)."""
+    unknown = sorted(set(values) - SETTING_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown [{table}] key(s): {', '.join(unknown)}")
+    reserved = sorted(set(values) & RESERVED_KEYS)
+    if reserved:
+        raise ConfigError(f"[{table}] cannot set {', '.join(reserved)}: {why_reserved}")
+
+
 def label_value(value: Any) -> str:
     """A grid value as it appears in a cell name: lists joined with '+', a table by its label, no path separators
     or spaces."""
@@ -159,13 +170,7 @@ def plan_from_dict(raw: dict[str, Any], default_name: str = "compare", output_di
         raise ConfigError(f"[compare] isolate must be true or false; got {isolate!r}")
 
     for table, values in (("base", base_values), ("grid", grid)):
-        unknown = sorted(set(values) - SETTING_NAMES)
-        if unknown:
-            raise ConfigError(f"unknown [{table}] key(s): {', '.join(unknown)}")
-        reserved = sorted(set(values) & RESERVED_KEYS)
-        if reserved:
-            raise ConfigError(f"[{table}] cannot set {', '.join(reserved)}: the comparison names and places each "
-                              f"cell (use [compare] name/output_dir)")
+        check_setting_keys(table, values, "the comparison names and places each cell (use [compare] name/output_dir)")
     fixed = sorted(set(grid) & FIXED_KEYS)
     if fixed:
         raise ConfigError(f"[grid] cannot vary {', '.join(fixed)}: every cell uses the same data, split and steps "

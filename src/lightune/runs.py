@@ -123,9 +123,10 @@ def staged_run_dir(final: Path):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path | None):
-    """Hold an exclusive lock on run_dir (none for None) while the block runs; ConfigError when another process
-    holds it. The operating system releases it when the process ends, even on SIGKILL."""
+def run_lock(run_dir: Path | None, holder: str = "a running training"):
+    """Hold an exclusive lock on run_dir (none for None; any directory or file) while the block runs; ConfigError
+    naming `holder` when another process holds it. The operating system releases it when the process ends, even on
+    SIGKILL."""
     if run_dir is None:
         yield
         return
@@ -134,7 +135,7 @@ def run_lock(run_dir: Path | None):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{run_dir} is in use by a running training") from None
+            raise ConfigError(f"{run_dir} is in use by {holder}") from None
         yield
     finally:
         os.close(fd)

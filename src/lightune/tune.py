@@ -85,21 +85,6 @@ def storage_ref(plan: TunePlan, url: str | None) -> StorageRef:
     return StorageRef("rdb", f"sqlite:///{db}", local=True)
 
 
-@contextlib.contextmanager
-def _locked(path: Path, what: str):
-    """An exclusive lock on path (a directory or a lock file) while the block runs; ConfigError when another process
-    holds it. The operating system releases it when the process ends, even on SIGKILL."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{path} is in use by {what}") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 class _AskLock:
     """Held by a worker of this machine from counting the study's trials until its new trial is running, so that
     workers never start more than --trials between them."""
@@ -332,7 +317,7 @@ def run_tune(plan: TunePlan, storage: str | None = None, progress: bool = True,
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the trials are logged here, failures in one line
     log = log or _log
     plan.root.mkdir(parents=True, exist_ok=True)
-    with _locked(plan.root, "another `lightune tune` of this search (give it --workers instead)"):
+    with run_lock(plan.root, "another `lightune tune` of this search (give it --workers instead)"):
         ref = storage_ref(plan, storage)
         study = open_study(plan, ref)
         if ref.local:

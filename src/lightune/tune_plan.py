@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare_plan import FIXED_KEYS, RESERVED_KEYS
-from .config import DEFAULTS, SETTING_NAMES, TrainConfig, check_directory_name, expand_method, from_dict, read_toml
+from .compare_plan import FIXED_KEYS, check_setting_keys
+from .config import DEFAULTS, TrainConfig, check_directory_name, expand_method, from_dict, read_toml
 from .errors import ConfigError
 
 TABLES = {"tune", "base", "search"}
@@ -280,13 +280,7 @@ def plan_from_dict(raw: dict[str, Any], default_name: str = "tune", overrides: d
     seed, startup = _int_option(meta, "seed", 0, 0), _int_option(meta, "startup_trials", 10, 0)
 
     for table, values in (("base", base_raw), ("search", search)):
-        unknown = sorted(set(values) - SETTING_NAMES)
-        if unknown:
-            raise ConfigError(f"unknown [{table}] key(s): {', '.join(unknown)}")
-        reserved = sorted(set(values) & RESERVED_KEYS)
-        if reserved:
-            raise ConfigError(f"[{table}] cannot set {', '.join(reserved)}: the search names and places each trial "
-                              f"(use [tune] name/output_dir)")
+        check_setting_keys(table, values, "the search names and places each trial (use [tune] name/output_dir)")
     fixed = sorted(set(search) & DATA_KEYS)
     if fixed:
         raise ConfigError(f"[search] cannot vary {', '.join(fixed)}: every trial is scored on the same data and "
