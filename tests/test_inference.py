@@ -93,7 +93,8 @@ def _truncate(path):
     [
         (lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
          "cannot load adapter from .*adapter: Error while deserializing header"),
-        (lambda run: (run / "adapter" / "adapter_config.json").write_text("{"), "cannot load adapter from"),
+        (lambda run: (run / "adapter" / "adapter_config.json").write_text("{"),
+         "adapter_config.json is damaged: not valid JSON"),  # runs.read_run checks it before peft reads it
         (lambda run: (run / "adapter" / "tokenizer.json").write_text("{"), "cannot load tokenizer from"),
         (lambda run: (run / "metrics.json").write_text('{"saved": "adapter", '), "metrics.json is damaged: not valid JSON"),
         (lambda run: (run / "metrics.json").write_bytes(b"\xff\xfe"), "metrics.json is damaged: not valid JSON"),

@@ -79,11 +79,12 @@ def test_saved_adapter_has_labels_a_model_card_and_loads_through_lightune_whatev
 
 
 def test_readme_and_card_stock_peft_snippets_give_lightunes_probabilities(mean_run):
-    from lightune import predict
+    from lightune.inference import Classifier
 
     adapter = str(mean_run.run_dir / "adapter")
     texts = ["great wonderful film", "awful boring plot", "the   movie<br /><br />was a dull mess", LONG]
-    expected = torch.tensor([list(p["probabilities"].values()) for p in predict(texts, mean_run.run_dir)])
+    # lightune's probabilities before the run's calibration temperature (which predict and exports apply)
+    expected = torch.softmax(Classifier(mean_run.run_dir, device="cpu").logits(texts), -1)
     readme = code_after(README.read_text(), "The adapter is portable")
     assert "runs/<run>/adapter" in readme and "max_length=256" in readme
     # as written; the run's max_length (32) is what its own tokens are cut at

@@ -407,8 +407,24 @@ ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
+MAX_ADAPTER_CONFIG_BYTES = 1 * 2**20  # adapter_config.json: a few kB of settings
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+def check_file_size(path: Path, limit: int, what: str) -> None:
+    """ModelError when the file at path is larger than limit bytes (from its size on disk, nothing read)."""
+    size = path.stat().st_size
+    if size > limit:
+        raise ModelError(f"{path} is {_size_text(size)}, more than {_size_text(limit)}: too large for {what}")
+
+
 def _check_adapter_config(path: Path) -> None:
-    """ModelError naming adapter_config.json and its first field that peft could not use (ADAPTER_FIELDS)."""
+    """ModelError naming adapter_config.json and its first field that peft could not use (ADAPTER_FIELDS); its size
+    is checked before it is read."""
+    check_file_size(path, MAX_ADAPTER_CONFIG_BYTES, "an adapter's configuration")
     config = read_json(path)
     if not isinstance(config, dict):
         raise ModelError(f"{path} is damaged: not a JSON object")

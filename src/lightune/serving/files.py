@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 from ..errors import ModelError
+from ..runs import check_file_size
 
 # The files transformers' tokenizers read from a folder (tokenization_utils_base: the files every tokenizer may
 # have, then the vocabularies of the BERT, RoBERTa/GPT-2, SentencePiece, tiktoken and Mistral tokenizers), and
@@ -18,18 +19,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_ma
                    "spm.model", "tiktoken.model", "tekken.json")
 # The largest tokenizer file served: tokenizer.json of a 256k-token vocabulary (Gemma) is about 33 MB.
 MAX_TOKENIZER_FILE_BYTES = 128 * 2**20
-MAX_ADAPTER_CONFIG_BYTES = 1 * 2**20  # adapter_config.json: a few kB of settings
-
-
-def _size_text(size: int) -> str:
-    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
-
-
-def check_file_size(path: Path, limit: int, what: str) -> None:
-    """ModelError when the file at path is larger than limit bytes (from its size on disk, nothing read)."""
-    size = path.stat().st_size
-    if size > limit:
-        raise ModelError(f"{path} is {_size_text(size)}, more than {_size_text(limit)}: too large for {what}")
 
 
 def tokenizer_files(saved: Path) -> list[Path]:
@@ -44,8 +33,8 @@ def tokenizer_files(saved: Path) -> list[Path]:
 
 
 def check_adapter_files(saved: Path) -> list[Path]:
-    """What loading an adapter reads besides its weights, within size limits; its tokenizer files."""
-    check_file_size(saved / "adapter_config.json", MAX_ADAPTER_CONFIG_BYTES, "an adapter's configuration")
+    """What loading an adapter reads besides its weights, within size limits (adapter_config.json: runs.read_run
+    checked it); its tokenizer files."""
     return tokenizer_files(saved)
 
 
