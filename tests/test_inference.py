@@ -228,5 +228,6 @@ def test_library_predict_prints_no_loading_bar_and_no_warning(trained_tiny_run):
     # the caller's own settings are left as they were
     from transformers.utils import logging as hf_logging
 
+    hf_logging.enable_progress_bar()  # whatever earlier tests in this process left
     Classifier(trained_tiny_run.run_dir)
     assert hf_logging.is_progress_bar_enabled()
