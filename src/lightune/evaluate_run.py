@@ -80,8 +80,9 @@ class EvaluationResult:
     result: dict
 
 
-def run_evaluation(options: EvaluationOptions, progress: bool = True) -> EvaluationResult:
-    """Check the run and the options, load the data, then the model; score it and write the evaluation."""
+def run_evaluation(options: EvaluationOptions, progress: bool = True, run=None) -> EvaluationResult:
+    """Check the run and the options, load the data, then the model; score it and write the evaluation. `run`: the
+    run of options.run_dir when the caller has read it already (runs.read_run), so it is read once."""
     import time
 
     from . import data as data_mod
@@ -91,7 +92,7 @@ def run_evaluation(options: EvaluationOptions, progress: bool = True) -> Evaluat
     from .reporting import write_evaluation_outputs
     from .runs import free_output_dir, read_run, staged_run_dir
 
-    run = read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
+    run = run or read_run(options.run_dir)  # an unfinished or damaged run fails here, before the data
     check_finite_weights(run)  # so does a broken one
     explicit_name = options.name is not None
     options = resolve(options, run.config)

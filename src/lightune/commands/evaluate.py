@@ -51,7 +51,7 @@ def add(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runs import read_run
 
-    read_run(args.run_dir)  # a missing or unfinished run fails before the libraries load
+    run = read_run(args.run_dir)  # a missing or unfinished run fails before the libraries load
     silence_library_output()
     from ..evaluate_run import EvaluationOptions, run_evaluation
     from ..reporting import evaluation_table
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         all_rows=size == "all", validation_fraction=args.validation_fraction, test_fraction=args.test_fraction,
         split_seed=args.split_seed, output_dir=args.output_dir, name=args.name, device=args.device,
         truncation=args.truncation)
-    evaluation = run_evaluation(options)
+    evaluation = run_evaluation(options, run=run)
     result = evaluation.result
     print(f"{result['run_name']} on {printable(result['data']['source'])}, {args.split} split")
     print("\n".join(evaluation_table(result)))
