@@ -89,34 +89,40 @@ def matmul_flops_per_s(config, device, windows: int = 8, seconds: float = 0.4) -
 
 
 def per_text(classifier, texts: list[str]):
-    """The common recipe: one forward pass per text through the unmerged PEFT model."""
+    """The common recipe: one forward pass per text through the unmerged PEFT model. It keeps the same tokens as
+    the run (the end of a text for a tail-truncated run; head_tail has no tokenizer setting and keeps the head) and
+    divides by the run's temperature, so that its labels and probabilities are comparable with lightune's."""
     import torch
 
     probs = []
+    classifier.tokenizer.truncation_side = "left" if classifier.truncation == "tail" else "right"
     start = time.perf_counter()
     with torch.no_grad():
         for text in texts:
             enc = classifier.tokenizer(text, truncation=True, max_length=classifier.max_length,
                                        return_tensors="pt").to(classifier.device)
-            probs.append(torch.softmax(classifier.model(**enc).logits.float(), -1).cpu())
+            logits = classifier.model(**enc).logits.float() / classifier.temperature
+            probs.append(torch.softmax(logits, -1).cpu())
     return time.perf_counter() - start, torch.cat(probs)
 
 
-def batched(classifier, texts: list[str]):
+def batched(classifier, texts: list[str], temperature: float | None = None):
+    """Lightune's batched path: (seconds, probabilities of the logits divided by the run's temperature, or by the
+    given one: 1 for a model that has the temperature folded in, as an export has)."""
     import torch
 
     start = time.perf_counter()
     logits = classifier.logits(texts)
-    return time.perf_counter() - start, torch.softmax(logits, -1)
+    return time.perf_counter() - start, torch.softmax(logits / (temperature or classifier.temperature), -1)
 
 
-def with_model(classifier, model, texts: list[str]):
+def with_model(classifier, model, texts: list[str], temperature: float | None = None):
     """Lightune's batching with another forward module (after one warm-up batch, e.g. for compilation)."""
     original = classifier.model
     classifier.model = model
     try:
         classifier.logits(texts[:8])
-        return batched(classifier, texts)
+        return batched(classifier, texts, temperature)
     finally:
         classifier.model = original
 
@@ -148,7 +154,9 @@ def exported_onnx(classifier, texts: list[str], folder: str):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    return with_model(classifier, OnnxClassifier(session, [i.name for i in session.get_inputs()]), texts)
+    # the export divides its final layer by the run's temperature: its logits are already calibrated
+    return with_model(classifier, OnnxClassifier(session, [i.name for i in session.get_inputs()]), texts,
+                      temperature=1.0)
 
 
 def alternatives(classifier, texts: list[str], folder: str) -> dict:

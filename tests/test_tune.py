@@ -302,3 +302,20 @@ def test_storage_url_holds_the_study_with_a_heartbeat(spec, tmp_path):
     assert tune.StorageRef("rdb", url, local=False).open().get_heartbeat_interval() == tune.HEARTBEAT_S
     with pytest.raises(ConfigError, match=r"cannot open the study storage mysql\+nosuchdriver://u:\*\*\*@host/db: "):
         tune.StorageRef("rdb", "mysql+nosuchdriver://u:secret@host/db", local=False).open()  # password hidden
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_cli_draws_progress_bars_only_on_a_terminal(spec, tmp_path, capsys, monkeypatch, terminal):
+    """Piped or redirected (a log), `lightune tune` passes progress=False to the search, as train and compare do:
+    otherwise every trial's bars would leave carriage returns and `[A` lines in the log."""
+    asked = []
+
+    def record(plan, storage=None, progress=True, **kwargs):
+        asked.append(progress)
+        raise ConfigError("stopped before training")
+
+    monkeypatch.setattr(tune, "run_tune", record)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["tune", write_search(tmp_path / "search.toml", spec())]) == 2
+    assert asked == [terminal]
+    assert capsys.readouterr().err.strip().endswith("lightune: error: stopped before training")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
-from ..logs import silence_library_output
+from ..logs import progress_bars, silence_library_output
 
 
 def add(subparsers) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"searching {len(plan.search)} setting(s) over {plan.trials} trials in {plan.root}", file=sys.stderr)
     try:
-        result = run_tune(plan, storage=args.storage, progress=not args.quiet)
+        result = run_tune(plan, storage=args.storage, progress=progress_bars(not args.quiet))
     except KeyboardInterrupt:
         print(f"lightune: search interrupted; finished trials are kept in the study, run the same command again to "
               f"resume ({plan.root})", file=sys.stderr)
