@@ -87,7 +87,7 @@ def tiny_config(tiny_model_dir, reviews_csv, tmp_path):
     """Factory: a TrainConfig for a fast run of the tiny model on the synthetic reviews."""
 
     def make(**overrides):
-        return tiny_settings(tiny_model_dir, reviews_csv, tmp_path / "runs", **overrides)
+        return tiny_settings(tiny_model_dir, **{"data": reviews_csv, "output_dir": tmp_path / "runs", **overrides})
 
     return make
 
@@ -108,7 +108,8 @@ def shared_tiny_run(tiny_model_dir, tmp_path_factory):
     def get(**overrides):
         key = json.dumps(overrides, sort_keys=True, default=str)
         if key not in finished:
-            cfg = tiny_settings(tiny_model_dir, data, root / f"runs-{len(finished)}", **overrides)
+            cfg = tiny_settings(tiny_model_dir, **{"data": data, "output_dir": root / f"runs-{len(finished)}",
+                                                   **overrides})
             finished[key] = run_training(cfg, progress=False)
         return finished[key]
 
