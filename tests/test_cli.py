@@ -178,10 +178,11 @@ def test_a_path_that_cannot_be_read_or_written_is_one_line_naming_it(monkeypatch
                                        "Permission denied\n")
 
 
-def test_unreadable_data_file_is_one_line(tmp_path):
+def test_unreadable_data_file_is_one_line(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\ncaf\u00e9,pos\n".encode("latin-1"))
-    result = run_cli("train", "--data", str(path), "--quiet")
+    result = lightune_cli("train", "--data", str(path), "--quiet")
     assert result.returncode == 2
     assert result.stderr == f"lightune: error: {path} is not UTF-8 text: byte 0xe9 at line 2 (byte offset 14)\n"
 
