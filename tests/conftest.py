@@ -71,19 +71,49 @@ def reviews_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "reviews.csv", synthetic_reviews(400))
 
 
+def tiny_settings(model_dir: Path, data: Path, output_dir: Path, **overrides):
+    """The TrainConfig of tiny_config: a fast run of the tiny model on the synthetic reviews (with overrides)."""
+    from lightune.config import load_config
+
+    values = dict(model=str(model_dir), data=str(data), train_size=None, eval_size=None,
+                  max_length=32, epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(output_dir),
+                  run_name="tiny", head_init="random")  # tests measure learning from an untrained head
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir, reviews_csv, tmp_path):
     """Factory: a TrainConfig for a fast run of the tiny model on the synthetic reviews."""
-    from lightune.config import load_config
 
     def make(**overrides):
-        values = dict(model=str(tiny_model_dir), data=str(reviews_csv), train_size=None, eval_size=None,
-                      max_length=32, epochs=3, batch_size=16, learning_rate=1e-2, output_dir=str(tmp_path / "runs"),
-                      run_name="tiny", head_init="random")  # tests measure learning from an untrained head
-        values.update(overrides)
-        return load_config(overrides=values)
+        return tiny_settings(tiny_model_dir, **{"data": reviews_csv, "output_dir": tmp_path / "runs", **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_run(tiny_model_dir, tmp_path_factory):
+    """Factory: the finished run of tiny_config(**overrides), trained once per distinct overrides in the session and
+    shared by every test that asks for the same ones (training is most of the suite's time). For tests that only
+    read a run: one that alters it works on a copy (shutil.copytree)."""
+    import json
+
+    from lightune.training import run_training
+
+    root = tmp_path_factory.mktemp("shared-tiny-runs")
+    data = write_csv(root / "reviews.csv", synthetic_reviews(400))  # the name and rows of reviews_csv
+    finished = {}
+
+    def get(**overrides):
+        key = json.dumps(overrides, sort_keys=True, default=str)
+        if key not in finished:
+            cfg = tiny_settings(tiny_model_dir, **{"data": data, "output_dir": root / f"runs-{len(finished)}",
+                                                   **overrides})
+            finished[key] = run_training(cfg, progress=False)
+        return finished[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +130,31 @@ def trained_tiny_run(tiny_model_dir, tmp_path_factory):
     # the model's own attention dropout (0.1): the non-default path; tiny_config runs cover the default (0)
     cfg.attention_dropout = None
     return run_training(cfg, progress=False)
+
+
+@pytest.fixture
+def lightune_cli(capsys, monkeypatch):
+    """`lightune ARGS` run by cli.main in this process (no interpreter start and torch import per call), read back
+    as test_cli.run_cli's result: the exit status (main's return value, or argparse's SystemExit code), stdout and
+    stderr. An exception escaping main fails the test, as its traceback would fail test_cli.assert_one_line_error."""
+    import io
+    import subprocess
+    import sys
+
+    from lightune.cli import main
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        if stdin is not None:  # piped standard input, as subprocess.run(input=...) gives it
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8"))
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 def as_old_run(run_dir: Path, dest: Path, method: str | None = None) -> Path:

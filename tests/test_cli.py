@@ -18,6 +18,8 @@ from lightune.errors import ModelError
 
 
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m lightune ARGS` in a fresh interpreter: for what only a process shows (its exit status through
+    __main__, signals, what stderr holds when it is a pipe, which modules it imported)."""
     return subprocess.run([sys.executable, "-m", "lightune", *args], input=stdin, capture_output=True, text=True,
                           timeout=600)
 
@@ -40,58 +42,64 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
         (["predict", "no-such-run", "great film"], "run directory not found: no-such-run"),
     ],
 )
-def test_bad_input_is_one_readable_line(args, message):
-    assert_one_line_error(run_cli(*args), message)
+def test_bad_input_is_one_readable_line(lightune_cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # the relative paths above, and the default output_dir, as from a fresh folder
+    assert_one_line_error(lightune_cli(*args), message)
 
 
-def test_wrong_columns_and_empty_text_in_user_file(tmp_path):
+def test_wrong_columns_and_empty_text_in_user_file(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = write_csv(tmp_path / "d.csv", [("good", "pos")] * 3, header=("review", "label"))
-    assert_one_line_error(run_cli("train", "--data", str(path)), "has no column 'text'")
+    assert_one_line_error(lightune_cli("train", "--data", str(path)), "has no column 'text'")
     path = write_csv(tmp_path / "e.csv", [("good", "pos"), ("", "neg")])
-    assert_one_line_error(run_cli("train", "--data", str(path)), "row 2 has an empty text")
+    assert_one_line_error(lightune_cli("train", "--data", str(path)), "row 2 has an empty text")
 
 
-def test_unknown_label_names_the_row(tmp_path):
+def test_unknown_label_names_the_row(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = write_csv(tmp_path / "d.csv", [("good", "pos"), ("bad", "neutral")])
-    assert_one_line_error(run_cli("train", "--data", str(path), "--labels", "neg,pos"),
+    assert_one_line_error(lightune_cli("train", "--data", str(path), "--labels", "neg,pos"),
                           "row 2 has unknown label 'neutral'")
 
 
-def test_cuda_without_gpu(tmp_path):
+def test_cuda_without_gpu(lightune_cli, tmp_path, monkeypatch):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert_one_line_error(run_cli("train", "--device", "cuda"), "no CUDA GPU is available")
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(lightune_cli("train", "--device", "cuda"), "no CUDA GPU is available")
 
 
-def test_train_then_predict_from_args_stdin_and_files(tiny_model_dir, reviews_csv, tmp_path):
+def test_train_then_predict_from_args_stdin_and_files(lightune_cli, tiny_model_dir, reviews_csv, tmp_path,
+                                                      monkeypatch):
     out = tmp_path / "runs"
-    result = run_cli("train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--train-size", "all",
-                     "--eval-size", "all", "--max-length", "32", "--epochs", "3", "--lr", "1e-2", "--output-dir",
-                     str(out), "--run-name", "cli", "--quiet")
+    monkeypatch.setattr(train_command, "progress_bars", lambda requested: requested)  # as on a terminal: --quiet hides
+    result = lightune_cli("train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--train-size", "all",
+                          "--eval-size", "all", "--max-length", "32", "--epochs", "3", "--lr", "1e-2", "--output-dir",
+                          str(out), "--run-name", "cli", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and (out / "cli" / "report.md").is_file()
     assert "epoch 1" not in result.stderr and "it/s" not in result.stderr  # --quiet: no progress bar at all
     run = str(out / "cli")
 
-    by_args = run_cli("predict", run, "great superb film", "awful boring waste", "--json")
+    by_args = lightune_cli("predict", run, "great superb film", "awful boring waste", "--json")
     rows = [json.loads(line) for line in by_args.stdout.splitlines()]
     assert [r["label"] for r in rows] == ["pos", "neg"]
 
-    by_stdin = run_cli("predict", run, stdin="loved it brilliant\n\nterrible dull mess\n")
+    by_stdin = lightune_cli("predict", run, stdin="loved it brilliant\n\nterrible dull mess\n")
     assert [line.split("\t")[0] for line in by_stdin.stdout.splitlines()] == ["pos", "neg"]
 
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text('{"text": "hated it"}\n{"text": "wonderful moving story"}\n')
-    by_file = run_cli("predict", run, "--file", str(jsonl), "--json")
+    by_file = lightune_cli("predict", run, "--file", str(jsonl), "--json")
     assert [json.loads(line)["label"] for line in by_file.stdout.splitlines()] == ["neg", "pos"]
 
-    interactive = run_cli("predict", run, "--interactive", stdin="excellent delightful\n\n")
+    interactive = lightune_cli("predict", run, "--interactive", stdin="excellent delightful\n\n")
     assert interactive.returncode == 0 and "pos\t" in interactive.stdout and "neg\t" not in interactive.stdout
 
-    assert_one_line_error(run_cli("predict", run, "--file", str(tmp_path / "none.txt")), "file not found")
-    assert_one_line_error(run_cli("predict", run, ""), "text 1 is empty")
+    assert_one_line_error(lightune_cli("predict", run, "--file", str(tmp_path / "none.txt")), "file not found")
+    assert_one_line_error(lightune_cli("predict", run, ""), "text 1 is empty")
 
 
 def test_read_texts_file_plain_and_bad_jsonl(tmp_path):
@@ -170,10 +178,11 @@ def test_a_path_that_cannot_be_read_or_written_is_one_line_naming_it(monkeypatch
                                        "Permission denied\n")
 
 
-def test_unreadable_data_file_is_one_line(tmp_path):
+def test_unreadable_data_file_is_one_line(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\ncaf\u00e9,pos\n".encode("latin-1"))
-    result = run_cli("train", "--data", str(path), "--quiet")
+    result = lightune_cli("train", "--data", str(path), "--quiet")
     assert result.returncode == 2
     assert result.stderr == f"lightune: error: {path} is not UTF-8 text: byte 0xe9 at line 2 (byte offset 14)\n"
 

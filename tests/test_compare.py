@@ -231,9 +231,9 @@ def test_cli_compare(spec, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "lightune: error: unknown [grid] key(s): rnak"
 
 
-def test_cli_missing_file_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "lightune", "compare", "missing.toml"], capture_output=True,
-                            text=True, timeout=300)
+def test_cli_missing_file_is_one_line(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = lightune_cli("compare", "missing.toml")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "lightune: error: config file not found: missing.toml"
 

@@ -221,9 +221,15 @@ def test_tokenize_adds_lengths_and_truncates(tiny_model_dir):
     assert list(out["length"]) == [4, 16] and "labels" in out.column_names
 
 
+@pytest.fixture(scope="module")
+def rotten_tomatoes_full():
+    """The packaged Rotten Tomatoes split with whole evaluation splits, built once for the three sizes below."""
+    return data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": None}))
+
+
 @pytest.mark.parametrize("missing", [0, 1, 2])
-def test_eval_size_just_below_the_split_size(missing):
-    full = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": None}))
+def test_eval_size_just_below_the_split_size(rotten_tomatoes_full, missing):
+    full = rotten_tomatoes_full
     n = len(full.test) - missing
     splits = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": 50, "eval_size": n}))
     assert len(splits.test) == n and set(splits.test["text"]) <= set(full.test["text"])

@@ -8,7 +8,6 @@ import pytest
 from conftest import synthetic_reviews, write_csv
 from lightune import inference
 from lightune.cli import main
-from lightune.training import run_training
 
 
 def evaluate(*args) -> int:
@@ -98,8 +97,10 @@ def test_an_unfinished_run_is_refused(trained_tiny_run, tmp_path, capsys, no_mod
 
 
 @pytest.mark.parametrize("method", ["head", "qlora"])
-def test_other_methods_evaluate(tiny_config, method, tmp_path):
-    run = run_training(tiny_config(method=method, run_name=method, epochs=1), progress=False)
+def test_other_methods_evaluate(shared_tiny_run, method, tmp_path):
+    from test_training import method_run
+
+    run = method_run(shared_tiny_run, method)  # the run test_training checks
     assert evaluate(run.run_dir, "--output-dir", tmp_path / "ev") == 0
     result = json.loads((tmp_path / "ev" / f"{method}-on-reviews-test" / "metrics.json").read_text())
     assert result["method"] == method

@@ -107,14 +107,28 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_transformers_export_gives_lightunes_probabilities_without_lightune_or_peft(scenario, tiny_config, tmp_path):
-    from lightune.training import run_training
+@pytest.fixture(scope="module")
+def labels_csv(tmp_path_factory) -> Path:
+    return multi_label_csv(tmp_path_factory.mktemp("multi-label") / "labels.csv")
 
-    overrides = {"epochs": 1, **SCENARIOS[scenario]}
-    if "problem" in overrides:
-        overrides["data"] = str(multi_label_csv(tmp_path / "labels.csv"))
-    run = run_training(tiny_config(**overrides), progress=False)
+
+@pytest.fixture
+def scenario_run(shared_tiny_run, labels_csv):
+    """Factory: the run of a scenario, trained once and shared by the transformers and ONNX tests (and the mean-pooled
+    one by test_model_card); with its settings."""
+
+    def get(scenario: str):
+        overrides = {"epochs": 1, **SCENARIOS[scenario]}
+        if "problem" in overrides:
+            overrides["data"] = str(labels_csv)
+        return shared_tiny_run(**overrides), overrides
+
+    return get
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_transformers_export_gives_lightunes_probabilities_without_lightune_or_peft(scenario, scenario_run, tmp_path):
+    run, overrides = scenario_run(scenario)
     out = tmp_path / "exported"
     assert export(run.run_dir, out)[0] == 0
     names = run.metrics["data"]["label_names"]
@@ -146,14 +160,9 @@ def test_transformers_export_gives_lightunes_probabilities_without_lightune_or_p
 
 
 @pytest.mark.parametrize("scenario", ["mean pooling, tail cut", "multi-label, tuned thresholds"])
-def test_onnx_export_gives_lightunes_probabilities_in_onnx_runtime(scenario, tiny_config, tmp_path):
+def test_onnx_export_gives_lightunes_probabilities_in_onnx_runtime(scenario, scenario_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from lightune.training import run_training
-
-    overrides = {"epochs": 1, **SCENARIOS[scenario]}
-    if "problem" in overrides:
-        overrides["data"] = str(multi_label_csv(tmp_path / "labels.csv"))
-    run = run_training(tiny_config(**overrides), progress=False)
+    run, _ = scenario_run(scenario)
     names = run.metrics["data"]["label_names"]
     out = tmp_path / "onnx"
     code, err = export(run.run_dir, out, "--format", "onnx")

@@ -44,17 +44,20 @@ def test_hub_id_names_packaged_models_by_their_hub_id_and_local_directories_by_n
 
 
 @pytest.fixture
-def mean_run(tiny_config):
-    """A run as the default job makes it: mean pooling, tail truncation."""
-    from lightune.training import run_training
-
-    return run_training(tiny_config(pooling="mean", epochs=1), progress=False)
+def mean_run(shared_tiny_run):
+    """A run as the default job makes it: mean pooling, tail truncation (shared with test_export's)."""
+    return shared_tiny_run(pooling="mean", epochs=1)
 
 
 def test_saved_adapter_has_labels_a_model_card_and_loads_through_lightune_whatever_it_names(mean_run, tmp_path):
+    import dataclasses
+    import shutil
+
     from lightune import predict
     from lightune.inference import Classifier
 
+    # a copy: this test edits the adapter's config, and the run is shared
+    mean_run = dataclasses.replace(mean_run, run_dir=Path(shutil.copytree(mean_run.run_dir, tmp_path / "tiny")))
     adapter = mean_run.run_dir / "adapter"
     config = json.loads((adapter / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["label2id"] == {"neg": 0, "pos": 1}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import assert_one_line_error, run_cli
+from test_cli import assert_one_line_error
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -225,8 +225,9 @@ def test_web_page_is_served(client):
     assert 'id="classify"' in response.text and "/predict" in response.text
 
 
-def test_cli_bad_run_dir_is_one_line():
-    assert_one_line_error(run_cli("serve", "no-such-run"), "run directory not found: no-such-run")
+def test_cli_bad_run_dir_is_one_line(lightune_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(lightune_cli("serve", "no-such-run"), "run directory not found: no-such-run")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,14 +9,20 @@ from lightune.cli import main
 from lightune.training import run_training
 
 
-@pytest.fixture
-def tracked_run(tiny_config, monkeypatch):
+@pytest.fixture(scope="module")
+def tracked_run(tiny_model_dir, tmp_path_factory):
+    """One tracked run, read back by both trackers' tests (the tests only read it)."""
+    from conftest import synthetic_reviews, tiny_settings, write_csv
+
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    cfg = tiny_config(report_to=["tensorboard", "mlflow"], epochs=1, eval_steps=4, run_name="tracked")
-    return cfg, run_training(cfg, progress=False)
+    root = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        cfg = tiny_settings(tiny_model_dir, write_csv(root / "reviews.csv", synthetic_reviews(400)), root / "runs",
+                            report_to=["tensorboard", "mlflow"], epochs=1, eval_steps=4, run_name="tracked")
+        return cfg, run_training(cfg, progress=False)
 
 
 def test_tensorboard_logs_equal_metrics_json(tracked_run):

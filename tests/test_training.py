@@ -51,10 +51,14 @@ def test_max_steps_and_fractional_epochs(tiny_config, capsys):
     assert half.metrics["training"]["steps"] == 10  # 320 train texts / 16 per batch = 20 steps per epoch
 
 
+def method_run(shared_tiny_run, method: str):
+    """A finished 2-epoch run of the method, shared with test_evaluate's."""
+    return shared_tiny_run(method=method, run_name=method, epochs=2, learning_rate=1e-3 if method == "full" else 1e-2)
+
+
 @pytest.mark.parametrize("method", ["head", "full", "qlora", "int8"])
-def test_other_methods_train_and_save(tiny_config, method):
-    result = run_training(tiny_config(method=method, run_name=method, epochs=2, learning_rate=1e-3 if method == "full"
-                                      else 1e-2), progress=False)
+def test_other_methods_train_and_save(shared_tiny_run, method):
+    result = method_run(shared_tiny_run, method)
     saved = result.run_dir / ("adapter" if method in ("qlora", "int8") else "model")
     assert saved.is_dir() and result.metrics["saved"] == saved.name
     assert result.metrics["test"]["accuracy"] > 0.6
