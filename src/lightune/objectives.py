@@ -185,9 +185,7 @@ def backward_contrastive(model, batch: dict, accelerator: Accelerator, embedding
     with more than one, the gradient-cached step (backward_contrastive_cached), else one pass with a graph."""
     if chunks is not None and len(chunks) > 1:
         return backward_contrastive_cached(model, chunks, batch["labels"], accelerator, embeddings)
-    with accelerator.autocast():
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    loss = contrastive_loss(embeddings.value, batch["labels"])
+    loss = contrastive_loss(_pooled(model, batch, accelerator, embeddings), batch["labels"])
     accelerator.backward(loss)
     return loss.detach()
 
@@ -203,15 +201,16 @@ class ChunkRandomState:
 
         self.cpu = torch.get_rng_state()
         self.devices, self.device_states = get_device_states(*tensors)
+        self.device_type = next((t.device.type for t in tensors if t.device.type not in ("cpu", "meta")), "cuda")
 
     @contextlib.contextmanager
     def replay(self):
         """The chunk's state while in use; afterwards the state as it was (the step draws each mask once)."""
         from torch.utils.checkpoint import set_device_states
 
-        with torch.random.fork_rng(devices=self.devices):
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
             torch.set_rng_state(self.cpu)
-            set_device_states(self.devices, self.device_states)
+            set_device_states(self.devices, self.device_states, device_type=self.device_type)
             yield
 
 
