@@ -10,8 +10,9 @@ on the same examples and scored on the same held-out test reviews (their fingerp
 - SetFit (optional, `pip install -e ".[bench]"`): SetFit 1.2's defaults (contrastive fine-tuning of the body
   on 20 pair iterations per example, one epoch, then a logistic-regression head) with the same model.
 
-Wall time is the whole recipe, from loading the model to the test figures, in this one process. For each
-size it prints each recipe's accuracy and F1 as mean +- standard deviation over the seeds, and wall time:
+Wall time is the whole recipe, from loading the model to the test figures. Each recipe runs in a fresh child
+process (run_measured), so its peak memory (the child's peak resident set) is its own. For each size it prints
+each recipe's accuracy and F1 as mean +- standard deviation over the seeds, wall time and peak memory:
 
     python benchmarks/bench_accuracy.py                                   # 32, 128, 2500 examples; 3 seeds
     python benchmarks/bench_accuracy.py --sizes 32 128 --setfit --json bench.json
@@ -119,6 +120,36 @@ def run_setfit(args, size: int, seed: int, splits) -> dict:
 RECIPES = {"lightune": run_lightune, "linear probe": run_linear_probe, "SetFit": run_setfit}
 
 
+def run_measured(recipe: str, args, size: int, seed: int) -> dict:
+    """One recipe's result from a fresh process (multiprocessing's spawn: nothing shared with this one or the
+    other rows), with that process's peak resident memory as peak_mb (MiB). The child reads the splits itself
+    (load_splits: the same for every recipe and seed), as `lightune train` does."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measured_row, recipe, args, size, seed).result()
+
+
+def measured_row(recipe: str, args, size: int, seed: int) -> dict:
+    """In the child: the recipe's result and this process's peak resident set."""
+    result = RECIPES[recipe](args, size, seed, load_splits(args, size))
+    return {**result, "peak_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB: VmHWM on Linux (its own memory's high-water mark, whatever the
+    parent held), else getrusage's ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (2**20 if sys.platform == "darwin" else 1024)
+
+
 def recipes_for(args, size: int, seed: int) -> list[str]:
     """The recipes to run for this size and seed; the linear probe has no randomness, so it runs once."""
     names = ["lightune"] + (["linear probe"] if seed == args.seeds[0] else [])
@@ -134,14 +165,16 @@ def mean_std(values: list[float]) -> str:
 
 
 def summary_rows(results: list[dict]) -> list[str]:
-    """One row per (size, recipe): accuracy, F1 (mean +- std over seeds), mean wall time."""
-    rows = ["| examples | recipe | seeds | accuracy | macro F1 | wall time (s, mean) |",
-            "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    """One row per (size, recipe): accuracy, F1 (mean +- std over seeds), mean wall time, peak memory (the most of
+    any seed)."""
+    rows = ["| examples | recipe | seeds | accuracy | macro F1 | wall time (s, mean) | peak memory (MiB, max) |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     keys = dict.fromkeys((r["size"], r["recipe"]) for r in results)
     for size, recipe in keys:
         runs = [r for r in results if (r["size"], r["recipe"]) == (size, recipe)]
         rows.append(f"| {size} | {recipe} | {len(runs)} | {mean_std([r['accuracy'] for r in runs])} | "
-                    f"{mean_std([r['f1'] for r in runs])} | {statistics.mean(r['seconds'] for r in runs):.0f} |")
+                    f"{mean_std([r['f1'] for r in runs])} | {statistics.mean(r['seconds'] for r in runs):.0f} | "
+                    f"{max(r['peak_mb'] for r in runs):.0f} |")
     return rows
 
 
@@ -172,11 +205,11 @@ def main(argv=None) -> int:
               f"{splits.info['fingerprints']['test']}", flush=True)
         for seed in args.seeds:
             for recipe in recipes_for(args, size, seed):
-                result = RECIPES[recipe](args, size, seed, splits)
+                result = run_measured(recipe, args, size, seed)
                 results.append({"size": size, "seed": seed, "recipe": recipe, **result,
                                 "test_fingerprint": splits.info["fingerprints"]["test"]})
                 print(f"  seed {seed} {recipe:>12}: accuracy {result['accuracy']:.4f}, F1 {result['f1']:.4f}, "
-                      f"{result['seconds']:.0f} s", flush=True)
+                      f"{result['seconds']:.0f} s, peak {result['peak_mb']:.0f} MiB", flush=True)
                 if args.json:  # after every result: an interrupted run keeps what it measured
                     write_json(args, results)
     print("\n" + "\n".join(summary_rows(results)))

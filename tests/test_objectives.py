@@ -134,3 +134,138 @@ def test_auto_notice_names_the_raised_steps_and_nothing_for_cross_entropy():
     assert objectives.auto_notice(given, given, "cross_entropy", 2500, 157) is None
     given_objective = load_config(overrides=dict(objective="contrastive", pooling="mean"))
     assert objectives.auto_notice(given_objective, resolved, "contrastive", 64, 40) is None
+
+
+# -- the gradient-cached contrastive step (a batch over the token budget embedded in chunks) ------------------------
+
+def contrastive_model(tiny_config, dropout: float):
+    """The tiny model as a few-shot run trains it (mean pooling, LoRA on every linear layer), every dropout at
+    `dropout` and in train mode, the LoRA B matrices moved off zero so that every adapter weight gets a gradient."""
+    from lightune import heads, models
+
+    cfg = tiny_config(pooling="mean", target_modules=["all-linear"], dropout=max(dropout, 0.1))
+    model = models.load_base_model(cfg.model, ["neg", "pos"])
+    heads.apply_pooling(model, "mean")
+    model = models.prepare_for_training(model, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) > 5  # embeddings, attention, hidden states, LoRA inputs, classifier
+    for module in dropouts:
+        module.p = dropout
+    return model.train()
+
+
+def contrastive_batch(tiny_model_dir, n: int = 10) -> dict:
+    """n synthetic reviews of different lengths, padded to the longest, with their labels."""
+    from conftest import synthetic_reviews
+
+    from lightune.models import load_tokenizer
+
+    rows = synthetic_reviews(n, seed=3)
+    batch = dict(load_tokenizer(str(tiny_model_dir))([t for t, _ in rows], padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor([int(label == "pos") for _, label in rows])
+    return batch
+
+
+def row_chunks(batch: dict, rows: int) -> list[dict]:
+    """The batch cut as training cuts it (steps.split_batch), `rows` texts per chunk."""
+    from lightune.steps import split_batch
+
+    return split_batch(batch, rows * batch["input_ids"].shape[1])
+
+
+def gradients(model) -> dict:
+    """Every trainable parameter's gradient (None where it got none), then cleared."""
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()
+             if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_same_gradients(got: dict, expected: dict, atol: float = 1e-6) -> None:
+    assert got.keys() == expected.keys()
+    assert any("lora_A" in name for name, g in got.items() if g is not None)
+    for name, grad in expected.items():
+        if grad is None:
+            assert got[name] is None, name
+        else:
+            assert torch.allclose(got[name], grad, rtol=1e-5, atol=atol), (name, (got[name] - grad).abs().max())
+
+
+def contrastive_step(model, batch: dict, chunks: list[dict] | None, seed: int = 0) -> tuple[float, dict, torch.Tensor]:
+    """backward_contrastive from the random state `seed`: (its loss, the gradients, the random state after it)."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(seed)
+    with objectives.PooledEmbeddings(model) as embeddings:
+        loss = objectives.backward_contrastive(model, batch, Accelerator(cpu=True), embeddings, chunks)
+    return loss.item(), gradients(model), torch.get_rng_state()
+
+
+def graph_over_chunks(model, batch: dict, chunks: list[dict], seed: int = 0) -> tuple[float, dict, torch.Tensor]:
+    """The one-pass step's gradients of the same forward passes: every chunk forward with a graph (drawing the
+    same dropout masks as the chunked step's chunks do), the pair loss of them all, one backward."""
+    torch.manual_seed(seed)
+    with objectives.PooledEmbeddings(model) as embeddings:
+        pooled = []
+        for chunk in chunks:
+            model(**{k: v for k, v in chunk.items() if k != "labels"})
+            pooled.append(embeddings.value)
+    loss = objectives.contrastive_loss(torch.cat(pooled), batch["labels"])
+    loss.backward()
+    return loss.item(), gradients(model), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("rows, sizes", [(1, [1] * 10), (3, [3, 3, 3, 1]), (4, [4, 4, 2]), (10, [10])])
+def test_the_chunked_contrastive_step_has_the_one_pass_loss_and_gradients(tiny_config, tiny_model_dir, rows, sizes):
+    model = contrastive_model(tiny_config, dropout=0.0)
+    batch = contrastive_batch(tiny_model_dir)
+    chunks = row_chunks(batch, rows)
+    assert [len(chunk["labels"]) for chunk in chunks] == sizes  # the last chunk uneven; one chunk: one pass
+    loss, grads, _ = contrastive_step(model, batch, chunks)
+    one_pass_loss, one_pass, _ = contrastive_step(model, batch, None)
+    assert loss == pytest.approx(one_pass_loss, rel=1e-6) and loss > 0.01
+    assert_same_gradients(grads, one_pass)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_the_chunked_step_replays_each_chunks_dropout_masks(tiny_config, tiny_model_dir, rows):
+    model = contrastive_model(tiny_config, dropout=0.3)
+    batch = contrastive_batch(tiny_model_dir)
+    chunks = row_chunks(batch, rows)
+    loss, grads, state_after = contrastive_step(model, batch, chunks)
+    expected_loss, expected, expected_state = graph_over_chunks(model, batch, chunks)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert_same_gradients(grads, expected)
+    # each mask is drawn once: the step leaves the random state where the one pass over its chunks does
+    assert torch.equal(state_after, expected_state)
+    # and the dropout is live: other masks give another loss
+    assert graph_over_chunks(model, batch, chunks, seed=1)[0] != pytest.approx(expected_loss, rel=1e-3)
+
+
+def test_without_the_replayed_random_state_the_chunked_gradients_differ(tiny_config, tiny_model_dir, monkeypatch):
+    # what the test above guards against: the second pass of each chunk drawing new dropout masks
+    import contextlib
+
+    model = contrastive_model(tiny_config, dropout=0.3)
+    batch = contrastive_batch(tiny_model_dir)
+    chunks = row_chunks(batch, 3)
+    monkeypatch.setattr(objectives.ChunkRandomState, "replay", lambda self: contextlib.nullcontext())
+    _, grads, _ = contrastive_step(model, batch, chunks)
+    _, expected, _ = graph_over_chunks(model, batch, chunks)
+    with pytest.raises(AssertionError):
+        assert_same_gradients(grads, expected)
+
+
+def test_a_few_shot_run_over_the_token_budget_trains_as_one_pass_does(tiny_config, reviews_csv):
+    # dropout off (LoRA's; the tiny model has none): chunks of 64 tokens give the same run as whole batches
+    runs = {tokens: run_training(few_shot_config(tiny_config, reviews_csv, max_steps=4, dropout=0.0, chunk_tokens=tokens,
+                                                 run_name=f"chunks-{tokens}"), progress=False).metrics
+            for tokens in (None, 64)}
+    whole, chunked = runs[None], runs[64]
+    assert chunked["history"][-1]["train_loss"] == pytest.approx(whole["history"][-1]["train_loss"], rel=1e-5)
+    assert chunked["test"]["accuracy"] == whole["test"]["accuracy"]

@@ -4,11 +4,14 @@ pooled sentence embeddings followed by a refit of the linear-probe head, as SetF
 With a few dozen examples, cross-entropy through a probe-started head memorises the training texts within a
 few steps; the contrastive objective instead learns from every pair of texts in a batch (same class: cosine
 similarity 1; different classes: 0), which is what makes SetFit accurate with 8-64 examples per class.
-lightune trains the adapters (not the whole body) on in-batch pairs, so a step reads each text once.
+lightune trains the adapters (not the whole body) on in-batch pairs, so a step reads each text once. A batch
+over the training token budget is embedded in chunks with the gradient cached on the embeddings (GradCache, Gao
+et al. 2021: every pair still counts, and the memory is one chunk's graph, not the whole batch's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -175,11 +178,74 @@ class PooledEmbeddings:
         self.handle.remove()
 
 
-def backward_contrastive(model, batch: dict, accelerator: Accelerator, embeddings: PooledEmbeddings) -> torch.Tensor:
-    """Forward and backward one batch under the contrastive objective (all of its pairs at once, so the batch is
-    not split into chunks); returns the detached loss."""
-    with accelerator.autocast():
-        model(**{k: v for k, v in batch.items() if k != "labels"})
-    loss = contrastive_loss(embeddings.value, batch["labels"])
+def backward_contrastive(model, batch: dict, accelerator: Accelerator, embeddings: PooledEmbeddings,
+                         chunks: list[dict] | None = None) -> torch.Tensor:
+    """Forward and backward one batch under the contrastive objective (all of its pairs at once); returns the
+    detached loss. chunks: the batch cut into row chunks within the training token budget (steps.split_batch);
+    with more than one, the gradient-cached step (backward_contrastive_cached), else one pass with a graph."""
+    if chunks is not None and len(chunks) > 1:
+        return backward_contrastive_cached(model, chunks, batch["labels"], accelerator, embeddings)
+    loss = contrastive_loss(_pooled(model, batch, accelerator, embeddings), batch["labels"])
     accelerator.backward(loss)
+    return loss.detach()
+
+
+class ChunkRandomState:
+    """The random state at the start of a chunk's first forward pass (the CPU's and that of each device its
+    tensors are on), replayed for its second pass so that dropout draws the same masks in both: the gradient
+    cached on the first pass's embeddings is only the gradient of the second pass's if they are the same
+    embeddings (GradCache's RandContext, torch.utils.checkpoint's approach)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        from torch.utils.checkpoint import get_device_states
+
+        self.cpu = torch.get_rng_state()
+        self.devices, self.device_states = get_device_states(*tensors)
+        self.device_type = next((t.device.type for t in tensors if t.device.type not in ("cpu", "meta")), "cuda")
+
+    @contextlib.contextmanager
+    def replay(self):
+        """The chunk's state while in use; afterwards the state as it was (the step draws each mask once)."""
+        from torch.utils.checkpoint import set_device_states
+
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
+            torch.set_rng_state(self.cpu)
+            set_device_states(self.devices, self.device_states, device_type=self.device_type)
+            yield
+
+
+def _pooled(model, chunk: dict, accelerator: Accelerator, embeddings: PooledEmbeddings) -> torch.Tensor:
+    """The pooled embeddings of one chunk's forward pass (with a graph or not, as the caller's grad mode says)."""
+    with accelerator.autocast():
+        model(**{k: v for k, v in chunk.items() if k != "labels"})
+    return embeddings.value
+
+
+def backward_contrastive_cached(model, chunks: list[dict], labels: torch.Tensor, accelerator: Accelerator,
+                                embeddings: PooledEmbeddings) -> torch.Tensor:
+    """The contrastive step of a batch cut into chunks, with the same loss and gradients as one pass over it:
+
+    1. embed every chunk without a graph, keeping each chunk's random state (ChunkRandomState);
+    2. the pair loss of the whole batch on those embeddings, and its gradient with respect to them;
+    3. each chunk again with a graph, its random state replayed (the same dropout masks, so the same
+       embeddings), back-propagating (embeddings x cached gradient).sum(): by the chain rule its parameter
+       gradients are the chunk's share of the batch loss's, and they add up over the chunks.
+
+    Only one chunk's graph is alive at a time. The surrogate goes through accelerator.backward (mixed-precision
+    loss scaling); gradients are synchronised across processes on the last chunk only. Returns the detached loss.
+    """
+    states, pooled = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(ChunkRandomState(*chunk.values()))
+            pooled.append(_pooled(model, chunk, accelerator, embeddings).float())
+    # float32 leaf: the cached gradient of half-precision embeddings would underflow before loss scaling
+    cached = torch.cat(pooled).requires_grad_()
+    loss = contrastive_loss(cached, labels)
+    (gradient,) = torch.autograd.grad(loss, cached)
+    for i, (chunk, state, grad) in enumerate(zip(chunks, states, gradient.split([len(p) for p in pooled]))):
+        sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
+        with sync, state.replay():
+            accelerator.backward((_pooled(model, chunk, accelerator, embeddings).float() * grad).sum())
+    embeddings.value = None  # the last chunk's graph is freed by its backward; its output need not stay
     return loss.detach()

@@ -1,7 +1,8 @@
 """The parts of the training loop below the recipe: the loaders and the token budgets of their batches; one
 optimizer step (a batch forward and backward, in row chunks within a token budget or, under the contrastive
-objective, all its pairs at once; gradient clipping; the optimizer and scheduler steps); and the one host sync of
-the loop, reading the steps' losses at the evaluation points."""
+objective, all its pairs at once, over the budget in chunks with the gradient cached on the embeddings; gradient
+clipping; the optimizer and scheduler steps); and the one host sync of the loop, reading the steps' losses at the
+evaluation points."""
 
 from __future__ import annotations
 
@@ -110,12 +111,13 @@ def train_steps(model, loader, optimizer, scheduler, accelerator, cfg, chunk_tok
                 class_weights: torch.Tensor | None = None, embeddings: objectives.PooledEmbeddings | None = None):
     """One optimizer step per batch of the loader, yielding (the step's loss as a detached device tensor,
     examples seen, the learning rate it used, its gradient norm before clipping as a device tensor or None). With embeddings (a capture of the pooled embeddings), the step minimises the contrastive
-    loss, else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
+    loss (a batch over chunk_tokens in gradient-cached chunks), else cross-entropy. No host sync: losses are read (and checked to be finite) at the evaluation points."""
     for batch in loader:
         model.train()  # again after each evaluation
         batch.pop("length", None)
         if embeddings is not None:
-            loss = objectives.backward_contrastive(model, batch, accelerator, embeddings)
+            loss = objectives.backward_contrastive(model, batch, accelerator, embeddings,
+                                                   split_batch(batch, chunk_tokens))
         else:
             loss = backward_in_chunks(model, batch, accelerator, chunk_tokens, class_weights)
         # the norm before clipping, as a device tensor (None without clipping): tracked, read at evaluation points
