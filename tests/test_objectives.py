@@ -83,7 +83,9 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     m = result.metrics
     # auto said what it changed, and how to keep the given settings
     notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("objective auto")]
-    assert notice == ["objective auto chose contrastive for this few-shot run (48 training examples, at most 256): "
+    # 36 of the 48 given labels train: the other 12 are its validation split (--validation-labels auto)
+    assert m["data"]["labelled"] == {"train": 36, "validation": 12, "total": 48, "validation_from": "given"}
+    assert notice == ["objective auto chose contrastive for this few-shot run (36 training examples, at most 256): "
                       "20 steps, batch size 32, learning rate 0.001, targets all-linear, best by accuracy; to "
                       "keep the given settings add --objective cross_entropy"]
     assert m["training"]["objective"] == "contrastive" and m["training"]["steps"] == 20
