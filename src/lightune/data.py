@@ -127,7 +127,7 @@ def hold_out_validation(ds: Dataset, seed: int) -> tuple[Dataset, Dataset] | Non
         n_val = max(GIVEN_VALIDATION_MIN_PER_LABEL, round(GIVEN_VALIDATION_SHARE * len(ds)))
         if len(ds) - n_val < 1:
             return None
-        return ds.select(sorted(order[n_val:])), ds.select(sorted(order[:n_val]))
+        return ds.select(sorted(order[n_val:].tolist())), ds.select(sorted(order[:n_val].tolist()))
     labels = np.asarray(ds["label"])
     held = []
     for label in np.unique(labels):

@@ -164,7 +164,8 @@ def select_balanced(probabilities: torch.Tensor, per_label: int) -> tuple[np.nda
 def score_texts(run, texts: list[str], desc: str) -> tuple[torch.Tensor, np.ndarray]:
     """Probabilities and pooled features (the head's input) of texts under the model being trained: the one
     forward pass (forward.forward_logits) over length-sorted token-budget batches, at round_max_length tokens."""
-    model, layer = run.forward_model, heads.final_linear(run.unwrapped())
+    model = run.unwrapped()  # eager (not torch.compile's): the hook below sees every batch
+    layer = heads.final_linear(model)
     encoded = forward.encode_texts(run.tokenizer, texts, round_max_length(run), run.cfg.truncation)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     probabilities = torch.empty(len(texts), run.n_classes)
