@@ -309,7 +309,7 @@ def test_a_few_shot_run_carves_its_validation_out_of_the_given_labels(tmp_path):
     assert set(given.train["text"]) | set(given.validation["text"]) == set(separate.train["text"])
     assert not set(given.train["text"]) & set(given.validation["text"])
     assert given.info["fingerprints"]["test"] == separate.info["fingerprints"]["test"]
-    assert separate.info["labelled"] == {"train": 32, "validation": 50, "total": 82, "validation_from": "separate"}
+    assert separate.info["labelled"] == {"train": 32, "validation": 40, "total": 72, "validation_from": "separate"}
     assert data.labelled_line(given) == ("labels: 32 in all, 24 to train on and 8 held out of them for validation "
                                          "(--validation-labels given); test is the held-out split")
     # the few validation rows are by design: no warning about their number
