@@ -120,6 +120,16 @@ def test_a_contrastive_run_worse_than_its_probe_start_keeps_the_start(tiny_confi
     assert lora_b and all(torch.count_nonzero(weight) == 0 for weight in lora_b)  # the adapters' start
 
 
+def test_the_tuned_model_wins_a_tie_with_its_probe_start():
+    from lightune.checkpoints import BestCheckpoint
+
+    start = {"validation": {"accuracy": 0.75, "loss": 0.5}}
+    contrastive, other = BestCheckpoint("accuracy", None, ties_to_later=True), BestCheckpoint("accuracy", None)
+    assert contrastive.improves(start, {"accuracy": 0.75, "loss": 0.6})  # 6 of 8 both: the tuned model
+    assert not other.improves(start, {"accuracy": 0.75, "loss": 0.6})
+    assert not contrastive.improves(start, {"accuracy": 0.625, "loss": 0.4})
+
+
 def test_cross_entropy_runs_record_their_objective(tiny_config):
     m = run_training(tiny_config(max_steps=2), progress=False).metrics
     assert m["training"]["objective"] == "cross_entropy" and m["best"]["metric"] == "loss"

@@ -165,7 +165,7 @@ class TrainingRun:
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.n_steps) * scale, self.n_steps * scale))
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
-        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience, self.contrastive)
         checkpoints.register_trainable_hooks(accelerator)
         if self.resume:
             self.load_resumed()
