@@ -51,12 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_splits(args, size: int):
-    """lightune's train and test splits for this size (the same for every recipe and seed)."""
+    """lightune's train and test splits for this size (the same for every recipe and seed): train is the `size`
+    labelled examples drawn, all of them (lightune's own run carves its validation out of them where its
+    --validation-labels says so; the probe and SetFit choose nothing on validation)."""
     from lightune import data
     from lightune.config import load_config
 
     cfg = load_config(overrides=dict(model=args.model, data=args.data, train_size=size, eval_size=args.eval_size,
-                                     split_seed=args.split_seed))
+                                     split_seed=args.split_seed, validation_labels="separate"))
     return data.build_splits(cfg)
 
 
@@ -80,7 +82,8 @@ def run_lightune(args, size: int, seed: int, splits) -> dict:
     assert metrics["data"]["fingerprints"]["test"] == splits.info["fingerprints"]["test"]
     return {"accuracy": metrics["test"]["accuracy"], "f1": metrics["test"]["f1"], "seconds": seconds,
             "steps": metrics["training"]["steps"], "objective": metrics["training"]["objective"],
-            "probe_start_accuracy": metrics["base"]["accuracy"], "kept_step": metrics["best"]["step"]}
+            "probe_start_accuracy": metrics["base"]["accuracy"], "kept_step": metrics["best"]["step"],
+            "labelled": metrics["data"]["labelled"]}  # the labels it trained and validated on
 
 
 def sentence_model_path(model: str) -> str:

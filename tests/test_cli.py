@@ -62,6 +62,19 @@ def test_unknown_label_names_the_row(lightune_cli, tmp_path, monkeypatch):
                           "row 2 has unknown label 'neutral'")
 
 
+def test_bad_unlabelled_input_is_one_line_and_exit_2(lightune_cli, tiny_model_dir, reviews_csv, tmp_path):
+    base = ("train", "--model", str(tiny_model_dir), "--data", str(reviews_csv), "--output-dir", str(tmp_path))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for args, message in (
+            (("--unlabeled", str(tmp_path / "none.txt")), f"unlabelled texts not found: '{tmp_path / 'none.txt'}'"),
+            (("--unlabeled", str(tmp_path / "empty.txt")), f"{tmp_path / 'empty.txt'} holds no texts"),
+            (("--unlabeled", "u.txt", "--problem", "multi_label", "--label-columns", "a,b"),
+             "--unlabeled (self-training on pseudo-labels) is for single-label data")):
+        result = lightune_cli(*base, *args)
+        assert_one_line_error(result, message)
+        assert result.returncode == 2
+
+
 def test_cuda_without_gpu(lightune_cli, tmp_path, monkeypatch):
     import torch
 

@@ -300,3 +300,66 @@ def test_small_evaluation_splits_are_warned_about_one_line_each():
     warned = data.split_warnings(data.SplitData(hot, hot, hot, ["a", "b", "c"]))
     assert warned == [f"the {name} split has under 5 rows of some labels (c 0): their scores there are rough"
                       for name in ("validation", "test")]
+
+
+def test_a_few_shot_run_carves_its_validation_out_of_the_given_labels(tmp_path):
+    path = write_csv(tmp_path / "r.csv", synthetic_reviews(400))
+    given = data.build_splits(from_dict({"data": str(path), "train_size": 32, "eval_size": 50}))
+    separate = data.build_splits(from_dict({"data": str(path), "train_size": 32, "eval_size": 50,
+                                            "validation_labels": "separate"}))
+    # --train-size 32 means 32 labels in all: a stratified quarter (4 a label) held out of them for validation
+    assert given.info["labelled"] == {"train": 24, "validation": 8, "total": 32, "validation_from": "given"}
+    assert sorted(given.validation["label"]) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert sorted(given.train["label"]) == [0] * 12 + [1] * 12
+    # the same 32 examples as a run with a separate validation split trains on; the same test split
+    assert set(given.train["text"]) | set(given.validation["text"]) == set(separate.train["text"])
+    assert not set(given.train["text"]) & set(given.validation["text"])
+    assert given.info["fingerprints"]["test"] == separate.info["fingerprints"]["test"]
+    assert separate.info["labelled"] == {"train": 32, "validation": 40, "total": 72, "validation_from": "separate"}
+    assert data.labelled_line(given) == ("labels: 32 in all, 24 to train on and 8 held out of them for validation "
+                                         "(--validation-labels given); test is the held-out split")
+    # the few validation rows are by design: no warning about their number
+    assert not [w for w in data.split_warnings(given) if "validation split" in w]
+    again = data.build_splits(from_dict({"data": str(path), "train_size": 32, "eval_size": 50}))
+    assert again.info["fingerprints"] == given.info["fingerprints"]  # seeded
+    # above the few-shot size (and for --validation-labels separate) validation is a split of its own, as before
+    large = data.build_splits(from_dict({"data": str(path), "train_size": 257, "eval_size": 30}))
+    assert large.info["labelled"]["validation_from"] == "separate" and len(large.train) == 257
+    forced = data.build_splits(from_dict({"data": str(path), "train_size": 257, "validation_labels": "given"}))
+    assert forced.info["labelled"] == {"train": 193, "validation": 64, "total": 257, "validation_from": "given"}
+
+
+def test_too_few_given_labels_to_hold_validation_out(tmp_path):
+    path = write_csv(tmp_path / "r.csv", synthetic_reviews(100))
+    with pytest.raises(DataError) as err:
+        data.build_splits(from_dict({"data": str(path), "train_size": 4, "validation_labels": "given"}))
+    assert str(err.value) == (f"{path}: --validation-labels given needs at least 3 of the --train-size 4 labelled "
+                              "rows of each label (2 for validation, 1 to train on); raise --train-size, or use "
+                              "--validation-labels separate")
+    # auto: a separate validation split, and a warning that says so
+    splits = data.build_splits(from_dict({"data": str(path), "train_size": 4}))
+    assert splits.info["labelled"]["validation_from"] == "separate" and len(splits.train) == 4
+    assert data.split_warnings(splits)[0] == (
+        "--train-size 4 holds under 3 rows of a label, too few to carve validation rows out of: the validation "
+        "split is a separate one (--validation-labels separate), its labels beside the given ones")
+
+
+def test_multi_label_runs_keep_a_separate_validation_split_unless_asked(tmp_path):
+    rows = [(text, ["x", "y", "x,y"][i % 3]) for i, (text, _) in enumerate(synthetic_reviews(90))]
+    path = write_csv(tmp_path / "multi.csv", rows, header=("text", "tags"))
+    settings = {"data": str(path), "problem": "multi_label", "label_column": "tags", "label_delimiter": ","}
+    assert data.build_splits(from_dict({**settings, "train_size": 20})).info["labelled"]["validation_from"] == "separate"
+    given = data.build_splits(from_dict({**settings, "train_size": 20, "validation_labels": "given"}))
+    assert given.info["labelled"] == {"train": 15, "validation": 5, "total": 20, "validation_from": "given"}
+
+
+def test_packaged_unlabelled_texts_are_the_sources_rows_outside_every_split():
+    settings = {"data": "rotten_tomatoes", "train_size": 32, "eval_size": 100}
+    splits = data.build_splits(from_dict({**settings, "unlabeled": "packaged"}))
+    assert data.build_splits(from_dict(settings)).unused is None  # read only when asked for
+    unused = set(splits.unused["text"])
+    whole = data.build_splits(from_dict({"data": "rotten_tomatoes", "train_size": None, "eval_size": None,
+                                         "validation_labels": "separate"}))
+    assert not unused & (set(splits.train["text"]) | set(splits.validation["text"]) | set(whole.test["text"]))
+    # every row of the source is in the whole held-out test split, in the run's 32 labels or unused
+    assert len(unused) == len(splits.unused) == sum(whole.info["sizes"].values()) - len(whole.test) - 32

@@ -83,7 +83,9 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     m = result.metrics
     # auto said what it changed, and how to keep the given settings
     notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("objective auto")]
-    assert notice == ["objective auto chose contrastive for this few-shot run (48 training examples, at most 256): "
+    # 36 of the 48 given labels train: the other 12 are its validation split (--validation-labels auto)
+    assert m["data"]["labelled"] == {"train": 36, "validation": 12, "total": 48, "validation_from": "given"}
+    assert notice == ["objective auto chose contrastive for this few-shot run (36 training examples, at most 256): "
                       "20 steps, batch size 32, learning rate 0.001, targets all-linear, best by accuracy; to "
                       "keep the given settings add --objective cross_entropy"]
     assert m["training"]["objective"] == "contrastive" and m["training"]["steps"] == 20
@@ -116,6 +118,16 @@ def test_a_contrastive_run_worse_than_its_probe_start_keeps_the_start(tiny_confi
     saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
     lora_b = [weight for name, weight in saved.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(weight) == 0 for weight in lora_b)  # the adapters' start
+
+
+def test_the_tuned_model_wins_a_tie_with_its_probe_start():
+    from lightune.checkpoints import BestCheckpoint
+
+    start = {"validation": {"accuracy": 0.75, "loss": 0.5}}
+    contrastive, other = BestCheckpoint("accuracy", None, ties_to_later=True), BestCheckpoint("accuracy", None)
+    assert contrastive.improves(start, {"accuracy": 0.75, "loss": 0.6})  # 6 of 8 both: the tuned model
+    assert not other.improves(start, {"accuracy": 0.75, "loss": 0.6})
+    assert not contrastive.improves(start, {"accuracy": 0.625, "loss": 0.4})
 
 
 def test_cross_entropy_runs_record_their_objective(tiny_config):

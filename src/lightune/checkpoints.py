@@ -73,14 +73,19 @@ class BestCheckpoint:
     and early stopping: stop after `patience` evaluations in a row without improvement. Which evaluation is the
     best and how many followed it are kept in the run's TrainerState (best_index, stale), the weights here."""
 
-    def __init__(self, metric: str, patience: int | None):
+    def __init__(self, metric: str, patience: int | None, ties_to_later: bool = False):
         self.metric, self.patience = metric, patience
+        # a tie goes to the later evaluation (the contrastive objective's tuned model against its probe start: on
+        # the few validation labels of a few-shot run, --validation-labels given, ties are common)
+        self.ties_to_later = ties_to_later
         self.weights: dict = {}  # name -> tensor of the trainable parameters at the best evaluation
 
     def improves(self, best: dict | None, validation: dict) -> bool:
         if best is None:
             return True
         new, old = validation[self.metric], best["validation"][self.metric]
+        if self.ties_to_later and new == old:
+            return True
         return new < old if self.metric == "loss" else new > old
 
     def update(self, model, state: TrainerState) -> bool:

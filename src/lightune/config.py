@@ -28,6 +28,11 @@ TRUNCATIONS = ("head", "tail", "head_tail")  # which tokens of a longer text are
 # single_label: one class per text (softmax, cross-entropy); multi_label: any set of labels per text (one sigmoid
 # per label, binary cross-entropy, a threshold per label)
 PROBLEMS = ("single_label", "multi_label")
+VALIDATION_LABELS = ("auto", "given", "separate")  # where the validation labels come from (data.py)
+# --unlabeled packaged: the packaged source's texts outside the run's splits; the packaged sources are
+# sources.PACKAGED_SOURCES (not imported here: sources imports datasets, and config must stay light)
+PACKAGED_UNLABELED = "packaged"
+PACKAGED_DATA = ("imdb", "rotten_tomatoes")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # A failed run is kept as `<name>.incomplete` (then `.incomplete-2`, ...); a run in progress is a hidden
 # `.<name>.<random>.partial`. Run names that look like these are refused, so no run can take another's place.
@@ -79,6 +84,17 @@ class TrainConfig:
     tune_thresholds: bool = False
     train_size: int | None = 2500
     eval_size: int | None = 500
+    # where the validation labels come from (data.hold_out_validation): given carves them out of the train_size
+    # labelled examples (a stratified quarter, at least 2 a label), so a run of N labels sees N labels in all;
+    # separate takes eval_size rows of a validation split beside them; auto: given for single-label runs of at most
+    # objectives.FEW_SHOT_MAX_EXAMPLES (256) examples, else separate
+    validation_labels: str = "auto"
+    # self-training (self_training.py): unlabelled texts (a file of texts, or "packaged": the packaged source's
+    # texts outside the run's splits), pseudo-labelled by the tuned model in self_training_rounds rounds
+    unlabeled: str | None = None
+    unlabeled_column: str | None = None  # the text column of an unlabelled data file (None: text_column)
+    unlabeled_size: int | None = 20000  # the most unlabelled texts read (a seeded sample; None: all)
+    self_training_rounds: int = 3
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 42
@@ -271,6 +287,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.metric_for_best is not None:
         _check_choice("metric_for_best", cfg.metric_for_best, METRICS_FOR_BEST)
     _check_problem(cfg)
+    _check_self_training(cfg)
     for name in ("model", "data", "text_column", "label_column", "output_dir"):
         _check_text(name, getattr(cfg, name))
     _check_text("test_data", cfg.test_data, optional=True)
@@ -352,6 +369,32 @@ def _check_problem(cfg: TrainConfig) -> None:
     if cfg.class_weights != "none":
         raise ConfigError("class_weights is for single-label data; multi-label training uses the unweighted "
                           "binary cross-entropy (use --class-weights none)")
+
+
+def _check_self_training(cfg: TrainConfig) -> None:
+    """Where the validation labels come from, and the self-training settings: given with --unlabeled, and only
+    with it; single-label data; `packaged` for the packaged sources only."""
+    _check_choice("validation_labels", cfg.validation_labels, VALIDATION_LABELS)
+    _check_text("unlabeled", cfg.unlabeled, optional=True)
+    _check_text("unlabeled_column", cfg.unlabeled_column, optional=True)
+    if cfg.unlabeled_size is not None:
+        _check_number("unlabeled_size", cfg.unlabeled_size, int, 1)
+    _check_number("self_training_rounds", cfg.self_training_rounds, int, 1, 20)
+    if cfg.unlabeled is None:
+        given = [f"--{name.replace('_', '-')}" for name in ("unlabeled_column", "unlabeled_size",
+                                                            "self_training_rounds")
+                 if getattr(cfg, name) != DEFAULTS[name]]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for self-training; add "
+                              "--unlabeled SOURCE (a file of texts, or packaged)")
+        return
+    if cfg.problem != "single_label":
+        raise ConfigError("--unlabeled (self-training on pseudo-labels) is for single-label data; multi-label runs "
+                          "cannot use it")
+    if cfg.unlabeled == PACKAGED_UNLABELED and cfg.data not in PACKAGED_DATA:
+        raise ConfigError(f"--unlabeled packaged takes the texts of --data {' or '.join(PACKAGED_DATA)} outside the "
+                          f"run's splits; with --data {cfg.data} give a file of texts (.txt one a line, or .csv, "
+                          ".tsv, .jsonl, .json, .parquet with a text column)")
 
 
 CLASS_WEIGHTS = ("none", "balanced")

@@ -9,6 +9,7 @@ from typing import Any
 
 from datasets import ClassLabel, Dataset, Value
 
+from .config import PACKAGED_UNLABELED
 from .errors import DataError
 from .forward import encode_texts
 from .labels import (MULTI_HOT, check_classes, check_label_sets, check_training_split, deduplicate, encode_labels,
@@ -26,6 +27,9 @@ class SplitData:
     test: Dataset
     label_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    # the training source's rows that no split uses, its held-out test part apart (--unlabeled packaged only)
+    unused: Dataset | None = None
+    warnings: list[str] = field(default_factory=list)  # what building the splits warns about (split_warnings)
 
 
 def prepare_source(spec: str, text_column: str, label_column: str, label_names: list[str] | None,
@@ -96,12 +100,74 @@ def _drop_texts(ds: Dataset, texts: set[str]) -> Dataset:
     return ds.filter(lambda b: [t not in texts for t in b["text"]], batched=True)
 
 
+# validation carved out of the given labels (--validation-labels given): this share of them, at least
+# GIVEN_VALIDATION_MIN_PER_LABEL of each label, and at least one of each left to train on
+GIVEN_VALIDATION_SHARE = 0.25
+GIVEN_VALIDATION_MIN_PER_LABEL = 2
+
+
+def validation_from_given(cfg) -> bool:
+    """Whether the run's validation labels are carved out of its train_size labelled examples (see TrainConfig)."""
+    if cfg.validation_labels != "auto":
+        return cfg.validation_labels == "given"
+    from .objectives import FEW_SHOT_MAX_EXAMPLES
+
+    return cfg.problem == "single_label" and cfg.train_size is not None and cfg.train_size <= FEW_SHOT_MAX_EXAMPLES
+
+
+def hold_out_validation(ds: Dataset, seed: int) -> tuple[Dataset, Dataset] | None:
+    """(train, validation) of the given labelled rows: per label, a seeded GIVEN_VALIDATION_SHARE of its rows
+    (rounded, at least GIVEN_VALIDATION_MIN_PER_LABEL) for validation and the rest (at least one) for training;
+    multi-hot rows: a seeded share of them. None when a label has too few rows for that."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if is_multi_label(ds):
+        order = rng.permutation(len(ds))
+        n_val = max(GIVEN_VALIDATION_MIN_PER_LABEL, round(GIVEN_VALIDATION_SHARE * len(ds)))
+        if len(ds) - n_val < 1:
+            return None
+        return ds.select(sorted(order[n_val:].tolist())), ds.select(sorted(order[:n_val].tolist()))
+    labels = np.asarray(ds["label"])
+    held = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        n_val = max(GIVEN_VALIDATION_MIN_PER_LABEL, round(GIVEN_VALIDATION_SHARE * len(rows)))
+        if len(rows) - n_val < 1:
+            return None
+        held.extend(rows[:n_val].tolist())
+    chosen = set(held)
+    return ds.select([i for i in range(len(ds)) if i not in chosen]), ds.select(sorted(held))
+
+
+def _given_validation(drawn: Dataset, cfg, where: str) -> tuple[Dataset, Dataset] | None:
+    """The drawn labelled rows split into (train, validation), or None (auto, too few rows: a separate split);
+    DataError when --validation-labels given cannot hold validation rows out."""
+    parts = hold_out_validation(drawn, cfg.split_seed)
+    if parts is None and cfg.validation_labels == "given":
+        least = GIVEN_VALIDATION_MIN_PER_LABEL + 1
+        raise DataError(f"{where}: --validation-labels given needs at least {least} of the --train-size "
+                        f"{cfg.train_size} labelled rows of each label ({GIVEN_VALIDATION_MIN_PER_LABEL} for "
+                        f"validation, 1 to train on); raise --train-size, or use --validation-labels separate")
+    return parts
+
+
+def _unused_rows(carved: dict[str, Dataset], used: dict[str, Dataset]) -> Dataset:
+    """The rows of the carved train and validation splits that the run's splits do not hold (the carved test
+    split is held out whole)."""
+    from datasets import concatenate_datasets
+
+    return _drop_texts(concatenate_datasets([carved["train"], carved["validation"]]),
+                       set(used["train"]["text"]) | set(used["validation"]["text"]) | set(used["test"]["text"]))
+
+
 def build_splits(cfg) -> SplitData:
-    """The train/validation/test data a TrainConfig asks for (see README, 'Data')."""
+    """The train/validation/test data a TrainConfig asks for (see README, 'Data' and 'Few-shot')."""
     multi = {"label_columns": cfg.label_columns, "label_delimiter": cfg.label_delimiter}
     train_source, names = prepare_source(cfg.data, cfg.text_column, cfg.label_column, cfg.label_names,
                                          allow_unusual_labels=cfg.allow_unusual_labels, **multi)
-    splits = carve_splits(train_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
+    carved = carve_splits(train_source, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = dict(carved)
     test_spec = cfg.test_data or cfg.data
     if cfg.test_data and cfg.test_data != cfg.data:
         test_source, test_names = prepare_source(cfg.test_data, cfg.text_column, cfg.label_column,
@@ -114,7 +180,17 @@ def build_splits(cfg) -> SplitData:
         splits["test"] = _drop_texts(test_source, seen)
     splits["train"] = _stratified_take(splits["train"], cfg.train_size, cfg.split_seed)
     check_training_split(splits["train"], names, cfg.data, cfg.train_size, cfg.allow_unusual_labels)
-    splits["validation"] = _stratified_take(splits["validation"], cfg.eval_size, cfg.split_seed)
+    given = _given_validation(splits["train"], cfg, cfg.data) if validation_from_given(cfg) else None
+    warnings = []
+    if given is not None:
+        splits["train"], splits["validation"] = given
+        check_training_split(splits["train"], names, cfg.data, cfg.train_size, cfg.allow_unusual_labels)
+    else:
+        if validation_from_given(cfg):  # auto, and too few rows of a label to hold some out
+            warnings.append(f"--train-size {cfg.train_size} holds under {GIVEN_VALIDATION_MIN_PER_LABEL + 1} rows "
+                            "of a label, too few to carve validation rows out of: the validation split is a "
+                            "separate one (--validation-labels separate), its labels beside the given ones")
+        splits["validation"] = _stratified_take(splits["validation"], cfg.eval_size, cfg.split_seed)
     splits["test"] = _stratified_take(splits["test"], cfg.eval_size, cfg.split_seed)
     info = {
         "train_source": cfg.data,
@@ -123,8 +199,23 @@ def build_splits(cfg) -> SplitData:
         "sizes": {name: len(part) for name, part in splits.items()},
         "fingerprints": {name: fingerprint(part) for name, part in splits.items()},
         "label_names": names,
+        # the labels the run learnt and chose from (test apart): validation from the given ones, or separate
+        "labelled": {"train": len(splits["train"]), "validation": len(splits["validation"]),
+                     "total": len(splits["train"]) + len(splits["validation"]),
+                     "validation_from": "given" if given is not None else "separate"},
     }
-    return SplitData(splits["train"], splits["validation"], splits["test"], names, info)
+    unused = _unused_rows(carved, splits) if cfg.unlabeled == PACKAGED_UNLABELED else None
+    return SplitData(splits["train"], splits["validation"], splits["test"], names, info, unused, warnings)
+
+
+def labelled_line(splits: SplitData) -> str:
+    """One line for the log: the labels the run uses to train and to validate, and where the latter come from."""
+    n = splits.info["labelled"]
+    if n["validation_from"] == "given":
+        return (f"labels: {n['total']} in all, {n['train']} to train on and {n['validation']} held out of them for "
+                "validation (--validation-labels given); test is the held-out split")
+    return (f"labels: {n['train']} to train on and {n['validation']} of a separate validation split "
+            f"({n['total']} in all; --validation-labels separate); test is the held-out split")
 
 
 # below these, the validation and test splits are warned about: a checkpoint, a temperature or thresholds chosen on
@@ -138,8 +229,11 @@ def split_warnings(splits: SplitData) -> list[str]:
     label (texts that have it, for multi-label data)."""
     uses = {"validation": "the best checkpoint, the temperature and any thresholds are chosen on it",
             "test": "its accuracy is a rough estimate"}
-    out = []
+    out = list(splits.warnings)
+    given = splits.info.get("labelled", {}).get("validation_from") == "given"
     for name, use in uses.items():
+        if name == "validation" and given:  # a few of the given labels by design (labelled_line says so)
+            continue
         part = getattr(splits, name)
         if len(part) < FEW_ROWS:
             out.append(f"the {name} split has only {len(part)} rows (under {FEW_ROWS}): {use}; give more data or a "

@@ -63,6 +63,10 @@ def plot_history(metrics: dict, path: Path) -> None:
     ax_loss.plot(epochs, [h["validation"]["loss"] for h in history], marker="s", color="tab:orange",
                  linestyle="none" if len(history) == 1 else "-", label="validation loss")
     ax_loss.set_xlabel("epoch")
+    for h in history:  # the self-training rounds (--unlabeled), named at their validation accuracy
+        if h.get("self_training_round"):
+            ax_acc.annotate(f"round {h['self_training_round']}", (h["epoch"], h["validation"]["accuracy"]),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     best = metrics.get("best")  # runs from before the best evaluation was kept have none
     if best:
         for ax in (ax_acc, ax_loss):
@@ -165,6 +169,35 @@ def confusion_lines(metrics: dict, label_names: list[str], thresholds: dict | No
     return []
 
 
+def labelled_lines(data: dict) -> list[str]:
+    """Markdown: the labels the run learnt and chose from (runs from before this was recorded: none)."""
+    n = data.get("labelled")
+    if not n:
+        return []
+    where = ("held out of the given labels" if n["validation_from"] == "given" else "a separate validation split")
+    return [f"- Labels: {n['total']:,} in all: {n['train']:,} to train on, {n['validation']:,} for validation "
+            f"({where}); the test split is held out."]
+
+
+def self_training_lines(record: dict | None, label_names: list[str]) -> list[str]:
+    """Markdown: what the self-training rounds (--unlabeled) read, selected and measured, and which was kept."""
+    if not record:
+        return []
+    metric = record["metric"]
+    lines = [f"- Self-training on `{record['source']}`: {record['used']:,} unlabelled texts used of "
+             f"{record['read']:,} read ({sum(record['dropped'].values()):,} dropped: "
+             + ", ".join(f"{n:,} {why}" for why, n in record["dropped"].items()) + f"; {record['blank']:,} blank); "
+             f"validation {metric} {record['validation_before']:.4f} before it."]
+    for r in record["rounds"]:
+        chosen = ", ".join(f"{name} {r['pseudo_labels'].get(name, 0):,}" for name in label_names)
+        result = (f"validation {metric} {r['validation'][metric]:.4f}" + (" (kept)" if r.get("kept") else "")
+                  if "validation" in r else ("diverged" if r.get("diverged") else "stopped"))
+        lines.append(f"  - round {r['round']}: {r['scored']:,} texts pseudo-labelled, {chosen} selected; {result}")
+    kept = record["kept_round"]
+    lines.append("  - kept: " + (f"round {kept}" if kept else "the model before self-training"))
+    return lines
+
+
 def report_markdown(metrics: dict) -> str:
     """A short human-readable report of one run."""
     base, tuned, cfg = metrics["base"], metrics["test"], metrics["config"]
@@ -193,6 +226,8 @@ def report_markdown(metrics: dict) -> str:
         f"- Weight memory: {_mb(mem['weights_bytes'])}; peak memory ({mem['peak_kind']}): {_mb(mem['peak_bytes'])}",
         f"- Training: {metrics['training']['steps']} steps, {metrics['training']['seconds']:.1f} s, "
         f"{metrics['training']['samples_per_s']:.1f} samples/s; evaluation {tuned['samples_per_s']:.1f} samples/s",
+        *labelled_lines(data),
+        *self_training_lines(metrics.get("self_training"), data["label_names"]),
         *confusion_lines(tuned, data["label_names"], metrics.get("thresholds")),
         *calibration_lines(metrics),
         *[f"- Warning: {w}" for w in metrics.get("warnings", [])],

@@ -191,7 +191,8 @@ def is_complete_run(path: Path) -> bool:
 # only head before pooling was recorded), calibration (no temperature: the softmax of the logits as they are).
 OLD_CONFIG_DEFAULTS = {"rslora": False, "init": "default", "truncation": "head", "loraplus_lr_ratio": None,
                        "virtual_tokens": 20, "problem": "single_label", "label_columns": None,
-                       "label_delimiter": None, "tune_thresholds": False}
+                       "label_delimiter": None, "tune_thresholds": False,
+                       "validation_labels": "separate"}  # before it: validation was always a separate split
 OLD_RUN_DEFAULTS = {"pooling": "cls", "calibration": {"temperature": 1.0}}
 SAVED_POOLINGS = tuple(p for p in POOLINGS if p != "auto")  # what a run records: the pooling "auto" resolved to
 SAVED_KINDS = ("adapter", "model")  # the run's folder: a peft adapter + tokenizer, or the whole model

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import calibration, checkpoints, forward, heads, hub, methods, model_card, models, objectives, steps
+from . import (calibration, checkpoints, forward, heads, hub, methods, model_card, models, objectives,
+               self_training, steps)
 from .tracking import RunTracker, check_report_to
 from .config import TrainConfig, check_class_weight_count, validate
 from .evaluation import choose_thresholds, evaluate_with_logits, predict_logits
@@ -57,6 +58,8 @@ def run_training(cfg: TrainConfig, progress: bool = True, resume: Path | None = 
           run_lock(resume if run.accelerator.is_main_process else None)):
         run.start(work)  # the resumed run's latest checkpoint, else the base model's evaluation
         run.train()
+        if run.unlabeled is not None:  # pseudo-labelled rounds; the better model on validation is kept
+            run.self_training = self_training.train_rounds(run)
         metrics = run.finish(work)
         checkpoints.remove_checkpoints(work)  # a finished run needs none
         write_run_outputs(work, metrics)
@@ -72,6 +75,7 @@ class TrainingRun:
     """One run of the recipe: its phases in the order run_training calls them, then their helpers."""
 
     on_evaluation: Callable[[int, dict], None] | None = None  # see run_training
+    self_training: dict | None = None  # what the self-training rounds did (--unlabeled), for metrics.json
 
     def __init__(self, cfg: TrainConfig, progress: bool, resume: Path | None):
         validate(cfg)
@@ -101,6 +105,8 @@ class TrainingRun:
         check_class_weight_count(cfg.class_weights, self.splits.label_names)  # before the model loads
         for message in data_mod.split_warnings(self.splits):
             self.warn(message)
+        log(data_mod.labelled_line(self.splits), self.accelerator)
+        self.unlabeled = self_training.read_unlabeled(cfg, self.splits, self.accelerator) if cfg.unlabeled else None
         self.n_classes = len(self.splits.label_names)
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.max_length = supported_max_length(cfg.max_length, self.tokenizer, self.model_config)
@@ -159,7 +165,7 @@ class TrainingRun:
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.n_steps) * scale, self.n_steps * scale))
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
-        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience)
+        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience, self.contrastive)
         checkpoints.register_trainable_hooks(accelerator)
         if self.resume:
             self.load_resumed()
@@ -386,6 +392,7 @@ class TrainingRun:
                      "value": best["validation"][cfg.metric_for_best]},
             "base": state.base,
             "history": state.history,
+            "self_training": self.self_training,
             "test": test,
         }
 

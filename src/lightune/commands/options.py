@@ -8,11 +8,12 @@ from dataclasses import fields
 
 from .. import methods
 from ..config import (BIASES, DEFAULTS, DEVICES, HEAD_INITS, METRICS_FOR_BEST, OBJECTIVES, POOLINGS, PRECISIONS,
-                      PROBLEMS, SETTING_NAMES, TRUNCATIONS, TrainConfig)
+                      PROBLEMS, SETTING_NAMES, TRUNCATIONS, VALIDATION_LABELS, TrainConfig)
 
 CHOICES = {"peft": methods.names(), "quantize": methods.QUANTIZE, "init": list(methods.lora.INITS), "bias": BIASES,
            "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS, "head_init": HEAD_INITS,
-           "objective": OBJECTIVES, "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS}
+           "objective": OBJECTIVES, "truncation": TRUNCATIONS, "metric_for_best": METRICS_FOR_BEST, "problem": PROBLEMS,
+           "validation_labels": VALIDATION_LABELS}
 HELP = {
     "model": "packaged alias (all-MiniLM-L6-v2), local model directory or hub id",
     "peft": "what is trained: " + "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
@@ -65,8 +66,21 @@ HELP = {
                        "default: none)",
     "tune_thresholds": "multi_label: per label, use the threshold that maximises F1 on the validation split "
                        "(default: 0.5); recorded in the run and used by evaluate, predict and serve",
-    "train_size": "train examples to sample (stratified); 'all' for every one",
+    "train_size": "labelled examples to sample (stratified) for training, and for validation too where "
+                  "--validation-labels is given (auto: runs of at most 256); 'all' for every one",
     "eval_size": "validation and test examples each; 'all' for every one",
+    "validation_labels": "where the validation labels come from: given (a stratified quarter of the --train-size "
+                         "labelled examples, at least 2 a label, so a run of N labels sees N), separate (--eval-size "
+                         "rows of a validation split beside them) or auto (default: given for single-label runs of "
+                         "at most 256 examples, else separate)",
+    "unlabeled": "self-training on unlabelled texts: a file of texts (.txt one a line, or .csv/.tsv/.jsonl/.json/"
+                 ".parquet with a text column) or packaged (the texts of --data imdb or rotten_tomatoes outside the "
+                 "run's splits); the tuned model pseudo-labels them, the most confident alike for each label train "
+                 "it further, and the run keeps the better model on validation (default: none)",
+    "unlabeled_column": "the text column of an --unlabeled data file (default: --text-column)",
+    "unlabeled_size": "the most unlabelled texts read (a seeded sample); 'all' for every one",
+    "self_training_rounds": "self-training rounds: each pseudo-labels a fresh share of the unlabelled texts and "
+                            "trains one epoch of cross-entropy on the labelled and the selected ones",
     "validation_fraction": "share of the source held out for validation",
     "test_fraction": "share of the source held out for test (when --test-data does not give the test texts)",
     "split_seed": "seed of the train/validation/test split and of the samples drawn from it",
