@@ -24,7 +24,7 @@ def compile_options(device_type: str) -> dict:
     """torch.compile's arguments for a device: CUDA graphs at static shapes on CUDA, inductor elsewhere."""
     if device_type == "cuda":
         return {"mode": "reduce-overhead", "dynamic": False}  # no mark_dynamic: one graph per fixed width
-    return {"backend": "inductor"}
+    return {"backend": "inductor", "dynamic": True}  # widths vary: one graph for all, not one per width first
 
 
 class CompiledModel(torch.nn.Module):
@@ -42,6 +42,9 @@ class CompiledModel(torch.nn.Module):
         self.beyond_limit = False  # a shape beyond max_shapes came (said once)
 
     def forward(self, **inputs):
+        # chunks cut to their longest text are column slices: as they are, their strides would make dynamo
+        # compile again (a guard on strides); contiguous copies of a few token ids cost nothing
+        inputs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         key = shape_key(inputs)
         if self.failed:
             return self.eager(**inputs)
