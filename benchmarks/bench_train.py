@@ -109,7 +109,7 @@ def run_trainer(args, seed: int, out: dict, recipe: str = "common") -> None:
         model = models.prepare_for_training(models.load_base_model(cfg.model, splits.label_names), cfg)
         warmup_steps = int(cfg.warmup_ratio * math.ceil(len(train) / cfg.batch_size))  # lightune's rounding
         bf16 = strong and (device.type == "cpu" or torch.cuda.is_bf16_supported())
-        options = dict(bf16=bf16, fp16=strong and not bf16, group_by_length=True,
+        options = dict(bf16=bf16, fp16=strong and not bf16, **group_by_length_option(TrainingArguments),
                        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)) if strong else {}
         collator = options.pop("data_collator", None)
         training_args = TrainingArguments(
@@ -127,6 +127,17 @@ def run_trainer(args, seed: int, out: dict, recipe: str = "common") -> None:
         out.update(recipe=recipe, seed=seed, examples=len(train), seconds=seconds, samples_per_s=len(train) / seconds,
                    accuracy=accuracy, peak_bytes=peak_bytes(device), device=device.type, batch_size=cfg.batch_size,
                    precision="bf16" if bf16 else "fp16" if strong else "fp32")
+
+
+def group_by_length_option(training_arguments) -> dict:
+    """TrainingArguments' group_by_length=True, or train_sampling_strategy="group_by_length" where a newer
+    transformers has replaced the flag with it."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(training_arguments)}
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 def run_lightune(args, seed: int, out: dict, recipe: str = "lightune") -> None:
@@ -167,9 +178,7 @@ def run_in_child(recipe: str, args, seed: int) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
-    if "error" in result:
-        raise SystemExit(f"the {recipe} recipe failed:\n{result['error']}")
-    return result
+    return result  # {"error": traceback} when the recipe failed
 
 
 def weight_memory(model_name: str) -> dict:
@@ -230,14 +239,18 @@ def matmul_rate(device_name: str, seconds: float = 1.0) -> dict:
         if cuda:
             torch.cuda.synchronize()
         best = max(best, count * 2 * n ** 3 / (time.perf_counter() - start))
-    return {"flop_per_s": best, "dtype": str(dtype).replace("torch.", ""), "size": n,
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    out = {"flop_per_s": best, "dtype": str(dtype).replace("torch.", ""), "size": n,
+           "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()  # the training runs (child processes) get the memory back
+    return out
 
 
 def summary(args, runs: list[dict], work: dict | None = None, rate: dict | None = None) -> dict:
     """Per recipe: mean samples/s, accuracy (mean, sd), peak memory; lightune's speed-ups over each Trainer recipe
     and accuracy differences (points, per seed); the useful share of the device where work and rate are known."""
-    by_recipe = {r: [run[r] for run in runs if r in run] for r in args.recipes}
+    by_recipe = {r: [run[r] for run in runs if "error" not in run.get(r, {"error": ""})] for r in args.recipes}
     out: dict = {"recipes": {}}
     for recipe, results in by_recipe.items():
         if not results:
@@ -252,7 +265,8 @@ def summary(args, runs: list[dict], work: dict | None = None, rate: dict | None 
         out["recipes"][recipe] = row
     for fast in ("lightune", "lightune-compile"):
         for base in TRAINER_RECIPES:
-            pairs = [(run[fast], run[base]) for run in runs if fast in run and base in run]
+            pairs = [(run[fast], run[base]) for run in runs
+                     if "error" not in run.get(fast, {"error": ""}) and "error" not in run.get(base, {"error": ""})]
             if not pairs:
                 continue
             diffs = [100 * (f["accuracy"] - b["accuracy"]) for f, b in pairs]
@@ -267,13 +281,13 @@ def summary(args, runs: list[dict], work: dict | None = None, rate: dict | None 
 def print_results(args, runs: list[dict], result: dict) -> None:
     """The per-seed table and the summary."""
     mb = 2 ** 20
-    device = next(iter(runs[0].values()))["device"]
+    device = next((r["device"] for run in runs for r in run.values() if "device" in r), "none")
     print(f"\nmodel {args.model}, data {args.data}: {args.train_size} train / {args.eval_size} test examples, "
           f"max_length {args.max_length}, batch {args.batch_size} (strong {args.strong_batch_size}), LoRA r={args.rank}, "
           f"device {device}")
     print(f"{'recipe':<17} {'seed':>5} {'train samples/s':>16} {'train s':>9} {'test accuracy':>14} {'peak memory MB':>15}")
     for run in runs:
-        for r in run.values():
+        for r in (r for r in run.values() if "error" not in r):
             print(f"{r['recipe']:<17} {r['seed']:>5} {r['samples_per_s']:>16.2f} {r['seconds']:>9.1f} "
                   f"{r['accuracy']:>14.4f} {r['peak_bytes'] / mb:>15.0f}")
     for recipe, row in result["recipes"].items():
@@ -297,18 +311,23 @@ def write_json(args, runs: list[dict], **extra) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # the device's rate and the useful work first: a benchmark cut off by a time limit keeps the useful share
+    work, rate = train_flops_per_text(args), matmul_rate(args.device)
     runs: list[dict] = []
+    failed: list[str] = []
     for seed in args.seeds:
         run: dict = {}
         runs.append(run)
         for recipe in args.recipes:
             print(f"seed {seed}: running {recipe} ...", file=sys.stderr, flush=True)
-            run[recipe] = run_in_child(recipe, args, seed)
-            r = run[recipe]
-            print(f"seed {seed}: {recipe} {r['samples_per_s']:.2f} samples/s, test accuracy {r['accuracy']:.4f}",
-                  file=sys.stderr, flush=True)
-            write_json(args, runs, summary=summary(args, runs))
-    work, rate = train_flops_per_text(args), matmul_rate(args.device)
+            run[recipe] = r = run_in_child(recipe, args, seed)
+            if "error" in r:  # the other recipes and seeds still run: one failure does not lose their figures
+                failed.append(recipe)
+                print(f"seed {seed}: the {recipe} recipe failed:\n{r['error']}", file=sys.stderr, flush=True)
+            else:
+                print(f"seed {seed}: {recipe} {r['samples_per_s']:.2f} samples/s, test accuracy {r['accuracy']:.4f}",
+                      file=sys.stderr, flush=True)
+            write_json(args, runs, summary=summary(args, runs, work, rate), useful_work=work, matmul=rate)
     result = summary(args, runs, work, rate)
     print_results(args, runs, result)
     print(f"useful work: {work['flops_per_text'] / 1e9:.2f} GFLOP a text ({work['tokens_per_text']:.0f} tokens); "
@@ -318,7 +337,9 @@ def main(argv=None) -> int:
     print("weight memory: " + ", ".join(f"{k} {v / mb:.1f} MB" if isinstance(v, int) else f"{k} {v}"
                                         for k, v in memory.items()))
     write_json(args, runs, summary=result, useful_work=work, matmul=rate, weight_memory=memory)
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)} (tracebacks above and in the JSON)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
