@@ -15,7 +15,7 @@ recipes and the accuracy difference is reported as mean +- standard deviation ov
     python benchmarks/bench_train.py --data rotten_tomatoes --max-length 128 --seeds 1 2 3 4 5
 
 --recipes picks the recipes (default: common lightune). `strong` is the strongest HF Trainer recipe a GPU user
-would run: bf16 (fp16 where the GPU has no bf16), group_by_length=True, dynamic padding, and a large batch
+would run: bf16 (fp16 where the GPU has no bf16; fp32 on a CPU), group_by_length=True, dynamic padding, and a large batch
 (--strong-batch-size); `lightune-compile` is lightune with --compile. Lightune's speed-up is reported against each
 Trainer recipe run, and the useful share of the device: the FLOPs of the training step on the unpadded texts
 (the forward and the backward to the inputs: the frozen weights get no gradients) per second, over the best rate
@@ -85,7 +85,7 @@ def peak_bytes(device) -> int:
 
 def run_trainer(args, seed: int, out: dict, recipe: str = "common") -> None:
     """HF Trainer. common: padding to max_length, fp32, random batches (the recipe most notebooks use); strong:
-    dynamic padding, bf16 (fp16 on GPUs without it), group_by_length, the strong batch size."""
+    dynamic padding, bf16 (fp16 on GPUs without it; fp32 on a CPU), group_by_length, the strong batch size."""
     import numpy as np
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
@@ -108,8 +108,11 @@ def run_trainer(args, seed: int, out: dict, recipe: str = "common") -> None:
         train, test = encode(splits.train), encode(splits.test)
         model = models.prepare_for_training(models.load_base_model(cfg.model, splits.label_names), cfg)
         warmup_steps = int(cfg.warmup_ratio * math.ceil(len(train) / cfg.batch_size))  # lightune's rounding
-        bf16 = strong and (device.type == "cpu" or torch.cuda.is_bf16_supported())
-        options = dict(bf16=bf16, fp16=strong and not bf16, **group_by_length_option(TrainingArguments),
+        # mixed precision on GPUs only: a CPU without bf16 matrix units runs bf16 slower than fp32
+        cuda = device.type == "cuda"
+        bf16 = strong and cuda and torch.cuda.is_bf16_supported()
+        fp16 = strong and cuda and not bf16
+        options = dict(bf16=bf16, fp16=fp16, **group_by_length_option(TrainingArguments),
                        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)) if strong else {}
         collator = options.pop("data_collator", None)
         training_args = TrainingArguments(
@@ -126,7 +129,7 @@ def run_trainer(args, seed: int, out: dict, recipe: str = "common") -> None:
         accuracy = float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())
         out.update(recipe=recipe, seed=seed, examples=len(train), seconds=seconds, samples_per_s=len(train) / seconds,
                    accuracy=accuracy, peak_bytes=peak_bytes(device), device=device.type, batch_size=cfg.batch_size,
-                   precision="bf16" if bf16 else "fp16" if strong else "fp32")
+                   precision="bf16" if bf16 else "fp16" if fp16 else "fp32")
 
 
 def group_by_length_option(training_arguments) -> dict:
