@@ -9,7 +9,12 @@ best rate of one large fp32 matrix product of the model's own shapes, measured i
 near that rate has little left to gain from any fp32 path (only fewer FLOPs or lower precision help there).
 It also times the run exported by `lightune export --format onnx` (pooling, head and probabilities in one graph)
 in ONNX Runtime, fed the same token-budget batches, beside the PyTorch path (needs pip install 'lightune[export]').
---alternatives also times torch.compile and dynamic int8 quantization on the merged model.
+--alternatives also times torch.compile and dynamic int8 quantization on the merged model. On CUDA it also times
+lightune's batching with the merged model cast to bf16, and --pipeline-baseline times a batched stock
+transformers pipeline("text-classification") on the merged model in bf16 (its batches in input order, padded to
+their longest text: what a user of the stock API gets). --json writes the rows (after each one).
+
+    python benchmarks/bench_predict.py --device cuda --texts 2000 --pipeline-baseline --json bench-predict.json
 
     python benchmarks/bench_predict.py                          # trains a small adapter first
     python benchmarks/bench_predict.py --run-dir runs/<run> --data rotten_tomatoes --alternatives
@@ -34,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--alternatives", action="store_true",
                    help="also time torch.compile and dynamic int8 on the merged model")
+    p.add_argument("--pipeline-baseline", action="store_true",
+                   help='also time a batched stock pipeline("text-classification") in bf16')
+    p.add_argument("--pipeline-batch-size", type=int, default=64)
+    p.add_argument("--json", help="also write the rows to this JSON file (after each one)")
     return p.parse_args(argv)
 
 
@@ -159,6 +168,35 @@ def exported_onnx(classifier, texts: list[str], folder: str):
                       temperature=1.0)
 
 
+def in_bf16(model):
+    """A bf16 copy of a model (the original stays as it is)."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def stock_pipeline(classifier, texts: list[str], batch_size: int):
+    """A stock transformers text-classification pipeline on a bf16 copy of the merged model, batched, after one
+    warm-up batch; the probabilities in label-id order."""
+    import torch
+    from transformers import pipeline
+
+    model = in_bf16(classifier.model)
+    pipe = pipeline("text-classification", model=model, tokenizer=classifier.tokenizer, device=classifier.device)
+    options = dict(batch_size=batch_size, truncation=True, max_length=classifier.max_length, top_k=None)
+    pipe(texts[:batch_size], **options)
+    start = time.perf_counter()
+    results = pipe(texts, **options)
+    seconds = time.perf_counter() - start
+    probs = torch.zeros(len(texts), model.config.num_labels)
+    for i, scores in enumerate(results):
+        for entry in scores:
+            probs[i, model.config.label2id[entry["label"]]] = entry["score"]
+    return seconds, probs
+
+
 def alternatives(classifier, texts: list[str], folder: str) -> dict:
     """(seconds, probabilities) of the optional paths; a path this machine cannot run reports why."""
     import torch
@@ -198,6 +236,16 @@ def main(argv=None) -> int:
         ceiling = matmul_flops_per_s(fast.model.config, fast.device)
         rows = {"common": (*per_text(common, texts), "per text, unmerged adapter"),
                 "lightune": (*batched(fast, texts), "merged, token-budget batches")}
+        write_rows(args, texts, gold, flops, ceiling, rows)
+        if fast.device.type == "cuda":
+            rows["lightune bf16"] = (*with_model(fast, in_bf16(fast.model), texts), "merged, bf16, token-budget batches")
+        if args.pipeline_baseline:
+            try:
+                rows["pipeline bf16"] = (*stock_pipeline(fast, texts, args.pipeline_batch_size),
+                                         f'pipeline("text-classification"), bf16, batch {args.pipeline_batch_size}')
+            except Exception as exc:  # report, do not hide, a path this machine cannot run
+                rows["pipeline bf16"] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        write_rows(args, texts, gold, flops, ceiling, rows)
         try:
             rows["onnx export"] = (*exported_onnx(fast, texts, tmp), "lightune export --format onnx, ONNX Runtime")
         except Exception as exc:  # report, do not hide, a path this machine cannot run (onnxruntime missing)
@@ -205,7 +253,39 @@ def main(argv=None) -> int:
         if args.alternatives:
             for name, result in alternatives(fast, texts, tmp).items():
                 rows[name] = (*result, "merged, token-budget batches") if isinstance(result, tuple) else result
+        write_rows(args, texts, gold, flops, ceiling, rows)
 
+    report(args, texts, gold, lengths, fast, flops, ceiling, rows)
+    return 0
+
+
+def table(texts, gold, flops: float, ceiling: float, rows: dict) -> dict:
+    """texts/s, seconds, GFLOP/s, share of the ceiling, accuracy and agreement with the common recipe per row."""
+    common_p = rows["common"][1]
+    out = {}
+    for name, row in rows.items():
+        if isinstance(row, str):
+            out[name] = {"unavailable": row}
+            continue
+        seconds, probs, how = row
+        out[name] = {"texts_per_s": len(texts) / seconds, "seconds": seconds, "gflop_per_s": flops / seconds / 1e9,
+                     "of_fp32_ceiling": flops / seconds / ceiling,
+                     "accuracy": float((probs.argmax(-1) == gold).float().mean()),
+                     "same_label": float((probs.argmax(-1) == common_p.argmax(-1)).float().mean()), "how": how}
+    return out
+
+
+def write_rows(args, texts, gold, flops: float, ceiling: float, rows: dict) -> None:
+    if args.json:
+        import json
+
+        with open(args.json + ".tmp", "w") as fh:
+            json.dump({"args": vars(args), "texts": len(texts), "useful_flops": flops, "fp32_ceiling": ceiling,
+                       "rows": table(texts, gold, flops, ceiling, rows)}, fh, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+
+
+def report(args, texts, gold, lengths, fast, flops: float, ceiling: float, rows: dict) -> None:
     common_s, common_p, _ = rows["common"]
     print(f"\n{len(texts)} {args.data} texts ({sum(lengths) / len(lengths):.0f} tokens on average), "
           f"device {fast.device.type}, max_length {fast.max_length}")
@@ -213,24 +293,23 @@ def main(argv=None) -> int:
           f"{ceiling / 1e9:.1f} GFLOP/s")
     print(f"{'recipe':<14} {'texts/s':>8} {'seconds':>8} {'GFLOP/s':>8} {'of fp32 ceiling':>15} {'accuracy':>9} "
           f"{'same label':>10}")
-    for name, row in rows.items():
-        if isinstance(row, str):
-            print(f"{name:<14} {row}")
+    for name, row in table(texts, gold, flops, ceiling, rows).items():
+        if "unavailable" in row:
+            print(f"{name:<14} {row['unavailable']}")
             continue
-        seconds, probs, how = row
-        accuracy = float((probs.argmax(-1) == gold).float().mean())
-        same = float((probs.argmax(-1) == common_p.argmax(-1)).float().mean())
-        print(f"{name:<14} {len(texts) / seconds:>8.1f} {seconds:>8.1f} {flops / seconds / 1e9:>8.1f} "
-              f"{flops / seconds / ceiling:>15.0%} {accuracy:>9.4f} {same:>10.1%}   {how}")
+        print(f"{name:<14} {row['texts_per_s']:>8.1f} {row['seconds']:>8.1f} {row['gflop_per_s']:>8.1f} "
+              f"{row['of_fp32_ceiling']:>15.0%} {row['accuracy']:>9.4f} {row['same_label']:>10.1%}   {row['how']}")
     fast_s, fast_p, _ = rows["lightune"]
     print(f"speed-up (lightune / common): {common_s / fast_s:.2f}x; max probability difference "
           f"{float((common_p - fast_p).abs().max()):.2e}; a path at the ceiling would be "
           f"{ceiling / (flops / common_s):.2f}x the common recipe")
-    if isinstance(rows["onnx export"], tuple):
+    if isinstance(rows.get("onnx export"), tuple):
         onnx_s, onnx_p, _ = rows["onnx export"]
         print(f"ONNX Runtime / PyTorch (lightune): {fast_s / onnx_s:.2f}x the speed; max probability difference "
               f"{float((onnx_p - fast_p).abs().max()):.2e}")
-    return 0
+    for name in ("lightune bf16", "pipeline bf16"):
+        if isinstance(rows.get(name), tuple):
+            print(f"{name} / common: {common_s / rows[name][0]:.2f}x the speed")
 
 
 if __name__ == "__main__":

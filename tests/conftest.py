@@ -224,3 +224,17 @@ def packaged_model_hub_cache(root: Path) -> Path:
             if not link.exists():
                 link.symlink_to(file)
     return root
+
+
+def pytest_runtest_logreport(report):
+    """With LIGHTUNE_FAILURE_LOG set (benchmarks/gpu/check.sh), one line per failing test appended to that file as
+    it fails (the error's own line too), so a run cut off by its time limit still names what failed and why."""
+    path = os.environ.get("LIGHTUNE_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under pytest-xdist the controller writes the line (the workers' reports reach it)
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else (str(report.longrepr).strip().splitlines() or [""])[-1]
+    message = " ".join(message.split())[:300]
+    kind = "FAILED" if report.when == "call" else f"ERROR at {report.when}"
+    with open(path, "a") as fh:
+        fh.write(f"{kind} {report.nodeid} - {message}\n")

@@ -218,6 +218,53 @@ def test_chunked_backward_gives_the_same_gradient_as_one_batch(tiny_model_dir):
     assert chunk_loss == pytest.approx(whole_loss, rel=1e-5)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # on a GPU chunks keep the batch's fixed width (no mask read, no host sync): the same gradient
+    assert [c["input_ids"].shape for c in split_batch(batch, 30, trim=False)] == [(2, 12)] * 4
+    model.zero_grad()
+    untrimmed_loss = backward_in_chunks(model, dict(batch), Accelerator(cpu=True), 30, trim=False)
+    assert untrimmed_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, p in zip(whole, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_micro_batches_are_chosen_by_a_token_budget_for_the_device_memory():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightune.config import from_dict
+    from lightune.steps import chunk_budgets, gpu_train_tokens
+
+    minilm = SimpleNamespace(hidden_size=384, num_hidden_layers=6)  # 64 bytes x 384 x 6 = 147,456 bytes a token
+    gib = 2 ** 30
+    assert gpu_train_tokens(80 * gib, minilm) == 145635  # a quarter of 80 GiB
+    assert gpu_train_tokens(141 * gib, minilm) == 256682
+    assert gpu_train_tokens(16 * gib, minilm) == 29127
+    assert gpu_train_tokens(gib, minilm) == 8192  # the least
+    assert gpu_train_tokens(80 * gib) == 36408  # BERT-base's sizes without a config: 64 x 768 x 12 bytes a token
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert chunk_budgets(from_dict({}), cuda, minilm, total_memory=80 * gib) == (145635, 65536)
+    assert chunk_budgets(from_dict({"chunk_tokens": 1000}), cuda, minilm, total_memory=80 * gib) == (1000, 1000)
+    assert chunk_budgets(from_dict({}), cpu, minilm) == (2048, 2048)
+    # --batch-size stays the optimizer's batch: 512 texts of 512 tokens run in two chunks of 284 and 228 rows
+    budget = gpu_train_tokens(80 * gib, minilm)
+    assert budget // 512 == 284
+
+
+def test_training_batches_are_pinned_and_prefetched_on_cuda():
+    import datasets
+
+    from lightune.steps import loader_options, make_train_loader
+
+    assert loader_options("cuda", 0) == {"num_workers": 0, "pin_memory": True}
+    assert loader_options("cuda", 2) == {"num_workers": 2, "pin_memory": True, "prefetch_factor": 4}
+    assert loader_options("cpu", 2) == {"num_workers": 2, "pin_memory": False}
+    ds = datasets.Dataset.from_dict({"input_ids": [[2, 5, 3], [2, 6, 7, 3]], "attention_mask": [[1] * 3, [1] * 4],
+                                     "labels": [0, 1], "length": [3, 4]})
+    loader = make_train_loader(ds, None, 2, True, 0, 2, 64, "cuda")
+    assert (loader.pin_memory, loader.num_workers, loader.prefetch_factor) == (True, 2, 4)
+    assert not loader.persistent_workers  # each epoch's workers are seeded from the reseeded generator
+    assert make_train_loader(ds, None, 2, False, 0, 0, None, "cpu").pin_memory is False
 
 
 def test_token_budget_batches_cover_every_index_once():

@@ -18,13 +18,13 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import data as data_mod
-from . import (calibration, checkpoints, forward, heads, hub, methods, model_card, models, objectives,
+from . import (calibration, checkpoints, compiling, forward, heads, hub, methods, model_card, models, objectives,
                self_training, steps)
 from .tracking import RunTracker, check_report_to
 from .config import TrainConfig, check_class_weight_count, validate
@@ -85,7 +85,8 @@ class TrainingRun:
         # trackers log into the staged run (tracking.RunTracker.start); accelerate wants a logging folder up front
         report_to = check_report_to(cfg.report_to)
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu", log_with=report_to,
-                                       project_dir=cfg.output_dir if report_to else None)
+                                       project_dir=cfg.output_dir if report_to else None,  # pinned batches (steps):
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=device.type == "cuda"))
         self.tracker = RunTracker(self.accelerator, report_to)
         self.device = self.accelerator.device  # this process's GPU under `accelerate launch`
         forward.reset_peak_memory(self.device)
@@ -131,7 +132,7 @@ class TrainingRun:
         self.saved_config = given.to_dict()
         self.saved_config["resolved"].update(resolved, learning_rate=cfg.lr, pooling=self.pooling)
         self.contrastive = self.objective == "contrastive"
-        self.train_chunk, self.eval_chunk = chunk_budgets(cfg, device)
+        self.train_chunk, self.eval_chunk = chunk_budgets(cfg, device, self.model_config)
         self.class_weights = objectives.class_weight_tensor(cfg.class_weights, list(self.splits.train["label"]),
                                                             self.n_classes, device)
         self.pad = forward.pad_multiple(device.type, self.max_length)
@@ -150,7 +151,7 @@ class TrainingRun:
         checkpoint loaded into them, once it is checked against the run (before anything is written)."""
         cfg, accelerator = self.cfg, self.accelerator
         train_loader = make_train_loader(self.tokenized["train"], self.tokenizer, cfg.batch_size, cfg.group_by_length,
-                                         cfg.seed, cfg.num_workers, self.pad)
+                                         cfg.seed, cfg.num_workers, self.pad, self.device.type)
         self.val_loader, self.test_loader = self.eval_loader("validation"), self.eval_loader("test")
         optimizer = build_optimizer(self.model, cfg, self.device)
         self.epoch_generator = train_loader.generator
@@ -164,7 +165,10 @@ class TrainingRun:
         scale = accelerator.num_processes
         self.scheduler = accelerator.prepare(get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.n_steps) * scale, self.n_steps * scale))
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        shapes = compiling.warm_up_shapes(self.max_length, self.pad, cfg.batch_size, self.train_chunk)
+        self.forward_model = compiling.training_model(self.model, cfg, self.device, shapes,
+                                                      self.tokenizer.model_input_names, accelerator.autocast,
+                                                      lambda line: log(line, accelerator))
         self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience, self.contrastive)
         checkpoints.register_trainable_hooks(accelerator)
         if self.resume:
@@ -241,7 +245,8 @@ class TrainingRun:
                    disable=not (self.progress and self.accelerator.is_local_main_process))
         evaluated = False
         batches = steps.train_steps(self.forward_model, loader, self.optimizer, self.scheduler, self.accelerator, cfg,
-                                    self.train_chunk, self.class_weights, self.embeddings)
+                                    self.train_chunk, self.class_weights, self.embeddings,
+                                    trim=self.device.type == "cpu")  # fixed widths and no host sync on a GPU
         for batch, (loss, n_examples, learning_rate, grad_norm) in enumerate(batches, state.batches_in_epoch + 1):
             state.step, state.batches_in_epoch, state.examples = state.step + 1, batch, state.examples + n_examples
             state.pending.append((loss, state.epoch, batch))

@@ -97,11 +97,12 @@ HELP = {
     "learning_rate": "default: the method's (" + ", ".join(f"{m.name} {m.learning_rate:g}"
                                                              for m in methods.REGISTRY.values()) + ")",
     "group_by_length": "batch texts of similar length together (less padding)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile training and its evaluations (CUDA graphs at the fixed padded widths on CUDA, "
+               "inductor on CPU); where it cannot run, one line says so and the run goes on eagerly",
     "device": "auto (a GPU when there is one), cpu or cuda",
     "precision": "auto (bf16 autocast on GPUs that support it, else fp32), fp32, bf16 or fp16",
     "chunk_tokens": "most padded tokens through the model at once: larger training batches run in chunks with "
-                    "gradient accumulation (default: 2048 on CPU, no limit for training on GPU)",
+                    "gradient accumulation (default: 2048 on CPU; on GPU, as many as a quarter of its memory holds)",
     "num_workers": "data loader worker processes",
     "output_dir": "the folder runs are written to",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
