@@ -168,3 +168,18 @@ def test_a_damaged_temperature_is_one_line(trained_tiny_run, tmp_path, capsys, v
         read_run(damaged)
     assert main(["predict", str(damaged), "great film"]) == 2
     assert "not a positive number" in capsys.readouterr().err
+
+
+def test_no_temperature_is_fitted_on_a_handful_of_validation_texts():
+    """A few-shot run validates on 8 of its own labels: a temperature fitted there would swing between the bounds
+    (all right: probabilities of 1), so below MIN_FIT_ROWS the run keeps T = 1 and says why."""
+    from lightune.calibration import MIN_FIT_ROWS, calibrate, summary_line
+
+    logits, labels = synthetic()
+    sharp = logits * 4  # over-confident: with enough validation texts the fitted temperature softens them
+    enough = calibrate((sharp[:MIN_FIT_ROWS], labels[:MIN_FIT_ROWS]), (sharp, labels))
+    assert enough["fitted_on"] == "validation" and enough["temperature"] > 1.5
+    few = calibrate((sharp[:8], labels[:8]), (sharp, labels))
+    assert few["temperature"] == 1.0 and few["fitted_on"] is None and few["ece_after"] == few["ece_before"]
+    assert few["not_fitted"].startswith(f"the validation split has 8 texts (under {MIN_FIT_ROWS})")
+    assert summary_line(few) == f"calibration on test: ECE {few['ece_before']:.4f} (validation too small: no temperature)"

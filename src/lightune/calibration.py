@@ -21,6 +21,10 @@ ECE_BINS = 15  # equal-width bins of the confidence, as in Guo et al. 2017
 # the fitted temperature is kept inside these bounds: a validation split the model gets entirely right drives
 # the likelihood's optimum to T -> 0 (probabilities of exactly 1), one it gets entirely wrong to T -> infinity
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+# a temperature is fitted only on a validation split of at least this many texts: on a handful (a few-shot run's
+# 8 validation labels) one text moves it anywhere between the bounds, and all-right validation drives it to the
+# lower one (probabilities of 1)
+MIN_FIT_ROWS = 20
 NOT_FITTED_MULTI_LABEL = ("multi-label run: each label is decided by its own threshold (tuned on validation), "
                           "which a temperature would move; probabilities are left as the model gives them")
 
@@ -106,20 +110,29 @@ def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
     after it, with the negative log-likelihoods on both splits."""
     (val_logits, val_labels), (test_logits, test_labels) = validation, test
     multi = test_labels.dim() == 2
-    temperature = 1.0 if multi else fit_temperature(val_logits, val_labels)
-    out: dict = {"temperature": temperature, "fitted_on": None if multi else "validation", "bins": ECE_BINS}
+    not_fitted = NOT_FITTED_MULTI_LABEL if multi else few_rows_reason(len(val_labels))
+    temperature = 1.0 if not_fitted else fit_temperature(val_logits, val_labels)
+    out: dict = {"temperature": temperature, "fitted_on": None if not_fitted else "validation", "bins": ECE_BINS}
     for when, t in (("before", 1.0), ("after", temperature)):
         probabilities = probabilities_of(test_logits, multi, t)
         out[f"ece_{when}"] = expected_calibration_error(probabilities, test_labels.numpy())
         out[f"reliability_{when}"] = _reliability(probabilities, test_labels.numpy())
-    if multi:
-        out["not_fitted"] = NOT_FITTED_MULTI_LABEL
+    if not_fitted:
+        out["not_fitted"] = not_fitted
     else:
         out.update(validation_nll_before=_nll(val_logits, val_labels, 1.0),
                    validation_nll_after=_nll(val_logits, val_labels, temperature),
                    test_nll_before=_nll(test_logits, test_labels, 1.0),
                    test_nll_after=_nll(test_logits, test_labels, temperature))
     return out
+
+
+def few_rows_reason(rows: int) -> str | None:
+    """Why no temperature is fitted on a validation split of this many texts (None: it is fitted)."""
+    if rows >= MIN_FIT_ROWS:
+        return None
+    return (f"the validation split has {rows} texts (under {MIN_FIT_ROWS}): a temperature fitted on so few is not "
+            f"trusted; probabilities are left as the model gives them")
 
 
 def _reliability(probabilities: np.ndarray, labels: np.ndarray) -> dict:
@@ -133,6 +146,7 @@ def _reliability(probabilities: np.ndarray, labels: np.ndarray) -> dict:
 def summary_line(result: dict) -> str:
     """The training log's line about a run's calibration."""
     if result["fitted_on"] is None:
-        return f"calibration on test: ECE {result['ece_before']:.4f} (multi-label: no temperature)"
+        why = "multi-label" if result.get("not_fitted") == NOT_FITTED_MULTI_LABEL else "validation too small"
+        return f"calibration on test: ECE {result['ece_before']:.4f} ({why}: no temperature)"
     return (f"calibration on test: ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f} with temperature "
             f"{result['temperature']:.3f} (fitted on validation; predict, serve and evaluate apply it)")
