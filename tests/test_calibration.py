@@ -181,5 +181,6 @@ def test_no_temperature_is_fitted_on_a_handful_of_validation_texts():
     assert enough["fitted_on"] == "validation" and enough["temperature"] > 1.5
     few = calibrate((sharp[:8], labels[:8]), (sharp, labels))
     assert few["temperature"] == 1.0 and few["fitted_on"] is None and few["ece_after"] == few["ece_before"]
+    assert few["test_nll_after"] == few["test_nll_before"]  # scored at T = 1, as predict and evaluate do
     assert few["not_fitted"].startswith(f"the validation split has 8 texts (under {MIN_FIT_ROWS})")
     assert summary_line(few) == f"calibration on test: ECE {few['ece_before']:.4f} (validation too small: no temperature)"

@@ -119,7 +119,7 @@ def calibrate(validation: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
         out[f"reliability_{when}"] = _reliability(probabilities, test_labels.numpy())
     if not_fitted:
         out["not_fitted"] = not_fitted
-    else:
+    if not multi:
         out.update(validation_nll_before=_nll(val_logits, val_labels, 1.0),
                    validation_nll_after=_nll(val_logits, val_labels, temperature),
                    test_nll_before=_nll(test_logits, test_labels, 1.0),
