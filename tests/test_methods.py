@@ -114,7 +114,7 @@ def test_saved_configs_old_and_new():
     assert saved_config(old) == {**old, "peft": "lora", "quantize": "nf4", "rslora": False, "init": "default",
                                  "truncation": "head", "loraplus_lr_ratio": None, "virtual_tokens": 20,
                                  "problem": "single_label", "label_columns": None, "label_delimiter": None,
-                                 "tune_thresholds": False}
+                                 "tune_thresholds": False, "validation_labels": "separate"}
     new = from_dict({"peft": "dora", "quantize": "nf4", "rslora": True}).to_dict()
     assert saved_config(new) == new and new["method"] == "dora+nf4"
 
