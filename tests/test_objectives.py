@@ -82,7 +82,8 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     result = run_training(few_shot_config(tiny_config, reviews_csv), progress=False)
     m = result.metrics
     # auto said what it changed, and how to keep the given settings
-    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("objective auto")]
+    out = capsys.readouterr().out
+    notice = [line for line in out.splitlines() if line.startswith("objective auto")]
     # 36 of the 48 given labels train: the other 12 are its validation split (--validation-labels auto)
     assert m["data"]["labelled"] == {"train": 36, "validation": 12, "total": 48, "validation_from": "given"}
     assert notice == ["objective auto chose contrastive for this few-shot run (36 training examples, at most 256): "
@@ -92,10 +93,9 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
     assert m["config"]["objective"] == "auto"  # as given; what it resolved to is saved beside it
     assert m["config"]["resolved"]["objective"] == "contrastive" and m["target_modules"] != ["query", "value"]
     assert m["config"]["resolved"]["target_modules"] == ["all-linear"]
-    # the probe start is the first candidate; the kept one is never worse on validation
-    start, kept = m["history"][0], next(h for h in m["history"] if h["step"] == m["best"]["step"])
-    assert start["step"] == 0 and [h["step"] for h in m["history"]] == [0, 20]
-    assert m["best"]["metric"] == "accuracy" and kept["validation"]["accuracy"] >= start["validation"]["accuracy"]
+    # the probe start is evaluated first; on 12 validation labels (under 20) nothing is chosen: the last is kept
+    assert [h["step"] for h in m["history"]] == [0, 20] and m["best"]["step"] == 20
+    assert "validation has 12 texts (under 20): too few to choose between evaluations; the last one is kept" in out
     assert m["test"]["accuracy"] > 0.75  # the sentiment words decide the label
     # the refitted head is saved with the adapters: a reload scores the test split as training did
     again = run_evaluation(EvaluationOptions(str(result.run_dir), device="cpu"), progress=False).result
@@ -106,10 +106,12 @@ def test_a_few_shot_run_trains_contrastively_and_predicts_what_it_measured(tiny_
 
 
 def test_a_contrastive_run_worse_than_its_probe_start_keeps_the_start(tiny_config, reviews_csv):
-    # a learning rate that wrecks the embeddings: the saved model is the probe start, adapters at zero
+    # a learning rate that wrecks the embeddings: the saved model is the probe start, adapters at zero (96 labels:
+    # 24 validate, enough to choose)
     result = run_training(few_shot_config(tiny_config, reviews_csv, learning_rate=1.0, max_grad_norm=0.0,
-                                          run_name="wrecked"), progress=False)
+                                          train_size=96, run_name="wrecked"), progress=False)
     m = result.metrics
+    assert m["data"]["labelled"]["validation"] == 24
     assert m["best"]["step"] == 0 and m["history"][-1]["validation"]["accuracy"] < m["history"][0]["validation"][
         "accuracy"]
     assert m["test"]["accuracy"] == pytest.approx(m["base"]["accuracy"])
@@ -128,6 +130,15 @@ def test_the_tuned_model_wins_a_tie_with_its_probe_start():
     assert contrastive.improves(start, {"accuracy": 0.75, "loss": 0.6})  # 6 of 8 both: the tuned model
     assert not other.improves(start, {"accuracy": 0.75, "loss": 0.6})
     assert not contrastive.improves(start, {"accuracy": 0.625, "loss": 0.4})
+
+
+def test_a_handful_of_validation_texts_chooses_nothing():
+    from lightune.checkpoints import BestCheckpoint
+
+    start = {"validation": {"accuracy": 0.75, "loss": 0.5}}
+    # 5 of 8 after 6 of 8: one review apart, so the latest is kept (selects=False: under 20 validation texts)
+    assert BestCheckpoint("accuracy", None, True, selects=False).improves(start, {"accuracy": 0.625, "loss": 0.7})
+    assert BestCheckpoint("loss", None, selects=False).improves(start, {"accuracy": 0.75, "loss": 0.9})
 
 
 def test_cross_entropy_runs_record_their_objective(tiny_config):

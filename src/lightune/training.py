@@ -169,7 +169,11 @@ class TrainingRun:
         self.forward_model = compiling.training_model(self.model, cfg, self.device, shapes,
                                                       self.tokenizer.model_input_names, accelerator.autocast,
                                                       lambda line: log(line, accelerator))
-        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience, self.contrastive)
+        self.best = checkpoints.BestCheckpoint(cfg.metric_for_best, cfg.early_stopping_patience, self.contrastive,
+                                               selects=len(self.splits.validation) >= checkpoints.MIN_SELECTION_ROWS)
+        if not self.best.selects:
+            log(f"validation has {len(self.splits.validation)} texts (under {checkpoints.MIN_SELECTION_ROWS}): too few "
+                "to choose between evaluations; the last one is kept", accelerator)
         checkpoints.register_trainable_hooks(accelerator)
         if self.resume:
             self.load_resumed()
@@ -197,7 +201,8 @@ class TrainingRun:
         base = self.state.base
         log(f"base model ({base_start(self.cfg.head_init)}, {self.pooling} pooling) on test: accuracy "
             f"{base['accuracy']:.4f}, F1 {base['f1']:.4f}", self.accelerator)
-        # the probe start is a candidate: the saved model is never worse on validation
+        # the probe start is a candidate: on a validation split large enough to choose (checkpoints.MIN_SELECTION_ROWS)
+        # the saved model is never worse on it
         if self.contrastive and not self.resume:
             self.evaluate_probe_start()
         self.segment_start = time.perf_counter()
