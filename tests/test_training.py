@@ -246,6 +246,9 @@ def test_gpu_micro_batches_are_chosen_by_a_token_budget_for_the_device_memory():
     assert chunk_budgets(from_dict({}), cuda, minilm, total_memory=80 * gib) == (145635, 65536)
     assert chunk_budgets(from_dict({"chunk_tokens": 1000}), cuda, minilm, total_memory=80 * gib) == (1000, 1000)
     assert chunk_budgets(from_dict({}), cpu, minilm) == (2048, 2048)
+    # the contrastive objective (adapters on every linear layer) trains in chunks of half the budget on CPU
+    assert chunk_budgets(from_dict({"objective": "contrastive"}), cpu, minilm) == (1024, 2048)
+    assert chunk_budgets(from_dict({"objective": "contrastive", "chunk_tokens": 4096}), cpu, minilm) == (4096, 4096)
     # --batch-size stays the optimizer's batch: 512 texts of 512 tokens run in two chunks of 284 and 228 rows
     budget = gpu_train_tokens(80 * gib, minilm)
     assert budget // 512 == 284
