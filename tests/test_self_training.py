@@ -158,6 +158,16 @@ def test_a_run_with_unlabelled_texts_trains_rounds_and_records_them(tiny_config,
     assert "- Labels: 40 in all: 30 to train on, 10 for validation (held out of the given labels)" in report
 
 
+def test_a_round_is_kept_only_when_no_worse_by_the_metric_and_the_loss():
+    best = {"accuracy": 0.625, "loss": 0.74}
+    assert self_training.round_is_kept({"accuracy": 0.625, "loss": 0.70}, best, "accuracy")  # a tie: the round
+    # one review more on 8 validation texts, but a more confident student of the teacher's mistakes: not kept
+    assert not self_training.round_is_kept({"accuracy": 0.875, "loss": 1.06}, best, "accuracy")
+    assert not self_training.round_is_kept({"accuracy": 0.5, "loss": 0.5}, best, "accuracy")
+    assert self_training.round_is_kept({"accuracy": 0.5, "loss": 0.5}, best, "loss")
+    assert not self_training.round_is_kept({"accuracy": 1.0, "loss": float("nan")}, best, "accuracy")
+
+
 def untimed(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("seconds", "samples_per_s")}
 
