@@ -129,7 +129,7 @@ class TrainConfig:
     compile: bool = False
     # Most padded tokens run through the model at once. Training batches larger than this are split into
     # chunks with gradient accumulation (same gradient); evaluation batches are formed up to it.
-    # None: 2048 on CPU (a smaller working set is faster there), no limit for training on GPU.
+    # None: 2048 on CPU (a smaller working set is faster there; 1024 for contrastive training), on GPU see steps.
     chunk_tokens: int | None = None
     num_workers: int = 0
     # output

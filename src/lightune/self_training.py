@@ -1,8 +1,9 @@
 """Self-training on unlabelled texts (--unlabeled): after the run's own training, the tuned model pseudo-labels a
 fresh share of the unlabelled texts in each round; the most confident of them, as many for each label, join the
 labelled examples for one epoch of cross-entropy; and the round's model replaces the best so far only when it is
-at least as good on validation, by the run's metric and by the loss (round_is_kept). Validation and test are labelled data only, so a run with --unlabeled never ends
-below the same run without it on validation: that run's model is the first candidate.
+at least as good on validation, by the run's metric and by the loss (round_is_kept). Validation and test are
+labelled data only, so a run with --unlabeled never ends below the same run without it on validation: that run's
+model is the first candidate.
 
 Why this way on a CPU: pseudo-labelling reads each unlabelled text once (a no-grad forward through
 forward.forward_logits, at most SELF_TRAINING_MAX_LENGTH tokens), and training on the selected texts is one epoch

@@ -78,7 +78,7 @@ def chunk_budgets(cfg: TrainConfig, device: torch.device, model_config=None,
 
 
 # the contrastive objective's CPU training chunks are this fraction (1/2) of the budget: its adapters on every
-# linear layer hold about twice the activations per token of LoRA on query/value, and its first step peaked at
+# linear layer keep more activations per token than LoRA on query/value does, and its first step peaked at
 # 2.29 GB with 2,048-token chunks, 1.59 GB with 1,024 (IMDb, 32 labels, 2026-12-01), with the same loss
 CONTRASTIVE_CPU_SHARE = 2
 GPU_TRAIN_MEMORY_SHARE = 0.25  # of the device's memory, for one micro-batch's activations

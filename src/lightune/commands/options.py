@@ -102,7 +102,8 @@ HELP = {
     "device": "auto (a GPU when there is one), cpu or cuda",
     "precision": "auto (bf16 autocast on GPUs that support it, else fp32), fp32, bf16 or fp16",
     "chunk_tokens": "most padded tokens through the model at once: larger training batches run in chunks with "
-                    "gradient accumulation (default: 2048 on CPU; on GPU, as many as a quarter of its memory holds)",
+                    "gradient accumulation (default: 2048 on CPU, 1024 for the contrastive objective's training; "
+                    "on GPU, as many as a quarter of its memory holds)",
     "num_workers": "data loader worker processes",
     "output_dir": "the folder runs are written to",
     "run_name": "name of the run directory under --output-dir (default: time-method-data)",
