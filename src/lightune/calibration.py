@@ -17,14 +17,16 @@ import math
 import numpy as np
 import torch
 
+from .checkpoints import MIN_SELECTION_ROWS
+
 ECE_BINS = 15  # equal-width bins of the confidence, as in Guo et al. 2017
 # the fitted temperature is kept inside these bounds: a validation split the model gets entirely right drives
 # the likelihood's optimum to T -> 0 (probabilities of exactly 1), one it gets entirely wrong to T -> infinity
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 # a temperature is fitted only on a validation split of at least this many texts: on a handful (a few-shot run's
 # 8 validation labels) one text moves it anywhere between the bounds, and all-right validation drives it to the
-# lower one (probabilities of 1)
-MIN_FIT_ROWS = 20
+# lower one (probabilities of 1). The same bound as for choosing between evaluations: one split too small to decide
+MIN_FIT_ROWS = MIN_SELECTION_ROWS
 NOT_FITTED_MULTI_LABEL = ("multi-label run: each label is decided by its own threshold (tuned on validation), "
                           "which a temperature would move; probabilities are left as the model gives them")
 

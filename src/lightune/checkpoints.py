@@ -70,7 +70,8 @@ class TrainerState:
 
 # evaluations on a validation split of fewer texts than this choose nothing: the latest one is kept. On a few-shot
 # run's 8 validation labels one review decides between the tuned model and its probe start, and the tuned model
-# measured 5 to 10 points better on test (IMDb, 32 labels; README, "Few-shot")
+# measured 5 to 10 points better on test (IMDb, 32 labels; README, "Few-shot"). No temperature is fitted below it
+# either (calibration.MIN_FIT_ROWS)
 MIN_SELECTION_ROWS = 20
 
 
