@@ -1,6 +1,7 @@
 """Prediction speed: per-text prediction (the common recipe) vs lightune's batched path, same adapter, same texts.
 
-common:   the seed projects' predict(): one text at a time, unmerged PEFT model, tokenizer(text, truncation=True)
+common:   the seed projects' predict(): one text at a time, unmerged PEFT model in fp32, tokenizer(text,
+          truncation=True)
 lightune: Classifier.predict(): adapter merged into the base weights, texts sorted by length into
           token-budget batches (2,048 padded tokens per batch on CPU)
 
@@ -9,8 +10,10 @@ best rate of one large fp32 matrix product of the model's own shapes, measured i
 near that rate has little left to gain from any fp32 path (only fewer FLOPs or lower precision help there).
 It also times the run exported by `lightune export --format onnx` (pooling, head and probabilities in one graph)
 in ONNX Runtime, fed the same token-budget batches, beside the PyTorch path (needs pip install 'lightune[export]').
---alternatives also times torch.compile and dynamic int8 quantization on the merged model. On CUDA it also times
-lightune's batching with the merged model cast to bf16, and --pipeline-baseline times a batched stock
+lightune predicts in bf16 on CUDA (its default precision there; fp32 on CPU). On CUDA it also times lightune in
+fp32 and `lightune predict --compile` (CUDA graphs at the fixed padded widths, rows padded to powers of two; timed
+on a second pass over the texts, the first one's compiling reported beside it); --alternatives times the compiled
+path on CPU too, and dynamic int8 quantization of the merged model. --pipeline-baseline times a batched stock
 transformers pipeline("text-classification") on the merged model in bf16 (its batches in input order, padded to
 their longest text: what a user of the stock API gets). --json writes the rows (after each one).
 
@@ -127,13 +130,13 @@ def batched(classifier, texts: list[str], temperature: float | None = None):
 
 def with_model(classifier, model, texts: list[str], temperature: float | None = None):
     """Lightune's batching with another forward module (after one warm-up batch, e.g. for compilation)."""
-    original = classifier.model
-    classifier.model = model
+    original = classifier.forward_model
+    classifier.forward_model = model
     try:
         classifier.logits(texts[:8])
         return batched(classifier, texts, temperature)
     finally:
-        classifier.model = original
+        classifier.forward_model = original
 
 
 class OnnxClassifier:
@@ -197,12 +200,30 @@ def stock_pipeline(classifier, texts: list[str], batch_size: int):
     return seconds, probs
 
 
-def alternatives(classifier, texts: list[str], folder: str) -> dict:
+def compiled_path(run_dir: str, device: str, texts: list[str]):
+    """(seconds, probabilities, how) of `lightune predict --compile`: a first pass over the texts compiles each
+    shape they need (its time reported), the second is timed."""
+    from lightune.inference import Classifier
+
+    classifier = Classifier(run_dir, device=device, compile=True, log=print)
+    start = time.perf_counter()
+    classifier.logits(texts)
+    first = time.perf_counter() - start
+    shapes = len(classifier.forward_model.compile_seconds)
+    print(f"--compile: first pass over the texts {first:.1f} s ({shapes} shapes compiled)")
+    seconds, probs = batched(classifier, texts)
+    return seconds, probs, f"merged, {precision_of(classifier)}, torch.compile ({shapes} shapes; first pass {first:.1f} s)"
+
+
+def precision_of(classifier) -> str:
+    return str(classifier.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def alternatives(classifier, texts: list[str]) -> dict:
     """(seconds, probabilities) of the optional paths; a path this machine cannot run reports why."""
     import torch
 
     paths = {
-        "torch.compile": lambda: with_model(classifier, torch.compile(classifier.model), texts),
         "dynamic int8": lambda: with_model(classifier, torch.ao.quantization.quantize_dynamic(
             classifier.model, {torch.nn.Linear}, dtype=torch.qint8), texts),
     }
@@ -229,16 +250,18 @@ def main(argv=None) -> int:
         run_dir = args.run_dir or quick_run(tmp)
         texts, gold = benchmark_texts(args.data, args.texts)
         texts, gold = [clean_text(t) for t in texts], torch.tensor(gold)
-        common = Classifier(run_dir, device=args.device, merge=False)
-        fast = Classifier(run_dir, device=args.device, merge=True)
+        common = Classifier(run_dir, device=args.device, merge=False, precision="fp32")
+        fast = Classifier(run_dir, device=args.device, merge=True)  # lightune's default precision: bf16 on CUDA
         lengths = [len(ids) for ids in fast.tokenizer(texts, truncation=True, max_length=fast.max_length)["input_ids"]]
         flops = useful_flops(fast.model, lengths)
         ceiling = matmul_flops_per_s(fast.model.config, fast.device)
-        rows = {"common": (*per_text(common, texts), "per text, unmerged adapter"),
-                "lightune": (*batched(fast, texts), "merged, token-budget batches")}
+        rows = {"common": (*per_text(common, texts), "per text, unmerged adapter, fp32"),
+                "lightune": (*batched(fast, texts), f"merged, {precision_of(fast)}, token-budget batches")}
         write_rows(args, texts, gold, flops, ceiling, rows)
         if fast.device.type == "cuda":
-            rows["lightune bf16"] = (*with_model(fast, in_bf16(fast.model), texts), "merged, bf16, token-budget batches")
+            fp32 = Classifier(run_dir, device=args.device, merge=True, precision="fp32")
+            rows["lightune fp32"] = (*batched(fp32, texts), "merged, fp32, token-budget batches")
+            del fp32
         if args.pipeline_baseline:
             try:
                 rows["pipeline bf16"] = (*stock_pipeline(fast, texts, args.pipeline_batch_size),
@@ -251,8 +274,14 @@ def main(argv=None) -> int:
         except Exception as exc:  # report, do not hide, a path this machine cannot run (onnxruntime missing)
             rows["onnx export"] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         if args.alternatives:
-            for name, result in alternatives(fast, texts, tmp).items():
+            for name, result in alternatives(fast, texts).items():
                 rows[name] = (*result, "merged, token-budget batches") if isinstance(result, tuple) else result
+        write_rows(args, texts, gold, flops, ceiling, rows)
+        if fast.device.type == "cuda" or args.alternatives:  # last: its compiling may take a GPU check's time
+            try:
+                rows["lightune compiled"] = compiled_path(run_dir, args.device, texts)
+            except Exception as exc:  # report, do not hide, a path this machine cannot run
+                rows["lightune compiled"] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         write_rows(args, texts, gold, flops, ceiling, rows)
 
     report(args, texts, gold, lengths, fast, flops, ceiling, rows)
@@ -291,13 +320,13 @@ def report(args, texts, gold, lengths, fast, flops: float, ceiling: float, rows:
           f"device {fast.device.type}, max_length {fast.max_length}")
     print(f"matrix-product ceiling (fp32, {fast.model.config.hidden_size} x {fast.model.config.intermediate_size}): "
           f"{ceiling / 1e9:.1f} GFLOP/s")
-    print(f"{'recipe':<14} {'texts/s':>8} {'seconds':>8} {'GFLOP/s':>8} {'of fp32 ceiling':>15} {'accuracy':>9} "
+    print(f"{'recipe':<18} {'texts/s':>8} {'seconds':>8} {'GFLOP/s':>8} {'of fp32 ceiling':>15} {'accuracy':>9} "
           f"{'same label':>10}")
     for name, row in table(texts, gold, flops, ceiling, rows).items():
         if "unavailable" in row:
-            print(f"{name:<14} {row['unavailable']}")
+            print(f"{name:<18} {row['unavailable']}")
             continue
-        print(f"{name:<14} {row['texts_per_s']:>8.1f} {row['seconds']:>8.1f} {row['gflop_per_s']:>8.1f} "
+        print(f"{name:<18} {row['texts_per_s']:>8.1f} {row['seconds']:>8.1f} {row['gflop_per_s']:>8.1f} "
               f"{row['of_fp32_ceiling']:>15.0%} {row['accuracy']:>9.4f} {row['same_label']:>10.1%}   {row['how']}")
     fast_s, fast_p, _ = rows["lightune"]
     print(f"speed-up (lightune / common): {common_s / fast_s:.2f}x; max probability difference "
@@ -307,7 +336,7 @@ def report(args, texts, gold, lengths, fast, flops: float, ceiling: float, rows:
         onnx_s, onnx_p, _ = rows["onnx export"]
         print(f"ONNX Runtime / PyTorch (lightune): {fast_s / onnx_s:.2f}x the speed; max probability difference "
               f"{float((onnx_p - fast_p).abs().max()):.2e}")
-    for name in ("lightune bf16", "pipeline bf16"):
+    for name in ("lightune fp32", "lightune compiled", "pipeline bf16"):
         if isinstance(rows.get(name), tuple):
             print(f"{name} / common: {common_s / rows[name][0]:.2f}x the speed")
 

@@ -178,3 +178,14 @@ def classify_in_page(driver, url: str, text: str, adapter: str | None = None, ti
     driver.find_element(By.ID, "classify").click()
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#results .result .label")))
     return driver.find_element(By.CSS_SELECTOR, "#results .result .label").text
+
+
+class CountingCompile:
+    """Stands in for torch.compile's module: the model itself, counting the passes it runs."""
+
+    def __init__(self, model, **options):
+        self.model, self.calls = model, 0
+
+    def __call__(self, **inputs):
+        self.calls += 1
+        return self.model(**inputs)

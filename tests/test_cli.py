@@ -99,6 +99,8 @@ def test_train_then_predict_from_args_stdin_and_files(lightune_cli, tiny_model_d
     by_args = lightune_cli("predict", run, "great superb film", "awful boring waste", "--json")
     rows = [json.loads(line) for line in by_args.stdout.splitlines()]
     assert [r["label"] for r in rows] == ["pos", "neg"]
+    in_bf16 = lightune_cli("predict", run, "great superb film", "awful boring waste", "--json", "--precision", "bf16")
+    assert [json.loads(line)["label"] for line in in_bf16.stdout.splitlines()] == ["pos", "neg"]
 
     by_stdin = lightune_cli("predict", run, stdin="loved it brilliant\n\nterrible dull mess\n")
     assert [line.split("\t")[0] for line in by_stdin.stdout.splitlines()] == ["pos", "neg"]

@@ -197,3 +197,53 @@ def test_without_compile_training_runs_the_model_itself():
     model = torch.nn.Linear(2, 2)
     assert compiling.training_model(model, SimpleNamespace(compile=False), torch.device("cpu"), [], [],
                                     None, print) is model
+
+
+class RecordingRows(Counting):
+    """Counting, also recording the rows of each batch the compiled module is given."""
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.rows: list[int] = []
+
+    def __call__(self, **inputs):
+        self.rows.append(inputs["input_ids"].shape[0])
+        return super().__call__(**inputs)
+
+
+def test_static_shapes_pad_an_inference_batch_to_a_power_of_two_rows_and_return_its_own(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch, "compile", RecordingRows)
+    model = tiny_lora(tiny_model_dir).eval()
+    compiled = compiling.CompiledModel(model, "cuda", print, max_shapes=32)  # static shapes, as on CUDA
+    with torch.no_grad():
+        for rows in (3, 5, 4, 1, 7):
+            batch = {k: v for k, v in padded_batch([6] * rows, 8).items() if k != "labels"}
+            torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
+    assert compiled.compiled.rows == [4, 8, 4, 1, 8]  # rows padded up to a power of two (repeats of the first)
+    assert sorted({key[1][1][0] for key in compiled.compile_seconds}) == [1, 4, 8]  # 3 graphs for 5 batch sizes
+    # training (gradients on) keeps the batch as it is: its rows are fixed by the warm-up's shapes
+    batch = {k: v for k, v in padded_batch([6, 6, 6], 8).items() if k != "labels"}
+    assert compiled(**batch).logits.shape[0] == 3 and compiled.compiled.rows[-1] == 3
+
+
+def test_static_rows_repeat_the_first_row_and_leave_full_batches_alone():
+    ids = torch.arange(12).reshape(3, 4)
+    padded, rows = compiling.static_rows({"input_ids": ids, "flag": True})
+    assert rows == 3 and padded["flag"] is True
+    assert torch.equal(padded["input_ids"], torch.cat([ids, ids[:1]]))
+    full = {"input_ids": torch.zeros(8, 2, dtype=torch.long)}
+    assert compiling.static_rows(full) == (full, 8)
+
+
+@needs_cxx
+def test_a_compiled_classifier_predicts_the_eager_probabilities(trained_tiny_run):
+    from lightune.inference import Classifier
+
+    texts = ["a fine film with a good cast", "dull and far too long", "ok", "the best thing I saw this year, truly"]
+    eager = Classifier(trained_tiny_run.run_dir, device="cpu")
+    lines: list[str] = []
+    compiled = Classifier(trained_tiny_run.run_dir, device="cpu", compile=True, log=lines.append)
+    assert isinstance(compiled.forward_model, compiling.CompiledModel) and compiled.model is not eager.model
+    torch.testing.assert_close(compiled.logits(texts), eager.logits(texts), rtol=1e-4, atol=1e-5)
+    assert [p["label"] for p in compiled.predict(texts)] == [p["label"] for p in eager.predict(texts)]
+    assert compiled.forward_model.compile_seconds and compiled.forward_model.failed is None and lines == []

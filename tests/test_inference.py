@@ -6,7 +6,7 @@ import torch
 
 from conftest import synthetic_reviews
 from lightune import predict
-from lightune.errors import DataError, ModelError
+from lightune.errors import ConfigError, DataError, ModelError
 from lightune.inference import Classifier
 
 TEXTS = ["great superb film loved", "awful boring mess hated", "brilliant wonderful story",
@@ -231,3 +231,24 @@ def test_library_predict_prints_no_loading_bar_and_no_warning(trained_tiny_run):
     hf_logging.enable_progress_bar()  # whatever earlier tests in this process left
     Classifier(trained_tiny_run.run_dir)
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_precision_sets_the_weights_dtype_and_keeps_the_labels(trained_tiny_run):
+    from lightune.forward import inference_dtype
+
+    assert inference_dtype("auto", torch.device("cpu")) == torch.float32  # bf16 only where a GPU supports it
+    assert inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    texts = TEXTS
+    fp32 = Classifier(trained_tiny_run.run_dir, device="cpu")
+    bf16 = Classifier(trained_tiny_run.run_dir, device="cpu", precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    logits = bf16.logits(texts)
+    assert logits.dtype == torch.float32  # logits come back as float32 whatever the weights
+    torch.testing.assert_close(logits, fp32.logits(texts), rtol=0.05, atol=0.05)
+    assert [p["label"] for p in bf16.predict(texts)] == [p["label"] for p in fp32.predict(texts)]
+
+
+def test_an_unknown_precision_is_a_config_error(trained_tiny_run):
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16; got 'fp8'"):
+        Classifier(trained_tiny_run.run_dir, device="cpu", precision="fp8")

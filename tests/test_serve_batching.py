@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from lightune.errors import UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
 from lightune.serving import AdapterRegistry, Batching, BatchingWorker, Limits, create_app  # noqa: E402
-from serve_fixtures import TEXTS, flip, free_port, labels_of, model_held, serve_in_process, train_tiny_run  # noqa: E402
+from serve_fixtures import (TEXTS, CountingCompile, flip, free_port, labels_of, model_held,  # noqa: E402
+                            serve_in_process, train_tiny_run)
 
 # -- batching: requests of several adapters in shared forward passes ---------------------------------------------
 
@@ -73,6 +74,26 @@ def test_a_mixed_batch_equals_each_adapter_alone(mean_registry, mean_runs, monke
     for request, logits in zip(small + mixture, got):
         alone = Classifier(mean_runs[request.adapter.name], device="cpu", merge=False).logits(request.texts)
         torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_with_compile_a_mixed_pass_runs_eagerly_and_one_adapter_passes_compiled(mean_runs, mean_registry,
+                                                                                   monkeypatch):
+    from lightune import compiling
+
+    monkeypatch.setattr(torch, "compile", CountingCompile)
+    reg = AdapterRegistry(device="cpu", batch_size=4, compile=True)
+    for name, run in mean_runs.items():
+        reg.add(name, run)
+    assert isinstance(reg.forward_model, compiling.CompiledModel)
+    mixed = [reg.encode(MIXED_TEXTS[:4], "a"), reg.encode(MIXED_TEXTS[:4], "b")]  # LoRA rows that mix
+    alone = [reg.encode(MIXED_TEXTS[:4], "d")]  # DoRA: one adapter per pass
+    got = reg.forward_batch(mixed)
+    assert reg.forward_model.compiled.calls == 0  # per-row adapter_names: the eager model
+    got += reg.forward_batch(alone)
+    assert reg.forward_model.compiled.calls == 1  # 4 texts, one pass
+    for request, logits in zip(mixed + alone, got):
+        expected = mean_registry.forward_batch([mean_registry.encode(request.texts, request.adapter.name)])[0]
+        torch.testing.assert_close(logits, expected)
 
 
 def test_a_batch_of_cls_pooled_adapters_runs_one_adapter_per_pass(registry, trained_tiny_run, flipped_run):

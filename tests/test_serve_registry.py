@@ -15,7 +15,7 @@ fastapi = pytest.importorskip("fastapi")
 from lightune.errors import AdapterConflictError, ModelError, UnknownAdapterError  # noqa: E402
 from lightune.inference import Classifier  # noqa: E402
 from lightune.serving import AdapterRegistry  # noqa: E402
-from serve_fixtures import TEXTS, _edited_copy, train_tiny_run  # noqa: E402
+from serve_fixtures import TEXTS, CountingCompile, _edited_copy, train_tiny_run  # noqa: E402
 
 # -- predictions -------------------------------------------------------------------------------------------------
 
@@ -182,3 +182,30 @@ def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused(trained_tiny_run
     os.mkfifo(run / "adapter" / "vocab.txt")  # reading it would wait for a writer forever
     with pytest.raises(ModelError, match="^fifo/adapter/vocab.txt is not a regular file$"):
         AdapterRegistry(device="cpu").check_run("fifo", run, shown="fifo")
+
+
+def test_served_weights_in_bf16_give_the_fp32_labels(registry, trained_tiny_run, flipped_run):
+    reg = AdapterRegistry(device="cpu", batch_size=3, precision="bf16")
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("flipped", flipped_run)  # peft loads it in fp32: cast with the rest
+    assert {p.dtype for p in reg.model.parameters()} == {torch.bfloat16}
+    for name in ("good", "flipped"):
+        _, logits = reg.logits(TEXTS, name)
+        _, expected = registry.logits(TEXTS, name)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0.25)  # bf16 keeps about 3 digits a weight
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_compile_runs_single_adapter_passes_through_the_compiled_model(registry, trained_tiny_run, flipped_run,
+                                                                      monkeypatch):
+    from lightune import compiling
+
+    monkeypatch.setattr(torch, "compile", CountingCompile)
+    reg = AdapterRegistry(device="cpu", batch_size=3, compile=True)
+    reg.add("good", trained_tiny_run.run_dir)
+    reg.add("flipped", flipped_run)
+    assert isinstance(reg.forward_model, compiling.CompiledModel) and reg.forward_model.eager is reg.model
+    for name in ("good", "flipped"):
+        torch.testing.assert_close(reg.logits(TEXTS, name)[1], registry.logits(TEXTS, name)[1])
+    assert reg.forward_model.compiled.calls >= 2  # each adapter's texts ran through the compiled model

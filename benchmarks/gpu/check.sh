@@ -4,7 +4,8 @@
 # then one device call, carrying .gpu-stage/one, with timeout_s 600:
 #   bash benchmarks/gpu/check.sh
 # It stages what the GPU image lacks, then, within BUDGET_S seconds (default 540) from its start:
-#   1. bench_predict.py --device cuda: per text, lightune (fp32 and bf16) and a batched stock pipeline in bf16;
+#   1. bench_predict.py --device cuda: per text, lightune (bf16, fp32), a batched stock pipeline in bf16, the ONNX
+#      export, and last lightune --compile (its first pass, which compiles, timed apart);
 #   2. bench_train.py --device cuda on 20,000 IMDb reviews x 3 seeds: the strong Trainer recipe vs lightune;
 #   3. the test suite with the GPU visible (LIGHTUNE_TEST_DEVICE=cuda), one line per failure in
 #      pytest-failures.txt as each fails (tests/conftest.py), so a run cut off still says what failed and why;
@@ -45,10 +46,10 @@ peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__v
 cat "$OUT/env.txt"
 
 echo "== 1. predict ($texts texts, $device)"
-timeout "$(left 70)" python3 benchmarks/bench_predict.py --device "$device" --texts "$texts" --pipeline-baseline \
+timeout "$(left 110)" python3 benchmarks/bench_predict.py --device "$device" --texts "$texts" --pipeline-baseline \
     --json "$OUT/predict.json" > "$OUT/predict.log" 2>&1
 echo "rc=$? at $(elapsed) s" | tee -a "$OUT/predict.log"
-grep -E "^(common|lightune|pipeline|onnx export) |^speed-up|/ common|texts \(" "$OUT/predict.log" | cut -c1-160
+grep -E "^(common|lightune|pipeline|onnx export) |^speed-up|/ common|texts \(|^--compile" "$OUT/predict.log" | cut -c1-160
 
 echo "== 2. train ($train_size x seeds $seeds, max_length $max_length, $device): strong Trainer vs lightune"
 timeout "$(left 220)" python3 benchmarks/bench_train.py --device "$device" --train-size "$train_size" \

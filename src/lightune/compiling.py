@@ -1,11 +1,12 @@
-"""--compile: the model that trains and evaluates, through torch.compile, in one place.
+"""--compile: the model that trains, evaluates and predicts (predict, serve), through torch.compile, in one place.
 
 On the CPU the inductor backend compiles the model with dynamic shapes (CPU batches are padded to their longest
 text, so widths vary): the same logits and LoRA gradients as eager mode, fused kernels. On CUDA the model is
 compiled with mode="reduce-overhead" (CUDA graphs: one launch per captured graph instead of one per kernel, which
 is what bounds a small model's step on a large GPU) and static shapes: batches come at the few fixed padded widths
 of forward.pad_multiple, and a warm-up compiles the training step once per width before the run's clock starts,
-logging what each cost. Where the compiled model cannot run (compiling raises, a method peft cannot trace, more
+logging what each cost; prediction pads a batch's rows to a power of two, so a few graphs per width serve any
+batch. Where the compiled model cannot run (compiling raises, a method peft cannot trace, more
 shapes than the graphs are kept for) the run goes on eagerly, said in one logged line.
 """
 
@@ -30,7 +31,8 @@ def compile_options(device_type: str) -> dict:
 class CompiledModel(torch.nn.Module):
     """A model and its torch.compile'd self, called like the model: each new input shape is compiled on its first
     call (its cost kept in compile_seconds); the eager model runs instead once compiling has failed, and on CUDA
-    for shapes beyond max_shapes. Parameters, train()/eval() and no_sync are the model's own."""
+    for shapes beyond max_shapes. Under static shapes (CUDA) an inference batch's rows are padded to a power of two
+    (static_rows). Parameters, train()/eval() and no_sync are the model's own."""
 
     def __init__(self, model, device_type: str, log: Callable[[str], None], max_shapes: int | None = None):
         super().__init__()
@@ -45,6 +47,13 @@ class CompiledModel(torch.nn.Module):
         # chunks cut to their longest text are column slices: as they are, their strides would make dynamo
         # compile again (a guard on strides); contiguous copies of a few token ids cost nothing
         inputs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        rows = None  # static shapes, inference: the batch's own rows, before padding (static_rows)
+        if self.max_shapes is not None and not torch.is_grad_enabled():
+            inputs, rows = static_rows(inputs)
+        return first_rows(self.shaped_forward(inputs), rows)
+
+    def shaped_forward(self, inputs: dict):
+        """The compiled forward of one batch, compiling its shape first if new; the eager one where it cannot."""
         key = shape_key(inputs)
         if self.failed:
             return self.eager(**inputs)
@@ -78,6 +87,25 @@ class CompiledModel(torch.nn.Module):
     def no_sync(self):
         """The model's own no_sync (DistributedDataParallel), for accelerate's gradient accumulation."""
         return getattr(self.eager, "no_sync", contextlib.nullcontext)()
+
+
+def static_rows(inputs: dict) -> tuple[dict, int]:
+    """(the inputs with their first row repeated up to the next power of two rows, their own row count): under
+    static shapes an inference batch of any size then runs one of a few graphs per width (1, 2, 4 ... rows)
+    instead of compiling one for each size that comes (the last batch of each width, every request to a server)."""
+    rows = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
+    target = 1 << (rows - 1).bit_length()
+    if target == rows:
+        return inputs, rows
+    return {k: torch.cat([v, v[:1].expand(target - rows, *v.shape[1:])]) if isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items()}, rows
+
+
+def first_rows(out, rows: int | None):
+    """A model output with its logits cut to the batch's own rows (static_rows' padding dropped)."""
+    if rows is not None and out.logits.shape[0] != rows:
+        out.logits = out.logits[:rows]
+    return out
 
 
 def shape_key(inputs: dict) -> tuple:

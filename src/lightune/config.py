@@ -19,6 +19,7 @@ from .tracking import check_report_to
 BIASES = ("none", "lora_only", "all")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")  # predict and serve: the weights' dtype (forward.inference_dtype)
 POOLINGS = ("auto", "cls", "mean")  # what the classifier reads (heads.py)
 HEAD_INITS = ("random", "probe")  # how the classifier starts (heads.py)
 # what training minimises (objectives.py): auto is contrastive for few-shot runs, else cross-entropy

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from .errors import ModelError
+from .config import INFERENCE_PRECISIONS
+from .errors import ConfigError, ModelError
 from .texts import check_texts, clean_text
 
 HEAD_SHARE = 0.25  # head_tail: the share of the token budget kept from the start (Sun et al. 2019: 128 of 510)
@@ -116,6 +117,18 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise ModelError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32 on CPU")
     return {"fp32": "no"}.get(requested, requested)
+
+
+def inference_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for prediction and serving: auto is bf16 on CUDA GPUs that support it (half the weight
+    and activation traffic of fp32) and fp32 elsewhere (a CPU without bf16 matrix units runs bf16 slower); fp32
+    and bf16 as asked. Logits always come back as float32 (forward_logits)."""
+    if requested not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}; got {requested!r}")
+    if requested == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[requested]
 
 
 def reset_peak_memory(device: torch.device) -> None:

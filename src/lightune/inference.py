@@ -6,17 +6,18 @@ from __future__ import annotations
 import contextlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from . import heads, methods, models, quantization
+from . import compiling, heads, methods, models, quantization
 from .calibration import apply_temperature
 from .config import TRUNCATIONS
 from .errors import ConfigError, ModelError
-from .forward import resolve_device, texts_logits
+from .forward import inference_dtype, resolve_device, texts_logits
 from .logs import quiet_model_loading
 from .texts import check_texts
 from .runs import SavedRun, read_run
@@ -66,10 +67,14 @@ class Classifier:
     `run` is a run directory or a run already read (runs.read_run); its fields (labels, max_length, truncation,
     pooling, thresholds, temperature) are the run's, resolved once there. `truncation` overrides the run's.
     `logits` are the model's own; `predict`'s probabilities are of the logits divided by the temperature.
+    `precision`: the weights' dtype (forward.inference_dtype: auto is bf16 on CUDA, fp32 on CPU); `compile`: the
+    forward through torch.compile (compiling.compile_model: CUDA graphs at the fixed padded widths on CUDA), its
+    compile costs logged through `log`.
     """
 
     def __init__(self, run: str | Path | SavedRun, device: str = "auto", merge: bool = True, batch_size: int = 64,
-                 chunk_tokens: int | None = None, truncation: str | None = None):
+                 chunk_tokens: int | None = None, truncation: str | None = None, precision: str = "auto",
+                 compile: bool = False, log: Callable[[str], None] = lambda line: None):
         if truncation is not None and truncation not in TRUNCATIONS:
             raise ConfigError(f"truncation must be one of {', '.join(TRUNCATIONS)}; got {truncation!r}")
         self.run = run if isinstance(run, SavedRun) else read_run(run)
@@ -84,16 +89,18 @@ class Classifier:
         self.temperature: float = self.run.temperature  # fitted on validation after training (1.0: none)
         self.batch_size = batch_size
         self.device = resolve_device(device)
+        self.dtype = inference_dtype(precision, self.device)
         self.chunk_tokens = chunk_tokens  # None: the device default (forward.eval_chunk_tokens)
         check_finite_weights(self.run)
         with quiet_model_loading():  # no loading bar or deprecation warnings in a user's program
             with damaged_files_as_model_error(f"tokenizer from {self.run.saved}"):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.run.saved)
-            self.model = load_model(self.run, self.device, merge).eval()
+            self.model = in_dtype(load_model(self.run, self.device, merge), self.dtype, self.run.quantize).eval()
+        self.forward_model = compiling.compile_model(self.model, self.device, log) if compile else self.model
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
-        return texts_logits(self.model, self.tokenizer, texts, self.max_length, len(self.label_names),
+        return texts_logits(self.forward_model, self.tokenizer, texts, self.max_length, len(self.label_names),
                             self.batch_size, self.device, self.chunk_tokens, self.truncation)
 
     def predict(self, texts: list[str]) -> list[dict]:
@@ -125,6 +132,14 @@ def load_model(run: SavedRun, device: torch.device, merge: bool = True, dequanti
         return model.merge_and_unload()
     quantization.allow_cpu_inference_layout(model)  # prediction only: bitsandbytes' fast CPU layout may be used
     return model
+
+
+def in_dtype(model, dtype: torch.dtype, quantize: str):
+    """The model with its weights in `dtype` (a 4-bit or 8-bit base stays as bitsandbytes stores it: its compute
+    dtype is set at load)."""
+    if dtype == torch.float32 or quantize != "none":
+        return model
+    return model.to(dtype)
 
 
 def to_predictions(texts: list[str], logits: torch.Tensor | None, label_names: list[str],

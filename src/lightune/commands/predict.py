@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import DEVICES, TRUNCATIONS
+from ..config import DEVICES, INFERENCE_PRECISIONS, TRUNCATIONS
 from ..errors import ConfigError, DataError, ModelError
 from ..logs import silence_library_output
 
@@ -24,6 +24,11 @@ def add(subparsers) -> None:
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--device", choices=DEVICES, default="auto")
     predict.add_argument("--truncation", choices=TRUNCATIONS, help="override the run's truncation (see train)")
+    predict.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
+                         help="the weights' dtype: auto (bf16 on GPUs that support it, else fp32), fp32 or bf16")
+    predict.add_argument("--compile", action="store_true",
+                         help="torch.compile the forward (CUDA graphs at fixed padded widths on CUDA; pays off for "
+                              "many texts: each new shape compiles first)")
     predict.set_defaults(run=run)
 
 
@@ -36,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     silence_library_output(datasets_too=False)
     from ..inference import Classifier
 
-    classifier = Classifier(saved, device=args.device, truncation=args.truncation)
+    classifier = Classifier(saved, device=args.device, truncation=args.truncation, precision=args.precision,
+                            compile=args.compile, log=lambda line: print(line, file=sys.stderr))
     if args.interactive:
         print(f"labels: {printable(', '.join(classifier.label_names))}. Type a text and press Enter; an empty line "
               "quits.", file=sys.stderr)

@@ -11,7 +11,7 @@ import re
 import socket
 import sys
 
-from ..config import DEVICES
+from ..config import DEVICES, INFERENCE_PRECISIONS
 from ..errors import ConfigError
 from ..logs import silence_library_output
 from .options import parse_list
@@ -35,6 +35,11 @@ def add(subparsers) -> None:
                             "--host: the only ones answered (default: any)")
     serve.add_argument("--device", choices=DEVICES, default="auto")
     serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    serve.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
+                       help="the weights' dtype: auto (bf16 on GPUs that support it, else fp32), fp32 or bf16")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the passes of one adapter (CUDA graphs at fixed padded widths on CUDA; "
+                            "each new shape compiles on its first request; passes mixing adapters run eagerly)")
     serve.add_argument("--batching", choices=("on", "off"), default="on",
                        help="on: concurrent requests share forward passes, rows of several LoRA adapters in one "
                             "pass; off: one request at a time, switching adapters per request (default on)")
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if api_key is None and not is_loopback(args.host):
             print(f"lightune: warning: serving on {args.host} without an API key: anyone who can reach this port "
                   f"can use the server; set LIGHTUNE_API_KEY", file=sys.stderr)
-        registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters)
+        registry = build_registry(args.run_dirs, args.names, args.device, args.batch_size, args.max_adapters,
+                                  args.precision, args.compile)
         limits = Limits(args.max_texts, args.max_chars, args.max_body_bytes, args.max_queue, args.body_timeout)
         app = create_app(registry, limits, access, Batching(args.batching == "on", args.batch_wait_ms))
         print(f"serving {', '.join(registry.names())} on {registry.base_model} ({registry.device}) at "
@@ -116,7 +122,7 @@ def _server_log() -> logging.Handler:
 
 
 def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "auto", batch_size: int = 32,
-                   max_adapters: int = 16):
+                   max_adapters: int = 16, precision: str = "auto", compile: bool = False):
     """An AdapterRegistry with one adapter per run directory; ConfigError/ModelError for bad arguments."""
     from ..serving import AdapterRegistry, adapter_name_for
 
@@ -128,7 +134,8 @@ def build_registry(run_dirs: list[str], names: list[str] | None, device: str = "
         raise ConfigError(f"adapter names must be unique, got {', '.join(names)}; use --name")
     if len(run_dirs) > max_adapters:
         raise ConfigError(f"{len(run_dirs)} run directories but --max-adapters is {max_adapters}")
-    registry = AdapterRegistry(device=device, batch_size=batch_size, max_adapters=max_adapters)
+    registry = AdapterRegistry(device=device, batch_size=batch_size, max_adapters=max_adapters, precision=precision,
+                               compile=compile)
     for name, run_dir in zip(names, run_dirs):
         registry.add(name, run_dir)
     return registry

@@ -17,11 +17,11 @@ from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import AutoTokenizer
 
-from .. import heads, methods, models, quantization
+from .. import compiling, heads, methods, models, quantization
 from ..errors import AdapterConflictError, LightuneError, ModelError, UnknownAdapterError
-from ..forward import (encode_texts, eval_chunk_tokens, forward_logits, pad_multiple, resolve_device, texts_logits,
-                       token_budget_batches)
-from ..inference import check_finite_weights, to_predictions
+from ..forward import (encode_texts, eval_chunk_tokens, forward_logits, inference_dtype, pad_multiple, resolve_device,
+                       texts_logits, token_budget_batches)
+from ..inference import check_finite_weights, in_dtype, to_predictions
 from ..runs import read_run
 from ..texts import check_texts, clean_text
 from .files import check_adapter_files, shown_model, tokenizer_key
@@ -117,12 +117,18 @@ class AdapterRegistry:
     Each adapter brings its own classification head (peft's modules_to_save), label names and max_length.
     Adapters are never merged, so switching is cheap, and rows of several LoRA adapters can share one forward pass
     (forward_batch). A lock serialises forward passes and adapter changes.
+    The weights are in `precision`'s dtype (forward.inference_dtype: bf16 on CUDA by default); with `compile` the
+    passes of one adapter run through torch.compile (compiling.compile_model), those mixing adapters eagerly.
     At most max_adapters are loaded at once; adapters with identical tokenizer files share one tokenizer (about
     10 MB each for a BERT vocabulary, more than the adapter itself).
     """
 
-    def __init__(self, device: str = "auto", batch_size: int = 32, max_adapters: int = 16):
+    def __init__(self, device: str = "auto", batch_size: int = 32, max_adapters: int = 16, precision: str = "auto",
+                 compile: bool = False):
         self.device = resolve_device(device)
+        self.dtype = inference_dtype(precision, self.device)  # the served weights' (inference.in_dtype)
+        self.compile = compile  # single-adapter passes through torch.compile (compiling.compile_model)
+        self.forward_model = None  # what single-adapter passes run: the model, or its compiled self
         self.batch_size = batch_size
         self.max_adapters = max_adapters
         self.model: PeftModel | None = None
@@ -249,6 +255,8 @@ class AdapterRegistry:
                     heads.apply_pooling(base, adapter.pooling)
                     self.model = PeftModel.from_pretrained(base, saved, adapter_name=name).eval()
                     quantization.allow_cpu_inference_layout(self.model)  # serving never trains
+                    self.forward_model = compiling.compile_model(self.model, self.device, log.info) \
+                        if self.compile else self.model
                     self.base_model = models.resolve_model_path(adapter.model)
                     self.base_model_name = shown_model(adapter.model)
                     self.quantization = adapter.quantize
@@ -258,6 +266,7 @@ class AdapterRegistry:
                 else:
                     self.model.load_adapter(saved, adapter_name=name)
                     self.model.eval()
+                in_dtype(self.model, self.dtype, adapter.quantize)  # peft loads adapters in fp32
                 adapter.mixes = self._mixes(name)
             except Exception as exc:  # a truncated or foreign weights file, a head of another shape, ...
                 if self.model is not None and name in self.model.peft_config:
@@ -294,8 +303,8 @@ class AdapterRegistry:
         with self._lock:
             served = self._get(adapter)
             self.model.set_adapter(served.name, inference_mode=True)
-            out = texts_logits(self.model, served.tokenizer, texts, served.max_length, len(served.label_names),
-                               self.batch_size, self.device, truncation=served.truncation)
+            out = texts_logits(self.forward_model, served.tokenizer, texts, served.max_length,
+                               len(served.label_names), self.batch_size, self.device, truncation=served.truncation)
         return served, out
 
     def predict(self, texts: list[str], adapter: str | None = None) -> tuple[ServedAdapter, list[dict]]:
@@ -363,6 +372,6 @@ class AdapterRegistry:
                 logits = forward_logits(self.model, batch, self.device, adapter_names=names)
             else:
                 self.model.set_adapter(names[0], inference_mode=True)
-                logits = forward_logits(self.model, batch, self.device)
+                logits = forward_logits(self.forward_model, batch, self.device)
             for (r, i), row in zip(chosen, logits):
                 out[r][i] = row
