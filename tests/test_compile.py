@@ -149,8 +149,8 @@ def test_cuda_compiles_with_cuda_graphs_and_room_for_its_shapes(monkeypatch):
     monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
     compiled = compiling.compile_model(torch.nn.Linear(2, 2), torch.device("cuda"), print)
     assert compiled.compiled.options == {"mode": "reduce-overhead", "dynamic": False}
-    assert compiled.max_shapes == compiling.MAX_CUDA_SHAPES == 32
-    assert dynamo_config.recompile_limit == 64  # a forward per shape, in training and evaluation mode
+    assert compiled.max_shapes == compiling.MAX_CUDA_SHAPES == 64
+    assert dynamo_config.recompile_limit == 128  # a forward per shape, in training and evaluation mode
 
 
 def test_warm_up_shapes_are_the_fixed_widths_with_a_full_chunk_of_rows():

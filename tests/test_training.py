@@ -434,12 +434,12 @@ def test_fixed_padded_widths_give_the_logits_and_gradients_of_dynamic_padding(ti
     from lightune.steps import backward_in_chunks
 
     assert forward.pad_multiple("cpu", 256) is None
-    assert [forward.pad_multiple("cuda", n) for n in (128, 256, 512, 200)] == [64, 64, 64, 8]
+    assert [forward.pad_multiple("cuda", n) for n in (64, 128, 256, 512, 1024, 200, 100)] == [8, 16, 32, 64, 64, 8, 4]
     tokenizer = models.load_tokenizer(str(tiny_model_dir))
     texts = ["a wonderful film", "dull and far too long, with a plot that goes nowhere", "fine"]
     features = [dict(tokenizer(t), labels=i % 2) for i, t in enumerate(texts)]
     dynamic = DataCollatorWithPadding(tokenizer)(features)
-    fixed = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=forward.pad_multiple("cuda", 128))(features)
+    fixed = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=forward.pad_multiple("cuda", 512))(features)
     assert dynamic["input_ids"].shape[1] < 64 and fixed["input_ids"].shape[1] == 64
     for pooling in ("cls", "mean"):
         cfg = from_dict({"model": str(tiny_model_dir), "dropout": 0.0})

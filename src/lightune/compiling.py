@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-MAX_CUDA_SHAPES = 32  # static-shape graphs kept on CUDA; a batch of another shape runs eagerly beyond it
+MAX_CUDA_SHAPES = 64  # static-shape graphs kept on CUDA (8 widths x training, and inference at 1-64 rows);
+# a batch of another shape runs eagerly beyond it
 
 
 def compile_options(device_type: str) -> dict:
