@@ -130,13 +130,13 @@ def batched(classifier, texts: list[str], temperature: float | None = None):
 
 def with_model(classifier, model, texts: list[str], temperature: float | None = None):
     """Lightune's batching with another forward module (after one warm-up batch, e.g. for compilation)."""
-    original = classifier.forward_model
-    classifier.forward_model = model
+    original = classifier.model
+    classifier.model = model
     try:
         classifier.logits(texts[:8])
         return batched(classifier, texts, temperature)
     finally:
-        classifier.forward_model = original
+        classifier.model = original
 
 
 class OnnxClassifier:

@@ -96,7 +96,13 @@ class Classifier:
             with damaged_files_as_model_error(f"tokenizer from {self.run.saved}"):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.run.saved)
             self.model = in_dtype(load_model(self.run, self.device, merge), self.dtype, self.run.quantize).eval()
-        self.forward_model = compiling.compile_model(self.model, self.device, log) if compile else self.model
+        self.compiled = compiling.compile_model(self.model, self.device, log) if compile else None
+
+    @property
+    def forward_model(self):
+        """What the forward passes run: the compiled model (compile=True), or the model itself, also when
+        `model` was replaced after loading."""
+        return self.compiled if self.compiled is not None and self.compiled.eager is self.model else self.model
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """Logits in input order; texts are sorted by length into token-budget batches (least padding)."""
