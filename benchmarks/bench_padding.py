@@ -19,11 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-RULES = {
-    "steps of 64 (before 2026-12-01)": lambda max_length: math.gcd(max_length, 64),
-    "lightune (forward.pad_multiple)": None,  # filled in main: the rule in use
-    "no fixed widths (each batch at its longest text)": lambda max_length: 1,
-}
+def rules(forward) -> dict:
+    """The rules compared, each a function of max_length giving the multiple a padded width is rounded up to."""
+    return {"steps of 64 (before 2026-12-01)": lambda max_length: math.gcd(max_length, 64),
+            "lightune (forward.pad_multiple)": lambda max_length: forward.pad_multiple("cuda", max_length),
+            "no fixed widths (each batch at its longest text)": lambda max_length: 1}
 
 
 def padded_tokens(batches: list[list[int]], lengths: list[int], multiple: int) -> int:
@@ -42,7 +42,6 @@ def main(argv=None) -> int:
     from lightune import forward, models
     from lightune.sources import packaged_reviews_csv
 
-    RULES["lightune (forward.pad_multiple)"] = lambda max_length: forward.pad_multiple("cuda", max_length)
     reviews = pd.read_csv(packaged_reviews_csv())
     tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path("all-MiniLM-L6-v2"))
     rows = []
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
             order = list(LengthGroupedSampler(64, lengths=lengths, generator=torch.Generator().manual_seed(0)))
             train = [order[i:i + 64] for i in range(0, len(order), 64)]
             predict = forward.token_budget_batches(lengths, forward.GPU_EVAL_CHUNK_TOKENS, 64)
-            for rule, multiple_of in RULES.items():
+            for rule, multiple_of in rules(forward).items():
                 multiple = multiple_of(max_length)
                 row = {"data": source, "texts": len(lengths), "max_length": max_length, "rule": rule,
                        "pad_multiple": multiple, "widths": -(-max_length // multiple),
